@@ -1,0 +1,3 @@
+"""CLI commands (filled in by its owner; see embedx/cli/main.py)."""
+
+COMMANDS: list = []
