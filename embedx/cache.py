@@ -1,0 +1,699 @@
+"""The HDF5 feature cache: schema, identity, resume journal, reading.
+
+This is the only module that imports h5py, and it imports no torch.  The file
+format is documented in docs/cache-format.md; in short:
+
+* A finished cache ``feats.h5`` is only ever written under a temporary name and
+  ``os.replace``d into place, with the ``complete`` attribute set last, so a file at
+  the final name is always whole.
+* Work in progress goes to a journal directory next to it, ``feats.h5.partial/``:
+  one small ``.npz`` shard per batch (no pickle), each written to a temporary
+  name and renamed, so a ``kill -9`` loses at most the batch in flight.  A rerun
+  reads the valid shards and skips the keys they hold.
+* Rows are identified by the sha256 of the image bytes (the *key*), so a moved or
+  renamed image keeps its features and an incremental run computes only new keys.
+* ``CacheMeta.fingerprint`` says which model made the features; a cache or journal
+  with another fingerprint is never reused silently (``CacheMismatchError``).
+* One writer at a time: ``<cache>.lock`` is taken without waiting
+  (``CacheLockedError`` for the second process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zipfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedx import __version__
+from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
+
+log = logging.getLogger(__name__)
+
+#: Version of the on-disk layout; bump on any incompatible change.
+SCHEMA_VERSION = 1
+#: Version of the journal layout (``<cache>.partial/``).
+JOURNAL_VERSION = 1
+DTYPES = ("float16", "float32")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: Target size of one HDF5 chunk of ``features``, in bytes.
+CHUNK_BYTES = 1 << 20
+
+_STR = None  # h5py string dtype, created on first use (h5py is imported lazily)
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _vlen_str():
+    global _STR
+    if _STR is None:
+        _STR = _h5py().string_dtype("utf-8")
+    return _STR
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Everything that decides what the features are (the identity of a cache)."""
+
+    backbone: str
+    weights_tag: str
+    weights_arg: str
+    onnx_path: str
+    onnx_sha256: str
+    feature_layer: str
+    feature_dim: int
+    preprocess: dict = field(hash=False)
+    dtype: str = "float16"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CacheError(f"cache dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise CacheError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        object.__setattr__(self, "feature_dim", int(self.feature_dim))
+        # JSON round trip: tuples become lists, so a meta read back compares equal.
+        object.__setattr__(self, "preprocess", json.loads(json.dumps(dict(self.preprocess))))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields the fingerprint covers (all but ``onnx_path``: a moved file is the same model)."""
+        data = self.to_dict()
+        data.pop("onnx_path")
+        return data
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheMeta:
+        names = {f.name for f in fields(cls)}
+        missing = names - set(data) - {"dtype", "precision"}
+        if missing:
+            raise CacheError(f"cache metadata lacks {sorted(missing)}; rebuild it with `embedx extract --overwrite`")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def differences(self, other: CacheMeta) -> list[str]:
+        """Human-readable ``field: this != other`` for each identity field that differs."""
+        mine, theirs = self.identity(), other.identity()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+@dataclass
+class CacheData:
+    """A whole cache in memory (``read_cache``)."""
+
+    features: np.ndarray  # float32, N x D
+    labels: np.ndarray  # int64, N
+    classes: list[str]
+    splits: np.ndarray  # str, N
+    paths: np.ndarray  # str, N, relative to the data root
+    keys: np.ndarray  # str, N, sha256 hex of the image bytes
+    meta: CacheMeta
+    errors: list[tuple[str, str]]  # (path, reason) of every skipped file
+    complete: bool
+    path: Path
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def journal_dir(path: str | Path) -> Path:
+    """Where the resume journal of cache ``path`` lives."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def lock_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _strings(dataset) -> np.ndarray:
+    if len(dataset) == 0:
+        return np.array([], dtype=str)
+    if dataset.dtype.kind == "S":
+        return dataset[()].astype(str)
+    return np.asarray(dataset.asstr()[()], dtype=str)
+
+
+def _open_checked(path: Path, *, allow_incomplete: bool = False):
+    """Open a cache for reading and check it is an embedx cache of this schema."""
+    h5py = _h5py()
+    if not path.exists():
+        hint = ""
+        if journal_dir(path).is_dir():
+            hint = " (an interrupted extraction left a journal next to it; rerun the same `embedx extract` command to finish it)"
+        raise CacheError(f"cache {path} does not exist{hint}; create it with `embedx extract`")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path} is not a readable HDF5 file ({e}); rebuild it with `embedx extract --overwrite`") from e
+    try:
+        attrs = {k: _attr(v) for k, v in handle.attrs.items()}
+        if "schema_version" not in attrs or attrs.get("format") != "embedx-features":
+            raise CacheError(f"{path} is an HDF5 file but not an embedx feature cache; point to a file made by `embedx extract`")
+        version = int(attrs["schema_version"])
+        if version > SCHEMA_VERSION:
+            raise CacheError(
+                f"{path} has cache schema {version}, newer than this embedx ({__version__}) reads "
+                f"(schema {SCHEMA_VERSION}); upgrade embedx"
+            )
+        if version < SCHEMA_VERSION:
+            raise CacheError(
+                f"{path} has the old cache schema {version} (this embedx reads {SCHEMA_VERSION}); "
+                "rebuild it with `embedx extract --overwrite`"
+            )
+        if not attrs.get("complete") and not allow_incomplete:
+            raise CacheError(f"{path} is incomplete; rerun the `embedx extract` command that made it to finish it")
+    except BaseException:
+        handle.close()
+        raise
+    return handle, attrs
+
+
+def _meta_from_attrs(path: Path, attrs: dict[str, Any]) -> CacheMeta:
+    try:
+        return CacheMeta.from_dict(json.loads(attrs["meta"]))
+    except (KeyError, ValueError) as e:
+        raise CacheError(f"{path}: cache metadata is missing or unreadable ({e}); rebuild it with `embedx extract --overwrite`") from e
+
+
+def read_meta(path: str | Path) -> CacheMeta:
+    """The identity of a complete cache, without reading its rows."""
+    path = Path(path)
+    handle, attrs = _open_checked(path)
+    with handle:
+        return _meta_from_attrs(path, attrs)
+
+
+def _read_errors(handle) -> list[tuple[str, str, str]]:
+    if "errors" not in handle:
+        return []
+    group = handle["errors"]
+    paths, reasons = _strings(group["paths"]), _strings(group["reasons"])
+    keys = _strings(group["keys"]) if "keys" in group else np.full(len(paths), "")
+    return [(str(p), str(r), str(k)) for p, r, k in zip(paths, reasons, keys, strict=True)]
+
+
+def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None) -> CacheData:
+    """Load a complete cache; features come back as float32.
+
+    Features are read chunk by chunk into one preallocated float32 array, so a
+    float16 cache needs only its float32 size in memory, not twice that.
+    ``splits`` keeps only rows of those splits (e.g. ``"train"`` or ``("train", "val")``).
+    """
+    path = Path(path)
+    handle, attrs = _open_checked(path)
+    with handle:
+        meta = _meta_from_attrs(path, attrs)
+        row_splits = _strings(handle["splits"])
+        if splits is None:
+            selected = None
+        else:
+            wanted = (splits,) if isinstance(splits, str) else tuple(splits)
+            selected = np.flatnonzero(np.isin(row_splits, wanted))
+        features = _read_features(handle["features"], selected)
+        labels = handle["labels"][()].astype(np.int64)
+        paths, keys = _strings(handle["paths"]), _strings(handle["keys"])
+        if selected is not None:
+            labels, paths, keys, row_splits = labels[selected], paths[selected], keys[selected], row_splits[selected]
+        return CacheData(
+            features=features,
+            labels=labels,
+            classes=[str(c) for c in _strings(handle["classes"])],
+            splits=row_splits,
+            paths=paths,
+            keys=keys,
+            meta=meta,
+            errors=[(p, r) for p, r, _ in _read_errors(handle)],
+            complete=bool(attrs.get("complete")),
+            path=path,
+            attrs=attrs,
+        )
+
+
+def _read_features(dataset, selected: np.ndarray | None) -> np.ndarray:
+    rows, dim = dataset.shape
+    step = dataset.chunks[0] if dataset.chunks else max(1, CHUNK_BYTES // max(1, dim * 4))
+    step = max(step, 1024)
+    if selected is None:
+        out = np.empty((rows, dim), dtype=np.float32)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            dataset.read_direct(out, np.s_[start:stop], np.s_[start:stop])
+        return out
+    out = np.empty((len(selected), dim), dtype=np.float32)
+    done = 0
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        inside = selected[(selected >= start) & (selected < stop)]
+        if len(inside):
+            block = dataset[start:stop]
+            out[done : done + len(inside)] = block[inside - start]
+            done += len(inside)
+    return out
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """A summary of a cache without loading its features (what `embedx info` prints).
+
+    For a cache that does not exist yet but has a journal (an interrupted run),
+    the summary says how far the journal got, with ``complete`` False.
+    """
+    path = Path(path)
+    if not path.exists() and journal_dir(path).is_dir():
+        journal = _scan_journal(journal_dir(path))
+        return {
+            "path": str(path),
+            "complete": False,
+            "rows": journal["rows"],
+            "journal": {"path": str(journal_dir(path)), "shards": journal["shards"], "rows": journal["rows"],
+                        "errors": journal["errors"]},
+            "meta": journal["meta"],
+        }
+    handle, attrs = _open_checked(path, allow_incomplete=True)
+    with handle:
+        meta = _meta_from_attrs(path, attrs)
+        classes = [str(c) for c in _strings(handle["classes"])]
+        labels = handle["labels"][()]
+        row_splits = _strings(handle["splits"])
+        per_split: dict[str, dict[str, int]] = {}
+        for split in sorted(set(row_splits.tolist())):
+            counts = np.bincount(labels[row_splits == split], minlength=len(classes))
+            per_split[split] = {name: int(n) for name, n in zip(classes, counts, strict=True)}
+        errors = [{"path": p, "reason": r} for p, r, _ in _read_errors(handle)]
+        features = handle["features"]
+        info = {
+            "path": str(path),
+            "complete": bool(attrs.get("complete")),
+            "rows": int(features.shape[0]),
+            "dim": int(features.shape[1]),
+            "dtype": str(features.dtype),
+            "classes": classes,
+            "counts": per_split,
+            "backbone": meta.backbone,
+            "weights": meta.weights_tag,
+            "feature_layer": meta.feature_layer,
+            "precision": meta.precision,
+            "fingerprint": meta.fingerprint,
+            "onnx_sha256": meta.onnx_sha256,
+            "preprocess": meta.preprocess,
+            "schema_version": attrs.get("schema_version"),
+            "embedx_version": attrs.get("embedx_version"),
+            "created": attrs.get("created"),
+            "errors": len(errors),
+            "error_list": errors,
+            "file_size": path.stat().st_size,
+        }
+        extra = attrs.get("extra")
+        if extra:
+            info["extra"] = json.loads(extra)
+    if journal_dir(path).is_dir():
+        info["journal"] = {"path": str(journal_dir(path)), **{k: v for k, v in _scan_journal(journal_dir(path)).items() if k != "meta"}}
+    return info
+
+
+# --------------------------------------------------------------------------- journal
+
+
+def _scan_journal(directory: Path) -> dict[str, Any]:
+    meta = None
+    meta_file = directory / "meta.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text("utf-8")).get("meta")
+        except ValueError:
+            meta = None
+    rows = errors = shards = 0
+    for shard in sorted(directory.glob("shard-*.npz")):
+        loaded = _load_shard(shard, None)
+        if loaded is not None:
+            shards += 1
+            rows += len(loaded["keys"])
+            errors += len(loaded["error_reasons"])
+    return {"meta": meta, "shards": shards, "rows": rows, "errors": errors}
+
+
+def _load_shard(path: Path, feature_dim: int | None, *, with_features: bool = False) -> dict[str, np.ndarray] | None:
+    """A shard's arrays, or None (with a warning) if it is unreadable or malformed."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {name: npz[name] for name in ("keys", "paths", "error_paths", "error_keys", "error_reasons")}
+            features = npz["features"]
+            if features.ndim != 2 or features.shape[0] != len(data["keys"]):
+                raise ValueError(f"features shape {features.shape} does not match {len(data['keys'])} keys")
+            if feature_dim is not None and features.shape[1] != feature_dim:
+                raise ValueError(f"feature dim {features.shape[1]}, expected {feature_dim}")
+            if with_features:
+                data["features"] = features
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("ignoring unreadable journal shard %s: %s", path, e)
+        return None
+    return data
+
+
+def _fsync_write(path: Path, write) -> None:
+    """Write via ``write(fh)`` to a temporary name, fsync, then rename to ``path``."""
+    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(temp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, path)
+
+
+class CacheWriter:
+    """Builds one cache: takes the lock, resumes the journal, appends batches, finalizes.
+
+    Use as a context manager::
+
+        with CacheWriter(path, meta) as writer:
+            todo = [key for key in keys if key not in writer.done_keys]
+            writer.append(batch_keys, batch_features, paths=batch_paths)
+            writer.record_error("a/b.jpg", "cannot decode", key=key)
+            writer.finalize(keys=..., paths=..., labels=..., splits=..., classes=..., errors=...)
+
+    On entering, an existing complete cache at ``path`` with the same fingerprint is
+    taken as the base (its features are reused by key); one with another fingerprint
+    raises ``CacheMismatchError`` unless ``overwrite``.  The same goes for a journal.
+    """
+
+    def __init__(self, path: str | Path, meta: CacheMeta, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.overwrite = overwrite
+        self.journal = journal_dir(self.path)
+        self._lock = None
+        self._sources: dict[str, tuple[str, int]] = {}  # key -> (shard file name | "", row)
+        self._base_rows = 0
+        self._known_errors: dict[str, str] = {}
+        self._pending_errors: list[tuple[str, str, str]] = []
+        self._next_shard = 0
+        self.reused_from_journal = 0
+
+    # -- lifecycle
+
+    def __enter__(self) -> CacheWriter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> CacheWriter:
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path(self.path)), timeout=0)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout as e:
+            raise CacheLockedError(
+                f"another process is writing {self.path} (lock {lock_path(self.path)} is held); "
+                "wait for it to finish or write to another file with -o"
+            ) from e
+        self._lock = lock
+        try:
+            self._open_base()
+            self._open_journal()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _mismatch(self, what: str, other: CacheMeta) -> CacheMismatchError:
+        diffs = "; ".join(other.differences(self.meta))
+        return CacheMismatchError(
+            f"{what} was built with other settings than this run ({diffs}); "
+            f"pass --overwrite to replace it, or write to another file with -o"
+        )
+
+    def _open_base(self) -> None:
+        if not self.path.exists() or self.overwrite:
+            return
+        try:
+            handle, attrs = _open_checked(self.path)
+        except CacheError as e:
+            raise CacheError(f"{e} (or pass --overwrite to replace it)") from e
+        with handle:
+            base_meta = _meta_from_attrs(self.path, attrs)
+            if base_meta.fingerprint != self.meta.fingerprint:
+                raise self._mismatch(f"cache {self.path}", base_meta)
+            keys = _strings(handle["keys"])
+            for row, key in enumerate(keys.tolist()):
+                self._sources.setdefault(key, ("", row))
+            self._base_rows = len(keys)
+            for _path, reason, key in _read_errors(handle):
+                if key:
+                    self._known_errors[key] = reason
+        log.info("reusing %d rows of %s", self._base_rows, self.path)
+
+    def _open_journal(self) -> None:
+        meta_file = self.journal / "meta.json"
+        if self.journal.is_dir():
+            state = None
+            try:
+                state = json.loads(meta_file.read_text("utf-8"))
+                journal_meta = CacheMeta.from_dict(state["meta"])
+            except (OSError, ValueError, KeyError, CacheError, TypeError):
+                log.warning("discarding journal %s: its meta.json is missing or unreadable", self.journal)
+                shutil.rmtree(self.journal)
+            else:
+                if state.get("version") != JOURNAL_VERSION:
+                    if not self.overwrite:
+                        raise CacheError(
+                            f"journal {self.journal} has layout {state.get('version')}, this embedx writes "
+                            f"{JOURNAL_VERSION}; pass --overwrite to start over"
+                        )
+                    shutil.rmtree(self.journal)
+                elif journal_meta.fingerprint != self.meta.fingerprint:
+                    if not self.overwrite:
+                        raise self._mismatch(f"the unfinished extraction in {self.journal}", journal_meta)
+                    shutil.rmtree(self.journal)
+                elif self.overwrite and not state.get("overwrite"):
+                    # --overwrite means start over, unless this journal was itself
+                    # started by --overwrite (then this is the rerun of a killed run).
+                    shutil.rmtree(self.journal)
+        self.journal.mkdir(parents=True, exist_ok=True)
+        if not meta_file.is_file():
+            state = {"version": JOURNAL_VERSION, "schema_version": SCHEMA_VERSION, "meta": self.meta.to_dict(),
+                     "fingerprint": self.meta.fingerprint, "overwrite": self.overwrite,
+                     "embedx_version": __version__}
+            _fsync_write(meta_file, lambda fh: fh.write(json.dumps(state, indent=1).encode("utf-8")))
+        for temp in self.journal.glob(".tmp-*"):
+            temp.unlink(missing_ok=True)  # torn writes of a killed run
+        numbers = []
+        for shard in sorted(self.journal.glob("shard-*.npz")):
+            numbers.append(int(shard.stem.split("-")[1]))
+            data = _load_shard(shard, self.meta.feature_dim)
+            if data is None:
+                continue
+            for row, key in enumerate(data["keys"].tolist()):
+                if key not in self._sources or self._sources[key][0] == "":
+                    if key not in self._sources:
+                        self.reused_from_journal += 1
+                    self._sources[key] = (shard.name, row)
+            for key, reason in zip(data["error_keys"].tolist(), data["error_reasons"].tolist(), strict=True):
+                if key:
+                    self._known_errors[key] = reason
+        self._next_shard = max(numbers, default=-1) + 1
+        if numbers:
+            log.info("resuming %s: %d shards, %d rows done", self.journal, len(numbers), self.reused_from_journal)
+
+    # -- state
+
+    @property
+    def done_keys(self) -> set[str]:
+        """Keys whose features are already available (base cache or journal)."""
+        return set(self._sources)
+
+    def has(self, key: str) -> bool:
+        return key in self._sources
+
+    @property
+    def known_errors(self) -> dict[str, str]:
+        """key -> reason for images that failed before (not retried while their bytes are the same)."""
+        return dict(self._known_errors)
+
+    # -- writing
+
+    def record_error(self, path: str, reason: str, *, key: str = "") -> None:
+        """Remember a skipped file; it is journaled with the next ``append`` or ``flush``."""
+        self._pending_errors.append((str(path), str(reason), str(key or "")))
+        if key:
+            self._known_errors[key] = reason
+
+    def append(self, keys: Sequence[str], features: np.ndarray, *, paths: Sequence[str] | None = None) -> None:
+        """Journal one batch (atomically): after this returns, a crash does not lose it."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape != (len(keys), self.meta.feature_dim):
+            raise CacheError(
+                f"expected features of shape ({len(keys)}, {self.meta.feature_dim}), got {features.shape}"
+            )
+        paths = list(paths) if paths is not None else [""] * len(keys)
+        errors, self._pending_errors = self._pending_errors, []
+        name = f"shard-{self._next_shard:08d}.npz"
+        self._next_shard += 1
+        arrays = {
+            "keys": np.asarray(list(keys), dtype="U64"),
+            "paths": np.asarray(paths, dtype=str),
+            "features": features,
+            "error_paths": np.asarray([e[0] for e in errors], dtype=str),
+            "error_reasons": np.asarray([e[1] for e in errors], dtype=str),
+            "error_keys": np.asarray([e[2] for e in errors], dtype="U64"),
+        }
+        _fsync_write(self.journal / name, lambda fh: np.savez(fh, **arrays))
+        for row, key in enumerate(keys):
+            self._sources[key] = (name, row)
+
+    def flush(self) -> None:
+        """Journal pending error records even if no batch follows."""
+        if self._pending_errors:
+            self.append([], np.empty((0, self.meta.feature_dim), dtype=np.float32))
+
+    def finalize(
+        self,
+        *,
+        keys: Sequence[str],
+        paths: Sequence[str],
+        labels: Sequence[int],
+        splits: Sequence[str],
+        classes: Sequence[str],
+        errors: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]],
+        attrs: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the finished cache with these rows, in this order, then drop the journal.
+
+        Every key must have features (appended or reused).  ``errors`` are
+        ``(path, reason)`` or ``(path, reason, key)``.  ``attrs`` go into the file's
+        ``extra`` attribute as JSON.
+        """
+        rows = len(keys)
+        if not (len(paths) == len(labels) == len(splits) == rows):
+            raise CacheError("finalize needs keys, paths, labels and splits of the same length")
+        missing = [k for k in keys if k not in self._sources]
+        if missing:
+            raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); this is a bug in the caller")
+        h5py = _h5py()
+        dim = self.meta.feature_dim
+        dtype = np.dtype(self.meta.dtype)
+        temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        chunk_rows = max(1, min(max(rows, 1), CHUNK_BYTES // (dim * dtype.itemsize)))
+        base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
+        shards: OrderedDict[str, np.ndarray] = OrderedDict()
+        try:
+            with h5py.File(temp, "w") as out:
+                out.attrs["format"] = "embedx-features"
+                out.attrs["schema_version"] = SCHEMA_VERSION
+                out.attrs["complete"] = False
+                features = out.create_dataset(
+                    "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
+                )
+                step = max(chunk_rows, 4096)
+                for start in range(0, rows, step):
+                    block = self._gather(keys[start : start + step], base, shards)
+                    features[start : start + len(block)] = block.astype(dtype)
+                out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+                out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
+                out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
+                out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
+                out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
+                group = out.create_group("errors")
+                errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
+                group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())
+                group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
+                group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
+                meta = self.meta
+                out.attrs["embedx_version"] = __version__
+                out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                out.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
+                out.attrs["fingerprint"] = meta.fingerprint
+                for name in ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256",
+                             "feature_layer", "dtype", "precision"):
+                    out.attrs[name] = str(getattr(meta, name))
+                out.attrs["feature_dim"] = meta.feature_dim
+                out.attrs["preprocess"] = json.dumps(meta.preprocess, sort_keys=True)
+                out.attrs["extra"] = json.dumps(attrs or {}, sort_keys=True, default=str)
+                out.attrs["complete"] = True  # last: only a whole file says complete
+            with open(temp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        finally:
+            if base is not None:
+                base.close()
+        os.replace(temp, self.path)
+        shutil.rmtree(self.journal, ignore_errors=True)
+        log.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
+        return self.path
+
+    def _gather(self, keys: Sequence[str], base, shards: OrderedDict) -> np.ndarray:
+        block = np.empty((len(keys), self.meta.feature_dim), dtype=np.float32)
+        from_base: list[tuple[int, int]] = []
+        for i, key in enumerate(keys):
+            source, row = self._sources[key]
+            if source == "":
+                from_base.append((i, row))
+                continue
+            if source not in shards:
+                data = _load_shard(self.journal / source, self.meta.feature_dim, with_features=True)
+                if data is None:
+                    raise CacheError(f"journal shard {source} became unreadable while finalizing; rerun the same command")
+                shards[source] = data["features"]
+                while len(shards) > 16:
+                    shards.popitem(last=False)
+            else:
+                shards.move_to_end(source)
+            block[i] = shards[source][row]
+        if from_base:
+            rows = np.array(sorted({row for _, row in from_base}))
+            values = base["features"][rows]
+            position = {row: j for j, row in enumerate(rows.tolist())}
+            for i, row in from_base:
+                block[i] = values[position[row]]
+        return block
