@@ -100,8 +100,8 @@ def hash_file(path: str | Path) -> str:
 def split_for_key(key_hex: str, val_fraction: float) -> str:
     """``"val"`` or ``"train"`` from a content key, the same on every run and machine.
 
-    The first 64 bits of the sha256 are read as a number in [0, 1); items below
-    ``val_fraction`` go to ``"val"``.  Identical images land in the same split, so
+    The first 64 bits of the sha256, read as a fraction of 2**64, below
+    ``val_fraction`` mean ``"val"``.  Identical images land in the same split, so
     duplicates never leak between train and val.
     """
     if not 0.0 <= val_fraction < 1.0:
@@ -109,10 +109,11 @@ def split_for_key(key_hex: str, val_fraction: float) -> str:
     try:
         if len(key_hex) < 16:
             raise ValueError("too short")
-        position = int(key_hex[:16], 16) / float(1 << 64)
+        position = int(key_hex[:16], 16)
     except ValueError as e:
         raise ConfigError(f"expected a sha256 hex digest as key, got {key_hex!r}") from e
-    return "val" if position < val_fraction else "train"
+    # integer comparison: IEEE doubles make the threshold the same on every machine
+    return "val" if position < int(val_fraction * (1 << 64)) else "train"
 
 
 def discover(source: str | Path, *, manifest: str | Path | None = None) -> ImageDataset:
