@@ -1,3 +1,80 @@
-"""CLI commands (filled in by its owner; see embedx/cli/main.py)."""
+"""``embedx predict`` and ``embedx bundle``."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("bundle")
+@click.option("--head", "head_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Head directory written by `embedx fit-head`.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the bundle (.onnx).")
+@click.option("--with-preprocess", is_flag=True,
+              help="The graph takes uint8 (N,H,W,3) pixels, already resized and cropped, and normalizes them itself.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
+def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, as_json: bool) -> None:
+    """Write backbone + head + softmax as ONE ONNX file, labels and preprocessing inside."""
+    from embedx import onnxmeta
+    from embedx.bundle import bundle
+
+    path = bundle(head_dir, output, with_preprocess=with_preprocess)
+    meta = onnxmeta.read(path)
+    summary = {
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "classes": onnxmeta.read_json(meta, "classes"),
+        "backbone": meta.get("backbone"),
+        "weights": meta.get("weights"),
+        "input_format": meta.get("input_format"),
+        "temperature": float(meta.get("temperature", "1")),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(
+            f"wrote {path} ({summary['size_bytes'] / 1e6:.1f} MB): {summary['backbone']} + head, "
+            f"{len(summary['classes'])} classes, input {summary['input_format']}",
+            err=True,
+        )
+        click.echo(str(path))
+
+
+@click.command("predict")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A bundle written by `embedx bundle` (needs only onnxruntime).")
+@click.option("--head", "head_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A head directory: runs its backbone ONNX, then the head.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Path, ...], top_k: int,
+                    batch_size: int, device: str, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with a bundle or a head directory."""
+    from embedx.predict import predict_files
+
+    if (model is None) == (head_dir is None):
+        raise click.UsageError("pass exactly one of --model or --head")
+    errors = 0
+    rows = predict_files(images, model=model, head=head_dir, top_k=top_k, batch_size=batch_size, device=device)
+    for row in rows:
+        if "error" in row:
+            errors += 1
+        if as_json:
+            click.echo(json.dumps(row))
+        elif "error" in row:
+            click.echo(f"{row['path']}\terror: {row['error']}")
+        else:
+            ranked = ", ".join(f"{c['label']} {c['probability']:.3f}" for c in row["top_k"])
+            click.echo(f"{row['path']}\t{ranked}")
+    if errors:
+        click.echo(f"{errors} image(s) could not be read", err=True)
+
+
+COMMANDS = [predict_command, bundle_command]

@@ -1,3 +1,59 @@
-"""CLI commands (filled in by its owner; see embedx/cli/main.py)."""
+"""``embedx serve-onnx``."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("serve-onnx")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most images per onnxruntime call (1 turns dynamic batching off).")
+@click.option("--max-delay-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest wait for a batch to fill after its first image arrives.")
+@click.option("--no-batching", is_flag=True, help="Same as --max-batch 1.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images waiting for inference before requests get 503.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body (413 above).")
+@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Per-request time limit (504 above).")
+@click.option("--workers-decode", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Threads that decode and resize images.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Classes per image in answers (a request may ask ?top_k=K).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]))
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve_command(model: Path, host: str, port: int, max_batch: int, max_delay_ms: float, no_batching: bool,
+                  max_queue: int, max_body_mb: float, timeout_s: float, workers_decode: int,
+                  threads: int | None, top_k: int, device: str, log_level: str, access_log: bool) -> None:
+    """Serve a bundle over HTTP: POST /v1/predict, GET /v1/model, /health/*, /metrics."""
+    from embedx.serve import run
+
+    click.echo(f"serving {model} on http://{host}:{port} (POST /v1/predict)", err=True)
+    run(
+        model,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        max_batch=1 if no_batching else max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        max_body_mb=max_body_mb,
+        timeout_s=timeout_s,
+        workers_decode=workers_decode,
+        threads=threads,
+        top_k=top_k,
+        device=device,
+    )
+
+
+COMMANDS = [serve_command]

@@ -1,0 +1,308 @@
+"""One deployable ONNX file: backbone + head + softmax(logits / T).
+
+``bundle(head_dir, output)`` reads the head directory written by ``embedx fit-head``,
+takes the backbone ONNX named in its ``head.json`` (checking its sha256), the head's
+own graph (``head.to_onnx()``: ``"features"`` -> ``"logits"``), and joins them with
+``onnx.compose.merge_models``.  The result maps ``"input"`` (N,3,H,W) float32 to
+``"probabilities"`` (N,C) (and ``"logits"``), and carries in ``metadata_props`` the
+class names, the preprocessing, the backbone and weights tag, the head summary and the
+temperature, so that ``predict`` and ``serve-onnx`` need nothing else.
+
+With ``with_preprocess=True`` the graph instead takes ``"image"``: uint8 (N,H,W,3)
+pixels already resized and cropped (``preprocess.to_pixels``) and normalizes them
+itself (input_format ``"uint8_nhwc"``).
+
+Needs ``onnx`` (not torch) to build; the bundle runs with onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedx import __version__, onnxmeta
+from embedx.errors import CacheMismatchError, ExportError, HeadError, OnnxModelError
+from embedx.preprocess import PreprocessSpec
+from embedx.runtime import file_sha256
+
+logger = logging.getLogger(__name__)
+
+FEATURES = "features"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+FLOAT_INPUT = "input"
+UINT8_INPUT = "image"
+HEAD_PREFIX = "head/"
+POST_PREFIX = "bundle/"
+PRE_PREFIX = "preprocess/"
+#: protobuf cannot serialize more than 2 GiB; larger models keep weights beside the file
+_PROTO_LIMIT = 2_000_000_000
+
+
+def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = False) -> Path:
+    """Write backbone + head + softmax as one ONNX file at ``output``; return its path."""
+    import onnx
+
+    from embedx.heads import load_head
+    from embedx.predict import read_head_json
+
+    head_dir = Path(head_dir)
+    output = Path(output)
+    info = read_head_json(head_dir)
+    cache = info.get("cache") or {}
+    onnx_path = cache.get("onnx_path")
+    if not onnx_path:
+        raise HeadError(f"{head_dir}/head.json has no cache.onnx_path; refit the head from a current cache")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise OnnxModelError(
+            f"the backbone ONNX this head was trained on, {onnx_path}, is missing; "
+            f"re-export it with `embedx export {cache.get('backbone', 'BACKBONE')}` "
+            "(the same backbone and weights give the same file)"
+        )
+    expected = cache.get("onnx_sha256")
+    if expected:
+        found = file_sha256(onnx_path)
+        if found != expected:
+            raise CacheMismatchError(
+                f"{onnx_path} has sha256 {found[:16]}… but the head was trained on features of a "
+                f"file with sha256 {expected[:16]}…; re-extract the cache and refit the head with "
+                "the current export, or restore the original ONNX file"
+            )
+    head = load_head(head_dir)
+    backbone_model = onnx.load(str(onnx_path))
+    head_model = head.to_onnx()
+    classes = [str(c) for c in head.classes_]
+    temperature = float(getattr(head, "temperature_", None) or info.get("temperature") or 1.0)
+    spec = PreprocessSpec.from_dict(cache["preprocess"])
+    backbone_meta = onnxmeta.from_proto(backbone_model)
+    head_summary = {
+        key: info[key]
+        for key in ("schema_version", "embedx_version", "head_type", "params", "feature_dim", "metrics")
+        if key in info
+    }
+    head_summary["cache_fingerprint"] = cache.get("fingerprint")
+    head_summary["backbone_onnx_sha256"] = expected
+    metadata = {
+        "backbone": cache.get("backbone") or backbone_meta.get("backbone", "unknown"),
+        "weights": cache.get("weights_tag") or backbone_meta.get("weights", "unknown"),
+        "feature_layer": cache.get("feature_layer") or backbone_meta.get("feature_layer", ""),
+        "feature_dim": str(cache.get("feature_dim") or backbone_meta.get("feature_dim", "")),
+        "head": head_summary,
+    }
+    model = compose(
+        backbone_model,
+        head_model,
+        classes=classes,
+        temperature=temperature,
+        preprocess=spec,
+        with_preprocess=with_preprocess,
+        metadata=metadata,
+    )
+    return save(model, output)
+
+
+def compose(
+    backbone: Any,
+    head: Any,
+    *,
+    classes: list[str],
+    temperature: float,
+    preprocess: PreprocessSpec,
+    with_preprocess: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
+    """Join a backbone ``ModelProto`` ("input" -> "features") and a head ("features" ->
+    "logits") into one checked ``ModelProto`` with output ``"probabilities"``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    _require_io(backbone, inputs=[FLOAT_INPUT], outputs=[FEATURES], what="backbone")
+    _require_io(head, inputs=[FEATURES], outputs=[LOGITS], what="head")
+    if not temperature > 0:
+        raise HeadError(f"temperature must be > 0, got {temperature}")
+    backbone, head = _same_versions(backbone, head)
+    # Prefix every name of the head graph except its input "features" and output "logits",
+    # so the head's internal tensors cannot clash with the backbone's.
+    head = onnx.compose.add_prefix(head, HEAD_PREFIX, rename_inputs=False, rename_outputs=False)
+    try:
+        model = onnx.compose.merge_models(
+            backbone, head, io_map=[(FEATURES, FEATURES)], outputs=[LOGITS]
+        )
+    except ValueError as e:
+        raise ExportError(f"cannot join the backbone and head graphs: {e}") from e
+    graph = model.graph
+
+    # logits -> Div(T) -> Softmax -> probabilities
+    graph.initializer.append(
+        helper.make_tensor(POST_PREFIX + "temperature", TensorProto.FLOAT, [], [float(temperature)])
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Div", [LOGITS, POST_PREFIX + "temperature"], [POST_PREFIX + "scaled"], name=POST_PREFIX + "div"),
+            helper.make_node("Softmax", [POST_PREFIX + "scaled"], [PROBABILITIES], axis=-1 if _opset(model) >= 13 else 1, name=POST_PREFIX + "softmax"),
+        ]
+    )
+    batch_dim = _batch_dim(graph.input[0])
+    logits_out = [o for o in graph.output if o.name == LOGITS][0]
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch_dim, len(classes)]),
+            logits_out,
+        ]
+    )
+    if with_preprocess:
+        _prepend_normalization(model, preprocess, batch_dim)
+
+    values = dict(metadata or {})
+    values.update(
+        {
+            "version": __version__,
+            "kind": "bundle",
+            "classes": list(classes),
+            "preprocess": preprocess.to_dict(),
+            "temperature": repr(float(temperature)),
+            "input_format": "uint8_nhwc" if with_preprocess else "float_nchw",
+        }
+    )
+    for stale in ("parity", "fingerprint"):  # they described the backbone export alone
+        _drop_meta(model, stale)
+    onnxmeta.write(model, values)
+    model.producer_name = "embedx"
+    model.producer_version = __version__
+    model.graph.name = "embedx_bundle"
+    _check(model)
+    return model
+
+
+def _prepend_normalization(model: Any, spec: PreprocessSpec, batch_dim: Any) -> None:
+    """uint8 NHWC -> Cast -> Transpose -> x * 1/(255 std) + (-mean/std) -> "input".
+
+    The same multiply-add as ``preprocess.normalize``, so both formats agree.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)
+    bias = (-mean / std).reshape(1, 3, 1, 1).astype(np.float32)
+    size = spec.input_size
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(scale, PRE_PREFIX + "scale"),
+            numpy_helper.from_array(bias, PRE_PREFIX + "bias"),
+        ]
+    )
+    nodes = [
+        helper.make_node("Cast", [UINT8_INPUT], [PRE_PREFIX + "float"], to=TensorProto.FLOAT, name=PRE_PREFIX + "cast"),
+        helper.make_node("Transpose", [PRE_PREFIX + "float"], [PRE_PREFIX + "nchw"], perm=[0, 3, 1, 2], name=PRE_PREFIX + "transpose"),
+        helper.make_node("Mul", [PRE_PREFIX + "nchw", PRE_PREFIX + "scale"], [PRE_PREFIX + "scaled"], name=PRE_PREFIX + "mul"),
+        helper.make_node("Add", [PRE_PREFIX + "scaled", PRE_PREFIX + "bias"], [FLOAT_INPUT], name=PRE_PREFIX + "add"),
+    ]
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [batch_dim, size, size, 3]))
+
+
+def _require_io(model: Any, *, inputs: list[str], outputs: list[str], what: str) -> None:
+    initializers = {i.name for i in model.graph.initializer}
+    found_in = [i.name for i in model.graph.input if i.name not in initializers]
+    found_out = [o.name for o in model.graph.output]
+    if found_in != inputs or not set(outputs) <= set(found_out):
+        raise OnnxModelError(
+            f"the {what} graph has inputs {found_in} and outputs {found_out}; expected inputs "
+            f"{inputs} and outputs including {outputs} (see docs/architecture.md)"
+        )
+
+
+def _opset(model: Any) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _same_versions(backbone: Any, head: Any) -> tuple[Any, Any]:
+    """merge_models needs one IR version and one default-domain opset in both graphs."""
+    from onnx import version_converter
+
+    ir_version = max(backbone.ir_version, head.ir_version)
+    target = _opset(backbone)
+    if _opset(head) != target:
+        try:
+            head = version_converter.convert_version(head, target)
+        except Exception as e:  # the converter raises plain RuntimeError/ValueError
+            logger.info("head opset %d -> %d failed (%s); converting the backbone", _opset(head), target, e)
+            target = _opset(head)
+            try:
+                backbone = version_converter.convert_version(backbone, target)
+            except Exception as e2:
+                raise ExportError(
+                    f"backbone (opset {_opset(backbone)}) and head (opset {_opset(head)}) "
+                    f"cannot be brought to one opset: {e2}"
+                ) from e2
+    backbone.ir_version = head.ir_version = ir_version
+    # Other domains (com.microsoft in quantized graphs) must also agree where both use them.
+    head_domains = {e.domain: e for e in head.opset_import}
+    for entry in backbone.opset_import:
+        other = head_domains.get(entry.domain)
+        if other is not None and other.version != entry.version:
+            other.version = entry.version = max(other.version, entry.version)
+    return backbone, head
+
+
+def _batch_dim(value_info: Any) -> Any:
+    dims = value_info.type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value"):
+        return dims[0].dim_value
+    if dims and dims[0].dim_param:
+        return dims[0].dim_param
+    return "batch"
+
+
+def _drop_meta(model: Any, key: str) -> None:
+    keep = [p for p in model.metadata_props if p.key != onnxmeta.PREFIX + key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+
+
+def _check(model: Any) -> None:
+    import onnx
+
+    try:
+        if model.ByteSize() < _PROTO_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the bundled graph fails onnx.checker: {e}") from e
+
+
+def save(model: Any, output: str | Path) -> Path:
+    """Write to a temporary name beside ``output``, then rename (no half-written bundles)."""
+    import onnx
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        if model.ByteSize() < _PROTO_LIMIT:
+            onnx.save(model, str(tmp))
+        else:
+            onnx.save(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=output.name + ".data",
+            )
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote bundle %s (%.1f MB)", output, output.stat().st_size / 1e6)
+    return output

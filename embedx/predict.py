@@ -1,0 +1,252 @@
+"""Classify image files with a bundle (one ONNX file) or a head directory.
+
+``predict_files(..., model="model.onnx")`` needs only onnxruntime, numpy and Pillow:
+the class names, the preprocessing and the input format come from the bundle's
+``metadata_props`` (read through onnxruntime, not the ``onnx`` package).
+``predict_files(..., head="heads/mine")`` runs the two stages separately: the
+backbone ONNX named in ``head.json`` and the head's numpy inference.
+
+``load_model`` / ``load_head_pipeline`` give the same small interface
+(``prepare`` one image, ``predict_proba`` a batch, ``top_k``), which the server and
+the bundle parity tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedx import onnxmeta, preprocess
+from embedx.data import is_image_name
+from embedx.errors import ConfigError, HeadError, ImageDecodeError, OnnxModelError
+from embedx.preprocess import ImageSource, PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+INPUT_FORMATS = ("float_nchw", "uint8_nhwc")
+PROBABILITIES = "probabilities"
+
+
+class _Classifier:
+    """What predict and serve need from a model: prepare, predict_proba, top_k."""
+
+    classes: list[str]
+    spec: PreprocessSpec
+    input_format: str
+
+    def prepare(self, source: ImageSource) -> np.ndarray:
+        """One image -> the model's input for it (no batch axis).
+
+        float32 CHW, normalized, for ``float_nchw``; uint8 HWC pixels for ``uint8_nhwc``.
+        Raises ``ImageDecodeError`` for anything that is not a readable image.
+        """
+        if self.input_format == "uint8_nhwc":
+            return preprocess.to_pixels(source, self.spec)
+        return preprocess.load(source, self.spec)
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def warmup_input(self, batch_size: int = 1) -> np.ndarray:
+        size = self.spec.input_size
+        if self.input_format == "uint8_nhwc":
+            return np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+        return np.zeros((batch_size, 3, size, size), dtype=np.float32)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` most probable classes of one row, most probable first."""
+        k = max(1, min(int(k), len(self.classes)))
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [
+            {"label": self.classes[i], "probability": float(probabilities[i])} for i in order
+        ]
+
+
+class OnnxClassifier(_Classifier):
+    """A bundle (or any ONNX classifier carrying embedx metadata), torch-free.
+
+    The model must output class probabilities, as output ``"probabilities"`` or its
+    first output, and carry ``embedx.classes`` and ``embedx.preprocess``.
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
+        from embedx.runtime import OrtModel
+
+        self.path = Path(path)
+        self.runtime = OrtModel(self.path, device=device, threads=threads)
+        self.session = self.runtime.session
+        self.meta = self.runtime.meta
+        if self.meta.get("kind") == "backbone":
+            raise OnnxModelError(
+                f"{self.path} is a backbone export (it outputs features, not classes); "
+                "train a head and run `embedx bundle --head DIR -o model.onnx`"
+            )
+        missing = [key for key in ("classes", "preprocess") if key not in self.meta]
+        if missing:
+            raise OnnxModelError(
+                f"{self.path} lacks embedx metadata {missing}; expected a model written by "
+                "`embedx bundle` (metadata_props embedx.classes and embedx.preprocess)"
+            )
+        self.classes = [str(c) for c in onnxmeta.read_json(self.meta, "classes")]
+        self.spec = PreprocessSpec.from_dict(onnxmeta.read_json(self.meta, "preprocess"))
+        self.input_format = self.meta.get("input_format", "float_nchw")
+        if self.input_format not in INPUT_FORMATS:
+            raise OnnxModelError(
+                f"{self.path}: embedx.input_format is {self.input_format!r}, expected one of {INPUT_FORMATS}"
+            )
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise OnnxModelError(f"{self.path} has {len(inputs)} inputs; a bundle has exactly one image input")
+        self.input_name = inputs[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = PROBABILITIES if PROBABILITIES in outputs else outputs[0]
+        self.providers = self.runtime.providers
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        (probabilities,) = self.session.run([self.output_name], {self.input_name: batch})
+        if probabilities.ndim != 2 or probabilities.shape[1] != len(self.classes):
+            raise OnnxModelError(
+                f"{self.path} returned {self.output_name!r} of shape {probabilities.shape}, "
+                f"expected (N, {len(self.classes)}) for its {len(self.classes)} classes"
+            )
+        return probabilities
+
+    def describe(self) -> dict[str, Any]:
+        """The model's metadata as plain JSON values (for ``GET /v1/model``)."""
+        info: dict[str, Any] = {
+            "file": self.path.name,
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "preprocess": self.spec.to_dict(),
+            "input_format": self.input_format,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "providers": self.providers,
+        }
+        for key in ("kind", "backbone", "weights", "feature_layer", "version"):
+            if key in self.meta:
+                info[key] = self.meta[key]
+        if "feature_dim" in self.meta:
+            info["feature_dim"] = int(self.meta["feature_dim"])
+        if "temperature" in self.meta:
+            info["temperature"] = float(self.meta["temperature"])
+        if "head" in self.meta:
+            info["head"] = onnxmeta.read_json(self.meta, "head")
+        return info
+
+
+class HeadPipeline(_Classifier):
+    """The two-stage pipeline: backbone ONNX (from head.json) -> saved head (numpy)."""
+
+    def __init__(self, head_dir: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
+        from embedx.heads import load_head
+        from embedx.runtime import OrtModel
+
+        self.head_dir = Path(head_dir)
+        info = read_head_json(self.head_dir)
+        self.head = load_head(self.head_dir)
+        cache = info.get("cache") or {}
+        onnx_path = cache.get("onnx_path")
+        if not onnx_path:
+            raise HeadError(
+                f"{self.head_dir}/head.json has no cache.onnx_path; refit the head with "
+                "`embedx fit-head` from a cache made by this embedx version"
+            )
+        self.backbone_path = Path(onnx_path)
+        if not self.backbone_path.is_file():
+            raise OnnxModelError(
+                f"the backbone ONNX of head {self.head_dir}, {self.backbone_path}, is missing; "
+                f"re-export it with `embedx export {cache.get('backbone', 'BACKBONE')}`"
+            )
+        self.backbone = OrtModel(self.backbone_path, device=device, threads=threads)
+        self.classes = [str(c) for c in self.head.classes_]
+        self.spec = PreprocessSpec.from_dict(cache["preprocess"])
+        self.input_format = "float_nchw"
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.head.predict_proba(self.backbone.run(batch)), dtype=np.float32)
+
+
+def read_head_json(head_dir: str | Path) -> dict[str, Any]:
+    head_dir = Path(head_dir)
+    path = head_dir / "head.json"
+    if not path.is_file():
+        raise HeadError(f"{head_dir} is not a head directory: {path} is missing; run `embedx fit-head` first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HeadError(f"cannot read {path}: {e}") from e
+
+
+def load_model(path: str | Path, *, device: str = "auto", threads: int | None = None) -> OnnxClassifier:
+    """Open a bundle for inference (torch-free)."""
+    return OnnxClassifier(path, device=device, threads=threads)
+
+
+def expand_sources(sources: Iterable[str | Path]) -> list[Path]:
+    """Files stay as they are; a directory becomes its image files (recursive, sorted)."""
+    expanded: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            expanded.extend(
+                sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
+            )
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def predict_files(
+    sources: Iterable[str | Path],
+    *,
+    model: str | Path | None = None,
+    head: str | Path | None = None,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
+    threads: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield ``{"path", "top_k": [{"label", "probability"}, ...]}`` per image, in order.
+
+    Exactly one of ``model`` (a bundle) or ``head`` (a head directory) is needed.
+    Directories expand to their image files.  An unreadable image yields
+    ``{"path", "error"}`` and the rest go on.
+    """
+    if (model is None) == (head is None):
+        raise ConfigError("pass exactly one of model= (a bundle .onnx) or head= (a head directory)")
+    if batch_size < 1 or top_k < 1:
+        raise ConfigError(f"batch_size and top_k must be >= 1, got {batch_size} and {top_k}")
+    classifier: _Classifier
+    if model is not None:
+        classifier = load_model(model, device=device, threads=threads)
+    else:
+        classifier = HeadPipeline(head, device=device, threads=threads)
+    paths = expand_sources(sources)
+
+    def prepare(path: Path) -> np.ndarray | str:
+        try:
+            return classifier.prepare(path)
+        except ImageDecodeError as e:
+            return str(e).removeprefix(f"{path}: ")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            prepared = list(pool.map(prepare, chunk))
+            good = [array for array in prepared if not isinstance(array, str)]
+            probabilities = classifier.predict_proba(np.stack(good)) if good else None
+            row = 0
+            for path, array in zip(chunk, prepared, strict=True):
+                if isinstance(array, str):
+                    logger.warning("skipping %s: %s", path, array)
+                    yield {"path": str(path), "error": array}
+                else:
+                    yield {"path": str(path), "top_k": classifier.top_k(probabilities[row], top_k)}
+                    row += 1

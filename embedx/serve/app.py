@@ -1,0 +1,435 @@
+"""The HTTP server around one bundle: Starlette app, uvicorn runner (torch-free).
+
+Routes:
+
+- ``POST /v1/predict``: one image as the raw body (``image/*``,
+  ``application/octet-stream``) or a multipart upload (field ``file``; several
+  ``file`` fields are a batch), or JSON ``{"image": base64}`` / ``{"images": [base64,
+  ...]}``.  Answers ``{"label", "probability", "top_k": [...]}``, or ``{"results":
+  [...]}`` for a batch.  ``?top_k=K`` overrides the server's default.
+- ``GET /v1/model``: the bundle's metadata and the server's settings.
+- ``GET /health/live`` (the process answers), ``GET /health/ready`` (200 only once
+  the warm-up inference has run), ``GET /metrics`` (Prometheus text).
+
+Errors are JSON ``{"error": ..., "detail": ...}``: 400 bad image or body, 413 body too
+large, 415 content type, 503 queue full or not ready (with ``Retry-After``), 504
+timeout, 500 inference failure (that batch only).  Decoding runs in a thread pool and
+inference in one executor thread, through the ``DynamicBatcher``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from embedx.errors import ConfigError, ImageDecodeError
+from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
+from embedx.serve.metrics import ServeMetrics
+
+logger = logging.getLogger(__name__)
+
+RAW_TYPES = ("application/octet-stream",)
+ROUTES = ("/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The server's knobs; the CLI options of ``embedx serve-onnx`` map onto these."""
+
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    max_body_mb: float = 16.0
+    timeout_s: float = 30.0
+    workers_decode: int = 2
+    top_k: int = 5
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch < 1:
+            problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_delay_ms < 0:
+            problems.append(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_queue < 1:
+            problems.append(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_body_mb <= 0:
+            problems.append(f"max_body_mb must be > 0, got {self.max_body_mb}")
+        if self.timeout_s <= 0:
+            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.workers_decode < 1:
+            problems.append(f"workers_decode must be >= 1, got {self.workers_decode}")
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class HttpError(Exception):
+    """A request answered with an error status and a JSON body."""
+
+    def __init__(self, status: int, error: str, detail: str, *, reason: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.reason = status, error, detail, reason
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse({"error": self.error, "detail": self.detail}, status_code=self.status, headers=headers)
+
+
+class _MetricsMiddleware:
+    """Counts every response by route and status and times it (pure ASGI, no buffering)."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_observe(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_observe)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+class _Server:
+    """State of one app: the model, the batcher, the pools, readiness."""
+
+    def __init__(self, model: Any, config: ServeConfig) -> None:
+        self.model = model
+        self.config = config
+        self.metrics = ServeMetrics()
+        self.ready = False
+        self.warmup_error: str | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.ort_pool: ThreadPoolExecutor | None = None
+        self.batcher: DynamicBatcher | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        self.decode_pool = ThreadPoolExecutor(self.config.workers_decode, thread_name_prefix="embedx-decode")
+        self.ort_pool = ThreadPoolExecutor(1, thread_name_prefix="embedx-ort")
+        self.batcher = DynamicBatcher(
+            self.model.predict_proba,
+            executor=self.ort_pool,
+            max_batch=self.config.max_batch,
+            max_delay_s=self.config.max_delay_ms / 1000.0,
+            max_queue=self.config.max_queue,
+            on_batch=self._observe_batch,
+            on_queue=self.metrics.queue_depth.set,
+        )
+        self.batcher.start()
+        warmup = asyncio.get_running_loop().create_task(self._warm_up())
+        try:
+            yield
+        finally:
+            logger.info("shutting down: draining %d queued images", self.batcher.depth)
+            warmup.cancel()
+            await asyncio.gather(warmup, return_exceptions=True)
+            await self.batcher.close()
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+            self.ort_pool.shutdown(wait=True)
+
+    async def _warm_up(self) -> None:
+        """One inference at batch 1 and one at max_batch, so the first user waits for neither."""
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            for size in sorted({1, self.config.max_batch}):
+                await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
+        except Exception as e:  # a model that cannot run stays not-ready, with the reason
+            self.warmup_error = f"{type(e).__name__}: {e}"
+            logger.error("warm-up inference failed: %s", self.warmup_error)
+            return
+        self.ready = True
+        logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.inference_seconds.observe(seconds)
+        self.metrics.images.inc(size)
+
+    # -- routes ------------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def ready_route(self, request: Request) -> Response:
+        if self.ready:
+            return JSONResponse({"status": "ready"})
+        if self.warmup_error:
+            return JSONResponse({"status": "failed", "detail": self.warmup_error}, status_code=503)
+        return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
+
+    async def model_info(self, request: Request) -> Response:
+        info = self.model.describe()
+        info["server"] = asdict(self.config) | {"ready": self.ready, "max_body_bytes": self.config.max_body_bytes}
+        return JSONResponse(info)
+
+    async def metrics_route(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def predict(self, request: Request) -> Response:
+        deadline = time.monotonic() + self.config.timeout_s
+        try:
+            if not self.ready:
+                raise HttpError(503, "not ready", "the model is still warming up", reason="not_ready", retry_after=1)
+            top_k = self._top_k(request)
+            images, batched = await self._read_images(request)
+            arrays = await self._decode(images, batched, deadline)
+            rows = await self._infer(arrays, deadline)
+        except HttpError as e:
+            self.metrics.errors.labels(e.reason).inc()
+            return e.response()
+        results = [self._result(row, top_k) for row in rows]
+        return JSONResponse({"results": results} if batched else results[0])
+
+    def _result(self, row: np.ndarray, top_k: int) -> dict[str, Any]:
+        ranked = self.model.top_k(row, top_k)
+        return {"label": ranked[0]["label"], "probability": ranked[0]["probability"], "top_k": ranked}
+
+    def _top_k(self, request: Request) -> int:
+        text = request.query_params.get("top_k")
+        if text is None:
+            return self.config.top_k
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise HttpError(400, "bad query", f"top_k must be a positive integer, got {text!r}", reason="bad_request")
+        return value
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        too_large = HttpError(
+            413, "body too large", f"the request body exceeds the limit of {limit} bytes "
+            f"({self.config.max_body_mb:g} MB); send a smaller image", reason="too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect as e:
+            raise HttpError(400, "client disconnected", "the body ended early", reason="bad_request") from e
+        return b"".join(chunks)
+
+    async def _read_images(self, request: Request) -> tuple[list[bytes], bool]:
+        """The request's image bytes, and whether it was a batch."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (media_type in ("", "multipart/form-data", "application/json", *RAW_TYPES) or media_type.startswith("image/")):
+            raise HttpError(
+                415, "unsupported content type",
+                f"got Content-Type {media_type!r}; send image/* or application/octet-stream bytes, "
+                "multipart/form-data with a 'file' field, or application/json {\"images\": [base64, ...]}",
+                reason="unsupported_type",
+            )
+        body = await self._read_body(request)
+        if media_type == "multipart/form-data":
+            images = await self._multipart_images(request, body)
+            return images, len(images) > 1
+        if media_type == "application/json":
+            return self._json_images(body)
+        if not body:
+            raise HttpError(400, "empty body", "the request body is empty; send the image bytes", reason="bad_request")
+        return [body], False
+
+    async def _multipart_images(self, request: Request, body: bytes) -> list[bytes]:
+        async def stream():
+            yield body
+            yield b""
+
+        parser = MultiPartParser(request.headers, stream(), max_part_size=self.config.max_body_bytes)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise HttpError(400, "bad multipart body", e.message, reason="bad_request") from e
+        try:
+            uploads = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
+            if not uploads:
+                uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not uploads:
+                raise HttpError(
+                    400, "no image", "the multipart body has no file; upload the image as field 'file'",
+                    reason="bad_request",
+                )
+            return [await upload.read() for upload in uploads]
+        finally:
+            await form.close()
+
+    def _json_images(self, body: bytes) -> tuple[list[bytes], bool]:
+        usage = 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}'
+        try:
+            document = json.loads(body)
+        except ValueError as e:
+            raise HttpError(400, "bad json", f"the body is not valid JSON ({e}); {usage}", reason="bad_request") from e
+        if isinstance(document, dict) and isinstance(document.get("images"), list):
+            encoded, batched = document["images"], True
+        elif isinstance(document, dict) and isinstance(document.get("image"), str):
+            encoded, batched = [document["image"]], False
+        else:
+            raise HttpError(400, "bad json", f"no 'image' or 'images' key; {usage}", reason="bad_request")
+        if not encoded:
+            raise HttpError(400, "no image", f"'images' is empty; {usage}", reason="bad_request")
+        if len(encoded) > self.config.max_queue:
+            raise HttpError(
+                413, "too many images",
+                f"{len(encoded)} images in one request; the server queues at most {self.config.max_queue}",
+                reason="too_large",
+            )
+        images = []
+        for index, text in enumerate(encoded):
+            where = f"images[{index}]" if batched else "image"
+            if not isinstance(text, str):
+                raise HttpError(400, "bad base64", f"{where} is not a string", reason="bad_image")
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]  # a data: URL
+            try:
+                images.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError) as e:
+                raise HttpError(400, "bad base64", f"{where} is not valid base64: {e}", reason="bad_image") from e
+        return images, batched
+
+    async def _decode(self, images: list[bytes], batched: bool, deadline: float) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.run_in_executor(self.decode_pool, self.model.prepare, image) for image in images]
+        try:
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*tasks, return_exceptions=True), max(deadline - time.monotonic(), 0.001)
+            )
+        except asyncio.TimeoutError as e:
+            raise self._timeout("decoding") from e
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, ImageDecodeError):
+                where = f"images[{index}]: " if batched else ""
+                detail = str(outcome).removeprefix("<bytes>: ")
+                raise HttpError(400, "invalid image", where + detail, reason="bad_image")
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    async def _infer(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        try:
+            futures = self.batcher.submit(arrays)
+        except QueueFullError as e:
+            raise HttpError(503, "queue full", str(e), reason="queue_full", retry_after=1) from e
+        except ShuttingDownError as e:
+            raise HttpError(503, "shutting down", str(e), reason="shutting_down", retry_after=1) from e
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError as e:
+            raise self._timeout("waiting for inference") from e
+        except BatchFailedError as e:
+            for future in futures:
+                future.cancel()
+            raise HttpError(500, "inference failed", str(e), reason="inference") from e
+
+    def _timeout(self, stage: str) -> HttpError:
+        return HttpError(
+            504, "timeout", f"the request took longer than {self.config.timeout_s:g} s ({stage}); "
+            "the server is overloaded, retry later", reason="timeout",
+        )
+
+
+def create_app(model_path: str | Path | None = None, *, model: Any = None, **options: Any) -> Starlette:
+    """The Starlette app serving the bundle at ``model_path`` (or an already loaded ``model``).
+
+    ``options`` are ``ServeConfig`` fields (``max_batch``, ``max_delay_ms``, ...).  The
+    model loads here, so a bad file fails before any port is bound; warm-up runs in the
+    background after startup and ``/health/ready`` turns 200 when it is done.
+    """
+    config = ServeConfig(**options)
+    if model is None:
+        if model_path is None:
+            raise ConfigError("create_app needs model_path (a bundle .onnx) or model=")
+        from embedx.predict import load_model
+
+        model = load_model(model_path, device=config.device, threads=config.threads)
+    server = _Server(model, config)
+    app = Starlette(
+        routes=[
+            Route("/v1/predict", server.predict, methods=["POST"]),
+            Route("/v1/model", server.model_info, methods=["GET"]),
+            Route("/health/live", server.live, methods=["GET"]),
+            Route("/health/ready", server.ready_route, methods=["GET"]),
+            Route("/metrics", server.metrics_route, methods=["GET"]),
+        ],
+        middleware=[Middleware(_MetricsMiddleware, metrics=server.metrics)],
+        lifespan=server.lifespan,
+    )
+    app.state.server = server
+    return app
+
+
+def run(
+    model_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    access_log: bool = False,
+    **options: Any,
+) -> None:
+    """Serve ``model_path`` with uvicorn until SIGINT/SIGTERM, then drain and stop."""
+    import uvicorn
+
+    app = create_app(model_path, **options)
+    config = app.state.server.config
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        # in-flight requests finish within their own timeout; then uvicorn stops waiting
+        timeout_graceful_shutdown=config.timeout_s + 5,
+        lifespan="on",
+    )
+    uvicorn.Server(uvicorn_config).run()
