@@ -1,0 +1,323 @@
+"""The HDF5 feature cache on its own: schema, identity, journal, lock, reading."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embedx import cache
+from embedx.cache import CacheMeta, CacheWriter, cache_info, journal_dir, read_cache
+from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
+
+DIM = 6
+
+
+def make_meta(**changes) -> CacheMeta:
+    values = dict(
+        backbone="tiny", weights_tag="none", weights_arg="none", onnx_path="/models/tiny.onnx",
+        onnx_sha256="ab" * 32, feature_layer="pool", feature_dim=DIM,
+        preprocess={"input_size": 32, "resize_size": 36, "mean": (0.5, 0.5, 0.5)},
+        dtype="float16", precision="fp32",
+    )
+    values.update(changes)
+    return CacheMeta(**values)
+
+
+def key(i: int) -> str:
+    return f"{i:064x}"
+
+
+def features_for(keys: list[str]) -> np.ndarray:
+    """Deterministic features per key, so any row can be checked against its key."""
+    return np.stack([np.random.default_rng(int(k, 16) % 2**32).standard_normal(DIM) for k in keys]).astype(np.float32)
+
+
+def finalize(writer: CacheWriter, keys: list[str], *, errors=()) -> None:
+    writer.finalize(
+        keys=keys, paths=[f"c{i % 2}/img {i}.jpg" for i in range(len(keys))], labels=[i % 2 for i in range(len(keys))],
+        splits=["train" if i % 3 else "val" for i in range(len(keys))], classes=["c0", "c1"], errors=list(errors),
+    )
+
+
+def build(path, keys, **meta_changes) -> None:
+    with CacheWriter(path, make_meta(**meta_changes)) as writer:
+        for start in range(0, len(keys), 4):
+            writer.append(keys[start : start + 4], features_for(keys[start : start + 4]))
+        finalize(writer, keys, errors=[("bad.jpg", "not an image", key(999)), ("locked.jpg", "cannot read")])
+
+
+# -- identity ----------------------------------------------------------------------
+
+
+def test_fingerprint_covers_everything_but_the_onnx_location():
+    base = make_meta()
+    assert make_meta(onnx_path="/elsewhere/tiny.onnx").fingerprint == base.fingerprint
+    for change in (dict(backbone="other"), dict(weights_tag="IMAGENET1K_V1"), dict(onnx_sha256="cd" * 32),
+                   dict(feature_layer="fc7"), dict(feature_dim=7), dict(preprocess={"input_size": 64}),
+                   dict(dtype="float32"), dict(precision="int8")):
+        assert make_meta(**change).fingerprint != base.fingerprint, change
+
+
+def test_meta_round_trips_through_dict():
+    meta = make_meta()
+    again = CacheMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert again == meta and again.fingerprint == meta.fingerprint
+
+
+def test_meta_rejects_unknown_dtype():
+    with pytest.raises(CacheError, match="dtype"):
+        make_meta(dtype="int8")
+
+
+# -- write and read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(tmp_path, dtype):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(10)]
+    build(path, keys, dtype=dtype)
+    data = read_cache(path)
+    assert data.features.dtype == np.float32 and data.features.shape == (10, DIM)
+    tolerance = 1e-2 if dtype == "float16" else 0
+    np.testing.assert_allclose(data.features, features_for(keys), atol=tolerance, rtol=tolerance)
+    assert data.keys.tolist() == keys
+    assert data.labels.dtype == np.int64 and data.labels.tolist() == [i % 2 for i in range(10)]
+    assert data.paths[1] == "c1/img 1.jpg"
+    assert data.classes == ["c0", "c1"]
+    assert data.errors == [("bad.jpg", "not an image"), ("locked.jpg", "cannot read")]
+    assert data.complete and data.path == path
+    assert data.meta == make_meta(dtype=dtype)
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        assert handle["features"].dtype == np.dtype(dtype)
+        assert handle["features"].chunks is not None and handle["features"].compression is None
+        assert handle.attrs["schema_version"] == cache.SCHEMA_VERSION
+        assert handle.attrs["complete"]
+        assert json.loads(handle.attrs["preprocess"])["input_size"] == 32
+    assert not journal_dir(path).exists()
+
+
+def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)  # chunks of 3 rows
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(2500)]
+    with CacheWriter(path, make_meta(dtype="float32")) as writer:
+        writer.append(keys, features_for(keys))
+        finalize(writer, keys)
+    everything = read_cache(path)
+    np.testing.assert_array_equal(everything.features, features_for(keys))
+    val = read_cache(path, splits="val")
+    wanted = [i for i in range(2500) if i % 3 == 0]
+    assert val.keys.tolist() == [keys[i] for i in wanted]
+    np.testing.assert_array_equal(val.features, everything.features[wanted])
+    assert set(val.splits.tolist()) == {"val"}
+    both = read_cache(path, splits=("train", "val"))
+    assert len(both) == 2500
+
+
+def test_empty_cache_is_valid(tmp_path):
+    path = tmp_path / "feats.h5"
+    with CacheWriter(path, make_meta()) as writer:
+        finalize(writer, [], errors=[("a.jpg", "broken")])
+    data = read_cache(path)
+    assert data.features.shape == (0, DIM) and data.errors == [("a.jpg", "broken")]
+
+
+def test_cache_info(tmp_path):
+    path = tmp_path / "feats.h5"
+    build(path, [key(i) for i in range(9)])
+    info = cache_info(path)
+    assert info["rows"] == 9 and info["dim"] == DIM and info["dtype"] == "float16"
+    assert info["complete"] is True
+    assert info["backbone"] == "tiny" and info["weights"] == "none"
+    assert info["counts"] == {"train": {"c0": 3, "c1": 3}, "val": {"c0": 2, "c1": 1}}
+    assert info["errors"] == 2 and info["error_list"][0] == {"path": "bad.jpg", "reason": "not an image"}
+    assert info["file_size"] == path.stat().st_size
+    json.dumps(info)  # all plain JSON
+
+
+# -- refusing bad files --------------------------------------------------------------
+
+
+def test_missing_alien_incomplete_and_old_files_are_refused(tmp_path):
+    import h5py
+
+    with pytest.raises(CacheError, match="does not exist"):
+        read_cache(tmp_path / "nope.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CacheError, match="not a readable HDF5"):
+        read_cache(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "alien.h5", "w") as handle:
+        handle["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="not an embedx feature cache"):
+        read_cache(tmp_path / "alien.h5")
+    path = tmp_path / "feats.h5"
+    build(path, [key(1)])
+    with h5py.File(path, "a") as handle:
+        handle.attrs["complete"] = False
+    with pytest.raises(CacheError, match="incomplete"):
+        read_cache(path)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["complete"] = True
+        handle.attrs["schema_version"] = 0
+    with pytest.raises(CacheError, match="old cache schema"):
+        read_cache(path)
+    with h5py.File(path, "a") as handle:
+        handle.attrs["schema_version"] = cache.SCHEMA_VERSION + 1
+    with pytest.raises(CacheError, match="upgrade embedx"):
+        read_cache(path)
+
+
+# -- identity, overwrite, lock -------------------------------------------------------
+
+
+def test_other_settings_are_refused_with_what_differs(tmp_path):
+    path = tmp_path / "feats.h5"
+    build(path, [key(1)])
+    with pytest.raises(CacheMismatchError) as info:
+        CacheWriter(path, make_meta(dtype="float32", backbone="resnet18")).open()
+    message = str(info.value)
+    assert "dtype" in message and "backbone" in message and "--overwrite" in message and "-o" in message
+    # a moved ONNX file is the same model
+    with CacheWriter(path, make_meta(onnx_path="/moved/tiny.onnx")) as writer:
+        assert writer.has(key(1))
+
+
+def test_overwrite_starts_fresh(tmp_path):
+    path = tmp_path / "feats.h5"
+    build(path, [key(1), key(2)])
+    with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
+        assert not writer.done_keys
+        writer.append([key(3)], features_for([key(3)]))
+        finalize(writer, [key(3)])
+    data = read_cache(path)
+    assert data.keys.tolist() == [key(3)] and data.meta.dtype == "float32"
+
+
+def test_second_writer_is_locked_out(tmp_path):
+    path = tmp_path / "feats.h5"
+    with CacheWriter(path, make_meta()):
+        with pytest.raises(CacheLockedError, match="another process"):
+            CacheWriter(path, make_meta()).open()
+    # released on exit
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.done_keys == set()
+
+
+def test_lock_held_by_another_process(tmp_path):
+    path = tmp_path / "feats.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(30)", str(cache.lock_path(path))],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CacheLockedError):
+            CacheWriter(path, make_meta()).open()
+    finally:
+        holder.kill()
+        holder.wait()
+    CacheWriter(path, make_meta()).open().close()  # a dead holder's lock is gone
+
+
+# -- journal -------------------------------------------------------------------------
+
+
+def test_journal_survives_an_unfinished_writer(tmp_path):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(8)]
+    writer = CacheWriter(path, make_meta()).open()
+    writer.append(keys[:4], features_for(keys[:4]))
+    writer.record_error("x/bad.jpg", "truncated", key=key(100))
+    writer.append(keys[4:6], features_for(keys[4:6]))
+    writer.close()  # as if killed: no finalize
+    assert not path.exists()
+    info = cache_info(path)
+    assert info["complete"] is False and info["journal"]["rows"] == 6 and info["journal"]["errors"] == 1
+    with pytest.raises(CacheError, match="rerun the same"):
+        read_cache(path)
+
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.done_keys == set(keys[:6])
+        assert writer.known_errors == {key(100): "truncated"}
+        writer.append(keys[6:], features_for(keys[6:]))
+        finalize(writer, keys)
+    data = read_cache(path)
+    np.testing.assert_allclose(data.features, features_for(keys), atol=1e-2)
+    assert not journal_dir(path).exists()
+
+
+def test_torn_and_corrupt_shards_are_ignored(tmp_path):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(6)]
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append(keys[:3], features_for(keys[:3]))
+        writer.append(keys[3:], features_for(keys[3:]))
+    journal = journal_dir(path)
+    shards = sorted(journal.glob("shard-*.npz"))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # a torn shard
+    (journal / ".tmp-123-shard-00000009.npz").write_bytes(b"half a zip")
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.done_keys == set(keys[:3])
+        assert not list(journal.glob(".tmp-*"))
+        writer.append(keys[3:], features_for(keys[3:]))
+        finalize(writer, keys)
+    assert read_cache(path).keys.tolist() == keys
+
+
+def test_journal_of_other_settings_is_refused_then_overwritten(tmp_path):
+    path = tmp_path / "feats.h5"
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append([key(1)], features_for([key(1)]))
+    with pytest.raises(CacheMismatchError, match="unfinished extraction"):
+        CacheWriter(path, make_meta(feature_layer="fc7")).open()
+    with CacheWriter(path, make_meta(feature_layer="fc7"), overwrite=True) as writer:
+        assert not writer.done_keys
+
+
+def test_overwrite_run_resumes_its_own_journal(tmp_path):
+    """A killed `--overwrite` run, rerun with --overwrite, continues instead of starting over."""
+    path = tmp_path / "feats.h5"
+    build(path, [key(1)])
+    with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
+        writer.append([key(2)], features_for([key(2)]))
+    with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
+        assert writer.done_keys == {key(2)}
+
+
+def test_incremental_reuses_base_rows_by_key(tmp_path):
+    path = tmp_path / "feats.h5"
+    build(path, [key(i) for i in range(6)], dtype="float32")
+    new_order = [key(5), key(7), key(0), key(3)]  # 7 is new; 1, 2, 4 removed; order changed
+    with CacheWriter(path, make_meta(dtype="float32")) as writer:
+        assert writer.done_keys == {key(i) for i in range(6)}
+        writer.append([key(7)], features_for([key(7)]))
+        finalize(writer, new_order)
+    data = read_cache(path)
+    assert data.keys.tolist() == new_order
+    np.testing.assert_array_equal(data.features, features_for(new_order))
+
+
+def test_finalize_refuses_rows_without_features(tmp_path):
+    with CacheWriter(tmp_path / "feats.h5", make_meta()) as writer:
+        with pytest.raises(CacheError, match="no features"):
+            finalize(writer, [key(1)])
+
+
+def test_append_checks_the_feature_shape(tmp_path):
+    with CacheWriter(tmp_path / "feats.h5", make_meta()) as writer:
+        with pytest.raises(CacheError, match="shape"):
+            writer.append([key(1)], np.zeros((1, DIM + 1)))
+
+
+def test_cache_module_is_torch_free():
+    code = "import sys, embedx.cache; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
