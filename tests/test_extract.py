@@ -1,0 +1,394 @@
+"""The extraction engine end to end on tiny generated images and a tiny ONNX backbone."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embedx import onnxmeta
+from embedx.cache import CacheWriter, journal_dir, read_cache
+from embedx.errors import CacheLockedError, CacheMismatchError, ConfigError, DataError
+from embedx.preprocess import PreprocessSpec
+from tests.corpus import good_image, make_corpus
+
+TINY_SPEC = PreprocessSpec(input_size=32, resize_size=36)
+TINY_DIM = 8
+
+
+def _build_tiny_onnx(path: Path) -> Path:
+    """A 3-layer conv net with embedx's I/O names and preprocessing in its metadata."""
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, TINY_DIM, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is enough here
+        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), input_names=["input"],
+                          output_names=["features"], dynamic_axes={"input": {0: "N"}, "features": {0: "N"}},
+                          dynamo=False)
+    model = onnx.load(str(path))
+    onnxmeta.write(model, {"kind": "backbone", "backbone": "tiny", "weights": "none",
+                           "feature_layer": "pool", "feature_dim": str(TINY_DIM),
+                           "preprocess": TINY_SPEC.to_dict()})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return _build_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture
+def backbone(tiny_onnx, monkeypatch) -> str:
+    """The tiny ONNX as a backbone; a stand-in for export.resolve_backbone until it exists."""
+    try:
+        import embedx.export  # noqa: F401
+    except ImportError:
+        import sys
+        import types
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class _Export:
+            path: Path
+            backbone: str = "onnx:tiny.onnx"
+            weights_tag: str = "none"
+            weights_arg: str = "none"
+            feature_layer: str = "features"
+            feature_dim: int = TINY_DIM
+            preprocess: PreprocessSpec = TINY_SPEC
+
+        module = types.ModuleType("embedx.export")
+        module.resolve_backbone = lambda backbone, *, weights="DEFAULT", layer=None: _Export(Path(backbone))
+        monkeypatch.setitem(sys.modules, "embedx.export", module)
+    return str(tiny_onnx)
+
+
+def write_image(path: Path, class_name: str, index: int, fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    good_image(class_name, index, size=(44 + index % 5, 36)).save(buffer, fmt)
+    path.write_bytes(buffer.getvalue())
+
+
+def class_folders(root: Path, per_class: int = 5) -> Path:
+    for name in ("alpha", "beta"):
+        for i in range(per_class):
+            write_image(root / name / f"{name}_{i}.jpg", name, i)
+    return root
+
+
+def run(data, backbone, output, **options):
+    from embedx.extract import extract
+
+    options.setdefault("workers", 0)
+    options.setdefault("batch_size", 4)
+    return extract(data, backbone=backbone, output=output, device="cpu", **options)
+
+
+# -- layouts -------------------------------------------------------------------------
+
+
+def test_class_folders(tmp_path, backbone):
+    data = class_folders(tmp_path / "data")
+    calls = []
+    summary = run(data, backbone, tmp_path / "f.h5", progress=lambda d, t, i: calls.append((d, t)))
+    assert (summary.images, summary.new, summary.reused, summary.errors) == (10, 10, 0, 0)
+    assert calls[0] == (0, 10) and calls[-1] == (10, 10)
+    assert summary.providers == ["CPUExecutionProvider"]
+    cache = read_cache(tmp_path / "f.h5")
+    assert cache.features.shape == (10, TINY_DIM) and cache.classes == ["alpha", "beta"]
+    assert cache.paths.tolist()[:2] == ["alpha/alpha_0.jpg", "alpha/alpha_1.jpg"]
+    assert cache.labels.tolist() == [0] * 5 + [1] * 5
+    assert set(cache.splits.tolist()) == {"train"}
+    assert cache.meta.feature_dim == TINY_DIM and cache.meta.dtype == "float16"
+    assert cache.meta.preprocess["input_size"] == 32
+    assert not journal_dir(tmp_path / "f.h5").exists()
+    # the features are the ONNX model's output on the shared preprocessing
+    from embedx.preprocess import load
+    from embedx.runtime import OrtModel
+
+    expected = OrtModel(backbone, device="cpu").run(load(data / "beta" / "beta_3.jpg", TINY_SPEC)[None])
+    np.testing.assert_allclose(cache.features[8], expected[0], rtol=2e-3, atol=2e-3)
+
+
+def test_split_folders_record_splits(tmp_path, backbone):
+    data = tmp_path / "data"
+    for split, count in (("train", 3), ("val", 2), ("test", 1)):
+        for name in ("alpha", "beta"):
+            for i in range(count):
+                write_image(data / split / name / f"{i}.png", name, i + 10 * len(split), "PNG")
+    run(data, backbone, tmp_path / "f.h5")
+    cache = read_cache(tmp_path / "f.h5")
+    assert sorted(cache.splits.tolist()) == ["test"] * 2 + ["train"] * 6 + ["val"] * 4
+    val = read_cache(tmp_path / "f.h5", splits="val")
+    assert all(p.startswith("val/") for p in val.paths)
+
+
+def test_manifest(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,split\nalpha/alpha_0.jpg,cat,train\nbeta/beta_1.jpg,dog,val\n"
+                        "beta/missing.jpg,dog,train\n")
+    summary = run(data, backbone, tmp_path / "f.h5", manifest=manifest)
+    cache = read_cache(tmp_path / "f.h5")
+    assert cache.classes == ["cat", "dog"] and summary.images == 2
+    assert dict(zip(cache.paths.tolist(), cache.splits.tolist(), strict=True)) == {
+        "alpha/alpha_0.jpg": "train", "beta/beta_1.jpg": "val"}
+    assert [p for p, _ in cache.errors] == ["beta/missing.jpg"]
+
+
+def test_val_fraction_splits_by_content(tmp_path, backbone):
+    from embedx.data import split_for_key
+
+    data = class_folders(tmp_path / "data", per_class=10)
+    run(data, backbone, tmp_path / "f.h5", val_fraction=0.3)
+    cache = read_cache(tmp_path / "f.h5")
+    assert cache.splits.tolist() == [split_for_key(k, 0.3) for k in cache.keys]
+    assert {"train", "val"} == set(cache.splits.tolist())
+    # changing the fraction reuses every feature
+    summary = run(data, backbone, tmp_path / "f.h5", val_fraction=0.5)
+    assert summary.new == 0 and read_cache(tmp_path / "f.h5").splits.tolist() == [
+        split_for_key(k, 0.5) for k in cache.keys]
+
+
+def test_val_fraction_refused_with_split_folders(tmp_path, backbone):
+    write_image(tmp_path / "data" / "train" / "a" / "x.jpg", "alpha", 0)
+    write_image(tmp_path / "data" / "val" / "a" / "y.jpg", "alpha", 1)
+    with pytest.raises(ConfigError, match="val-fraction"):
+        run(tmp_path / "data", backbone, tmp_path / "f.h5", val_fraction=0.2)
+
+
+def test_invalid_data_is_one_clear_error(tmp_path, backbone):
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path / "nowhere", backbone, tmp_path / "f.h5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        run(tmp_path / "empty", backbone, tmp_path / "f.h5")
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_input_corpus(tmp_path, backbone, workers):
+    corpus = make_corpus(tmp_path / "data")
+    summary = run(tmp_path / "data", backbone, tmp_path / "f.h5", workers=workers)
+    cache = read_cache(tmp_path / "f.h5")
+    assert sorted(cache.paths.tolist()) == sorted(corpus["decode"])
+    errors = dict(cache.errors)
+    for relpath in list(corpus["errors"]) + list(corpus["skipped"]):
+        assert relpath in errors, relpath
+        assert errors[relpath], f"{relpath} has no reason"
+    assert len(cache.errors) == len(corpus["errors"]) + len(corpus["skipped"]) == summary.errors
+    assert summary.workers == workers
+    assert "gamma" in cache.classes  # the empty class keeps its label
+    for relpath, class_name in corpus["decode"].items():
+        index = cache.paths.tolist().index(relpath)
+        assert cache.classes[cache.labels[index]] == class_name
+    assert np.isfinite(cache.features).all()
+
+
+def test_worker_processes_give_the_same_features(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=9)
+    inline = run(data, backbone, tmp_path / "a.h5", workers=0, dtype="float32")
+    pooled = run(data, backbone, tmp_path / "b.h5", workers=2, dtype="float32")
+    assert pooled.workers == 2 and inline.workers == 0
+    a, b = read_cache(tmp_path / "a.h5"), read_cache(tmp_path / "b.h5")
+    assert a.keys.tolist() == b.keys.tolist()
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+# -- identity, overwrite, lock ---------------------------------------------------------
+
+
+def test_other_settings_refused_then_overwritten(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    run(data, backbone, tmp_path / "f.h5")
+    with pytest.raises(CacheMismatchError, match="dtype.*--overwrite"):
+        run(data, backbone, tmp_path / "f.h5", dtype="float32")
+    summary = run(data, backbone, tmp_path / "f.h5", dtype="float32", overwrite=True)
+    assert summary.new == 4
+    assert read_cache(tmp_path / "f.h5").meta.dtype == "float32"
+
+
+def test_locked_cache_is_refused(tmp_path, backbone):
+    from embedx.cache import CacheMeta
+
+    data = class_folders(tmp_path / "data", per_class=1)
+    meta = CacheMeta(backbone="x", weights_tag="x", weights_arg="x", onnx_path="x", onnx_sha256="x",
+                     feature_layer="x", feature_dim=1, preprocess={})
+    with CacheWriter(tmp_path / "f.h5", meta):
+        with pytest.raises(CacheLockedError):
+            run(data, backbone, tmp_path / "f.h5")
+    assert not (tmp_path / "f.h5").exists()
+
+
+# -- incremental -----------------------------------------------------------------------
+
+
+def test_incremental_add_remove_rename(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=5)
+    first = run(data, backbone, tmp_path / "f.h5", dtype="float32")
+    assert first.new == 10
+    before = read_cache(tmp_path / "f.h5")
+    feature_of = dict(zip(before.keys.tolist(), before.features, strict=True))
+
+    write_image(data / "alpha" / "new_1.jpg", "alpha", 101)
+    write_image(data / "beta" / "new_2.jpg", "beta", 102)
+    (data / "alpha" / "alpha_0.jpg").unlink()
+    (data / "beta" / "beta_4.jpg").rename(data / "beta" / "renamed.jpg")
+    shutil.move(data / "alpha" / "alpha_1.jpg", data / "beta" / "moved_from_alpha.jpg")
+
+    second = run(data, backbone, tmp_path / "f.h5", dtype="float32")
+    assert (second.new, second.reused, second.images) == (2, 9, 11)
+    after = read_cache(tmp_path / "f.h5")
+    assert "alpha/alpha_0.jpg" not in after.paths and "beta/renamed.jpg" in after.paths
+    moved = after.paths.tolist().index("beta/moved_from_alpha.jpg")
+    assert after.classes[after.labels[moved]] == "beta"  # label follows the folder
+    for key, features in zip(after.keys.tolist(), after.features, strict=True):
+        if key in feature_of:
+            np.testing.assert_array_equal(features, feature_of[key])
+    # a third run has nothing to do
+    third = run(data, backbone, tmp_path / "f.h5", dtype="float32")
+    assert (third.new, third.images) == (0, 11)
+
+
+def test_failed_images_are_not_retried_while_unchanged(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    (data / "alpha" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    first = run(data, backbone, tmp_path / "f.h5")
+    assert first.errors == 1 and first.new == 4
+    second = run(data, backbone, tmp_path / "f.h5")
+    assert second.new == 0 and second.errors == 1
+    assert dict(read_cache(tmp_path / "f.h5").errors)["alpha/broken.jpg"]
+
+
+def test_float16_and_float32_agree(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=3)
+    run(data, backbone, tmp_path / "16.h5", dtype="float16")
+    run(data, backbone, tmp_path / "32.h5", dtype="float32")
+    half, full = read_cache(tmp_path / "16.h5"), read_cache(tmp_path / "32.h5")
+    assert half.meta.fingerprint != full.meta.fingerprint
+    np.testing.assert_allclose(half.features, full.features, rtol=1e-3, atol=1e-3)
+    assert (tmp_path / "16.h5").stat().st_size < (tmp_path / "32.h5").stat().st_size or TINY_DIM < 64
+
+
+def test_int8_records_the_cosine(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=6)
+    summary = run(data, backbone, tmp_path / "f.h5", precision="int8", dtype="float32")
+    assert summary.int8_cosine is not None and summary.int8_cosine >= 0.99
+    cache = read_cache(tmp_path / "f.h5")
+    assert cache.meta.precision == "int8"
+    assert json.loads(cache.attrs["extra"])["int8_cosine"] == pytest.approx(summary.int8_cosine)
+    run(data, backbone, tmp_path / "fp32.h5", dtype="float32")
+    fp32 = read_cache(tmp_path / "fp32.h5").features
+    cosine = (cache.features * fp32).sum(1) / np.linalg.norm(cache.features, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cosine.mean() > 0.98
+
+
+def test_default_output_in_cache_dir(tmp_path, backbone, monkeypatch):
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path / "cachedir"))
+    data = class_folders(tmp_path / "mydata", per_class=1)
+    summary = run(data, backbone, None)
+    assert Path(summary.output) == tmp_path / "cachedir" / "mydata-tiny.h5"
+    assert read_cache(summary.output).features.shape == (2, TINY_DIM)
+
+
+def test_options_are_checked(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=1)
+    for bad in (dict(batch_size=0), dict(dtype="int8"), dict(precision="fp8"), dict(workers=-1)):
+        with pytest.raises(ConfigError):
+            run(data, backbone, tmp_path / "f.h5", **bad)
+
+
+def test_extract_module_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, embedx.extract, embedx.cli.extract_cmd; "
+            "assert 'torch' not in sys.modules and 'h5py' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- CLI -------------------------------------------------------------------------------
+
+
+def cli_run(*args):
+    from embedx.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_extract_and_info(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    out = tmp_path / "f.h5"
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--workers", 0, "--device", "cpu",
+                     "--json", "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 4 and summary["output"] == str(out)
+
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--workers", 0, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    assert "4 images (0 new, 4 reused)" in result.stderr
+
+    result = cli_run("info", out, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["rows"] == 4 and info["counts"] == {"train": {"alpha": 2, "beta": 2}}
+    result = cli_run("info", out)
+    assert result.exit_code == 0 and "4 rows x 8 (float16), complete" in result.stdout
+    assert "train: alpha 2, beta 2" in result.stdout
+
+
+def test_cli_exit_codes(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=1)
+    out = tmp_path / "f.h5"
+    assert cli_run("extract", "--backbone", backbone, data, "-o", out, "--workers", 0, "-q").exit_code == 0
+    mismatch = cli_run("extract", "--backbone", backbone, data, "-o", out, "--dtype", "float32", "-q")
+    assert mismatch.exit_code == 1 and "--overwrite" in mismatch.stderr
+    assert mismatch.stderr.startswith("error: ") and "Traceback" not in mismatch.output
+    assert cli_run("extract", "--backbone", backbone, data, "--precision", "fp8").exit_code == 2
+    assert cli_run("extract", data).exit_code == 2  # --backbone is required
+    missing = cli_run("extract", "--backbone", backbone, tmp_path / "nowhere", "-o", out, "-q")
+    assert missing.exit_code == 1 and "does not exist" in missing.stderr
+    bad_info = cli_run("info", tmp_path / "nothing.h5")
+    assert bad_info.exit_code == 1 and "embedx extract" in bad_info.stderr
+
+
+# -- real data -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
+    from embedx.data import discover
+
+    dataset = discover(hymenoptera)
+    summary = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5", workers=None, batch_size=32)
+    cache = read_cache(tmp_path / "ants.h5")
+    assert cache.classes == ["ants", "bees"]
+    assert cache.features.shape[1] == 1280
+    assert summary.images + summary.errors == len(dataset.items) + len(dataset.skipped)
+    assert summary.images == len(cache.keys) >= 397
+    counts = {split: int((cache.splits == split).sum()) for split in ("train", "val")}
+    assert counts["train"] >= 244 and counts["val"] >= 153
+    assert len(set(cache.paths.tolist())) == len(cache.paths)
+    assert np.isfinite(cache.features).all()
+    gifs = [p for p in cache.paths if p.lower().endswith(".gif")]
+    errors = dict(cache.errors)
+    assert all(p in errors for p in (i.relpath for i in dataset.items if i.relpath.lower().endswith(".gif")
+                                     and i.relpath not in gifs))
