@@ -39,7 +39,7 @@ class ShuttingDownError(ServeError):
     """The batcher is closed and takes no new images (HTTP 503)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity comparison: deque.remove must not compare arrays
 class _Pending:
     array: np.ndarray
     future: asyncio.Future

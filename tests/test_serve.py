@@ -1,0 +1,528 @@
+"""serve-onnx: the real server (uvicorn in a subprocess) on a free loopback port, via httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedx.predict import load_model
+from tests.bundle_fixtures import CLASSES, image_bytes, make_bundle
+
+PNG = {"content-type": "image/png"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m embedx serve-onnx MODEL --port P ...`` as a child process."""
+
+    def __init__(self, model: Path, *options: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "embedx", "serve-onnx", str(model), "--port", str(self.port),
+                   "--device", "cpu", "--threads", "1", "--log-level", "warning", *options]
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(httpx.get(self.url + "/metrics").text, name, **labels)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bundles")
+    return {
+        "float": make_bundle(folder / "model.onnx"),
+        "uint8": make_bundle(folder / "model-u8.onnx", with_preprocess=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(bundles, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = Server(bundles["float"], "--max-delay-ms", "20", "--max-body-mb", "0.05", "--top-k", "2", log=log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def expected_probabilities(model_path: Path, data: bytes) -> np.ndarray:
+    model = load_model(model_path, device="cpu")
+    return model.predict_proba(model.prepare(data)[None])[0]
+
+
+def check_answer(answer: dict, probabilities: np.ndarray, top_k: int) -> None:
+    order = np.argsort(-probabilities)[:top_k]
+    assert [c["label"] for c in answer["top_k"]] == [CLASSES[i] for i in order]
+    assert [c["probability"] for c in answer["top_k"]] == pytest.approx(probabilities[order].tolist(), abs=1e-5)
+    assert answer["label"] == CLASSES[order[0]]
+    assert answer["probability"] == pytest.approx(float(probabilities[order[0]]), abs=1e-5)
+
+
+# -- endpoints ----------------------------------------------------------------------
+
+
+def test_health_and_model_endpoints(server):
+    assert httpx.get(server.url + "/health/live").json() == {"status": "live"}
+    assert httpx.get(server.url + "/health/ready").json() == {"status": "ready"}
+    info = httpx.get(server.url + "/v1/model").json()
+    assert info["classes"] == CLASSES
+    assert info["kind"] == "bundle"
+    assert info["input_format"] == "float_nchw"
+    assert info["preprocess"]["input_size"] == 16
+    assert info["temperature"] == pytest.approx(1.5)
+    assert info["server"]["max_batch"] == 32 and info["server"]["top_k"] == 2
+    assert info["server"]["ready"] is True
+    assert httpx.get(server.url + "/nope").status_code == 404
+    assert httpx.get(server.url + "/v1/predict").status_code == 405
+
+
+def test_predict_raw_body_matches_the_model(server, bundles):
+    data = image_bytes(3)
+    response = httpx.post(server.url + "/v1/predict", content=data, headers=PNG)
+    assert response.status_code == 200, response.text
+    check_answer(response.json(), expected_probabilities(bundles["float"], data), top_k=2)
+
+
+def test_predict_octet_stream_jpeg_and_top_k_query(server, bundles):
+    data = image_bytes(4, fmt="JPEG")
+    response = httpx.post(server.url + "/v1/predict?top_k=3", content=data,
+                          headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    check_answer(response.json(), expected_probabilities(bundles["float"], data), top_k=3)
+    bad = httpx.post(server.url + "/v1/predict?top_k=zero", content=data, headers=PNG)
+    assert bad.status_code == 400 and "top_k" in bad.json()["detail"]
+
+
+def test_predict_multipart_single_and_several_files(server, bundles):
+    one = httpx.post(server.url + "/v1/predict", files={"file": ("a.png", image_bytes(5), "image/png")})
+    assert one.status_code == 200, one.text
+    check_answer(one.json(), expected_probabilities(bundles["float"], image_bytes(5)), top_k=2)
+    several = httpx.post(server.url + "/v1/predict",
+                         files=[("file", ("a.png", image_bytes(5))), ("file", ("b.png", image_bytes(6)))])
+    assert several.status_code == 200, several.text
+    results = several.json()["results"]
+    assert len(results) == 2
+    check_answer(results[1], expected_probabilities(bundles["float"], image_bytes(6)), top_k=2)
+    empty = httpx.post(server.url + "/v1/predict", data={"name": "x"}, files={"other": ("", b"", "text/plain")})
+    assert empty.status_code == 400
+
+
+def test_predict_json_single_and_batch(server, bundles):
+    images = [image_bytes(i) for i in range(3)]
+    encoded = [base64.b64encode(data).decode() for data in images]
+    single = httpx.post(server.url + "/v1/predict", json={"image": "data:image/png;base64," + encoded[0]})
+    assert single.status_code == 200, single.text
+    check_answer(single.json(), expected_probabilities(bundles["float"], images[0]), top_k=2)
+    batch = httpx.post(server.url + "/v1/predict", json={"images": encoded})
+    assert batch.status_code == 200, batch.text
+    for answer, data in zip(batch.json()["results"], images, strict=True):
+        check_answer(answer, expected_probabilities(bundles["float"], data), top_k=2)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, detail",
+    [
+        ({"content": b"this is not an image", "headers": PNG}, "not an image"),
+        ({"content": image_bytes(1)[:200], "headers": PNG}, "cannot decode"),
+        ({"content": b"", "headers": PNG}, "empty"),
+        ({"json": {"images": [base64.b64encode(image_bytes(1)).decode(), "bm90IGFuIGltYWdl"]}}, "images[1]"),
+        ({"json": {"images": ["***"]}}, "base64"),
+        ({"json": {"pictures": []}}, "'image' or 'images'"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "JSON"),
+    ],
+    ids=["not-image", "truncated", "empty", "json-batch-one-bad", "bad-base64", "no-key", "bad-json"],
+)
+def test_bad_input_is_400_with_a_json_reason(server, kwargs, detail):
+    response = httpx.post(server.url + "/v1/predict", **kwargs)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert detail in body["detail"]
+
+
+def test_wrong_content_type_is_415(server):
+    response = httpx.post(server.url + "/v1/predict", content=b"hello", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert "Content-Type" in response.json()["detail"]
+    form = httpx.post(server.url + "/v1/predict", data={"image": "x"})  # urlencoded form
+    assert form.status_code == 415
+
+
+def test_body_over_the_limit_is_413(server):
+    big = b"\x89PNG" + bytes(100_000)  # the server allows 0.05 MB
+    response = httpx.post(server.url + "/v1/predict", content=big, headers=PNG)
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit holds while streaming
+        for _ in range(20):
+            yield bytes(8192)
+
+    streamed = httpx.post(server.url + "/v1/predict", content=chunks(), headers=PNG)
+    assert streamed.status_code == 413
+    multipart = httpx.post(server.url + "/v1/predict", files={"file": ("a.png", big)})
+    assert multipart.status_code == 413
+    # and the server is still fine
+    assert httpx.post(server.url + "/v1/predict", content=image_bytes(1), headers=PNG).status_code == 200
+
+
+async def _post_all(url: str, bodies: list[bytes]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await asyncio.gather(*(client.post(url, content=body, headers=PNG) for body in bodies))
+
+
+def test_one_corrupt_image_among_concurrent_good_ones_fails_alone(server, bundles):
+    bodies = [image_bytes(10 + i) for i in range(8)]
+    bodies.insert(4, image_bytes(99)[:150])  # truncated PNG
+    responses = asyncio.run(_post_all(server.url + "/v1/predict", bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 4 + [400] + [200] * 4
+    assert "invalid image" == responses[4].json()["error"]
+    for response, body in zip(responses, bodies, strict=True):
+        if response.status_code == 200:
+            check_answer(response.json(), expected_probabilities(bundles["float"], body), top_k=2)
+
+
+def test_metrics_count_requests_latency_batches_and_queue(server):
+    before = server.metric("embedx_requests_total", route="/v1/predict", status="200")
+    httpx.post(server.url + "/v1/predict", content=image_bytes(2), headers=PNG)
+    httpx.post(server.url + "/v1/predict", content=b"junk", headers=PNG)
+    text = httpx.get(server.url + "/metrics").text
+    assert metric_value(text, "embedx_requests_total", route="/v1/predict", status="200") == before + 1
+    assert metric_value(text, "embedx_requests_total", route="/v1/predict", status="400") >= 1
+    assert metric_value(text, "embedx_request_latency_seconds_count", route="/v1/predict") >= before + 2
+    assert metric_value(text, "embedx_batch_size_count") >= 1
+    assert metric_value(text, "embedx_batch_size_sum") >= metric_value(text, "embedx_batch_size_count")
+    assert "embedx_queue_depth" in text
+    assert metric_value(text, "embedx_errors_total", reason="bad_image") >= 1
+
+
+# -- batching, limits, shutdown (servers of their own) --------------------------------
+
+
+def test_concurrent_requests_share_one_inference_call(bundles, tmp_path):
+    srv = Server(bundles["float"], "--max-delay-ms", "500", "--max-batch", "8", log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        batches_before = srv.metric("embedx_batch_size_count")
+        responses = asyncio.run(_post_all(srv.url + "/v1/predict", [image_bytes(i) for i in range(8)]))
+        assert [r.status_code for r in responses] == [200] * 8
+        batches = srv.metric("embedx_batch_size_count") - batches_before
+        assert 1 <= batches < 8  # 8 concurrent images, fewer ORT calls
+        assert srv.metric("embedx_images_total") >= 8
+    finally:
+        srv.stop()
+
+
+def _wait_for_queue(srv: Server, depth: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.metric("embedx_queue_depth") < depth:
+        assert time.monotonic() < deadline, f"queue never reached {depth}"
+        time.sleep(0.02)
+
+
+def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
+    srv = Server(bundles["float"], "--max-batch", "8", "--max-delay-ms", "60000", "--max-queue", "2",
+                 "--timeout-s", "3", log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as client:
+                waiting = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
+                           for i in range(2)]
+                await asyncio.to_thread(_wait_for_queue, srv, 2)
+                refused = await client.post(srv.url + "/v1/predict", content=image_bytes(3), headers=PNG)
+                return refused, await asyncio.gather(*waiting)
+
+        refused, timed_out = asyncio.run(scenario())
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == "queue full"
+        assert [r.status_code for r in timed_out] == [504, 504]
+        assert timed_out[0].json()["error"] == "timeout"
+        # timed-out requests leave the queue, so the server takes new ones again
+        assert srv.metric("embedx_queue_depth") == 0
+        assert srv.metric("embedx_errors_total", reason="timeout") == 2
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
+    srv = Server(bundles["float"], "--max-batch", "32", "--max-delay-ms", "1500", log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as client:
+                in_flight = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
+                             for i in range(6)]
+                await asyncio.to_thread(_wait_for_queue, srv, 6)
+                srv.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*in_flight)
+
+        responses = asyncio.run(scenario())
+        assert [r.status_code for r in responses] == [200] * 6
+        # uvicorn re-raises the captured SIGTERM once shut down cleanly
+        assert srv.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in srv.log.read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(srv.url + "/health/live", timeout=2)
+    finally:
+        srv.stop()
+
+
+def test_uint8_bundle_is_served_from_its_metadata(bundles, tmp_path):
+    srv = Server(bundles["uint8"], log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/v1/model").json()["input_format"] == "uint8_nhwc"
+        data = image_bytes(7)
+        response = httpx.post(srv.url + "/v1/predict?top_k=3", content=data, headers=PNG)
+        assert response.status_code == 200, response.text
+        # the same answer as the float bundle
+        check_answer(response.json(), expected_probabilities(bundles["float"], data), top_k=3)
+    finally:
+        srv.stop()
+
+
+def test_cli_refuses_a_model_without_embedx_metadata(tmp_path):
+    import onnx
+
+    from tests.bundle_fixtures import tiny_backbone
+
+    path = tmp_path / "backbone.onnx"
+    onnx.save(tiny_backbone(), path)
+    srv = Server(path, log=tmp_path / "log")
+    assert srv.process.wait(timeout=60) == 1
+    assert "backbone export" in srv.log.read_text()
+
+
+# -- in-process: readiness and a failing inference -------------------------------------
+
+
+async def _wait_ready(client: httpx.AsyncClient) -> None:
+    deadline = time.monotonic() + 30
+    while (await client.get("/health/ready")).status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        await asyncio.sleep(0.02)
+
+
+def in_process(app, scenario):
+    """Run ``scenario(client, start)`` against ``app`` in this process; ``start()``
+    enters the app's lifespan (startup, warm-up) as uvicorn would."""
+    from contextlib import AsyncExitStack
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://embedx")
+            )
+
+            async def start():
+                await stack.enter_async_context(app.router.lifespan_context(app))
+
+            return await scenario(client, start)
+
+    return asyncio.run(main())
+
+
+def test_not_ready_before_warm_up_then_ready(bundles):
+    from embedx.serve import create_app
+
+    async def scenario(client, start):
+        assert (await client.get("/health/live")).status_code == 200
+        not_ready = await client.get("/health/ready")  # no startup, no warm-up yet
+        assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "1"
+        refused = await client.post("/v1/predict", content=image_bytes(1), headers=PNG)
+        assert refused.status_code == 503 and refused.json()["error"] == "not ready"
+        await start()
+        await _wait_ready(client)
+        assert (await client.post("/v1/predict", content=image_bytes(1), headers=PNG)).status_code == 200
+
+    in_process(create_app(bundles["float"], device="cpu"), scenario)
+
+
+class FlakyModel:
+    """The real model, but inference raises while ``fail`` is set."""
+
+    def __init__(self, model):
+        self.model = model
+        self.fail = False
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict_proba(self, batch):
+        if self.fail:
+            raise RuntimeError("simulated onnxruntime failure")
+        return self.model.predict_proba(batch)
+
+
+def test_a_failing_inference_fails_its_requests_with_500_and_the_server_goes_on(bundles):
+    from embedx.serve import create_app
+
+    model = FlakyModel(load_model(bundles["float"], device="cpu"))
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        model.fail = True
+        failed = await asyncio.gather(
+            *(client.post("/v1/predict", content=image_bytes(i), headers=PNG) for i in range(3))
+        )
+        assert [r.status_code for r in failed] == [500] * 3
+        assert "simulated onnxruntime failure" in failed[0].json()["detail"]
+        model.fail = False
+        assert (await client.post("/v1/predict", content=image_bytes(1), headers=PNG)).status_code == 200
+
+    in_process(create_app(model=model, max_delay_ms=1), scenario)
+
+
+# -- the batcher alone ------------------------------------------------------------------
+
+
+def run_batcher(scenario, **options):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedx.serve.batcher import DynamicBatcher
+
+    calls: list[int] = []
+
+    def run_batch(batch):
+        calls.append(len(batch))
+        if (batch < 0).any():
+            raise RuntimeError("negative input")
+        return batch * 2
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = DynamicBatcher(run_batch, executor=pool, **options)
+            batcher.start()
+            try:
+                return await scenario(batcher)
+            finally:
+                await batcher.close()
+
+    return asyncio.run(main()), calls
+
+
+def test_batcher_respects_max_batch_and_returns_rows_in_order():
+    async def scenario(batcher):
+        futures = batcher.submit([np.full(2, i, dtype=np.float32) for i in range(10)])
+        return await asyncio.gather(*futures)
+
+    rows, calls = run_batcher(scenario, max_batch=4, max_delay_s=0.05)
+    assert [row[0] for row in rows] == [2 * i for i in range(10)]
+    assert calls == [4, 4, 2]
+
+
+def test_batcher_failure_hits_only_its_batch():
+    from embedx.serve.batcher import BatchFailedError
+
+    async def scenario(batcher):
+        bad = batcher.submit([np.full(2, -1.0), np.full(2, 1.0)])
+        with pytest.raises(BatchFailedError, match="negative input"):
+            await asyncio.gather(*bad)
+        good = batcher.submit([np.full(2, 3.0)])
+        return await asyncio.gather(*good)
+
+    rows, calls = run_batcher(scenario, max_batch=8, max_delay_s=0.01)
+    assert rows[0].tolist() == [6.0, 6.0]
+    assert calls == [2, 1]
+
+
+def test_batcher_queue_limit_and_cancelled_callers():
+    from embedx.serve.batcher import QueueFullError
+
+    async def scenario(batcher):
+        first = batcher.submit([np.zeros(2), np.zeros(2)])
+        with pytest.raises(QueueFullError):
+            batcher.submit([np.zeros(2)])  # all-or-nothing: 2 + 1 > 2
+        for future in first:
+            future.cancel()
+        await asyncio.sleep(0)
+        assert batcher.depth == 0
+        return await asyncio.gather(*batcher.submit([np.ones(2)]))
+
+    rows, calls = run_batcher(scenario, max_batch=8, max_delay_s=0.01, max_queue=2)
+    assert rows[0].tolist() == [2.0, 2.0]
+    assert calls == [1]  # the cancelled images never ran
+
+
+def test_batcher_close_runs_what_is_queued_without_waiting_for_the_delay():
+    async def scenario(batcher):
+        futures = batcher.submit([np.ones(2)])
+        start = time.monotonic()
+        await batcher.close()
+        return time.monotonic() - start, [f.result() for f in futures]
+
+    (seconds, rows), calls = run_batcher(scenario, max_batch=8, max_delay_s=60.0)
+    assert rows[0].tolist() == [2.0, 2.0] and calls == [1]
+    assert seconds < 30  # did not wait out the 60 s delay
+
+
+def test_serve_imports_no_torch(bundles, tmp_path):
+    code = (
+        "import sys; from embedx.serve import create_app; "
+        f"app = create_app({str(bundles['float'])!r}, device='cpu'); "
+        "bad = [m for m in ('torch', 'torchvision', 'h5py', 'sklearn') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout + result.stderr
