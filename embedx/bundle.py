@@ -47,7 +47,6 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
     """Write backbone + head + softmax as one ONNX file at ``output``; return its path."""
     import onnx
 
-    from embedx.heads import load_head
     from embedx.predict import read_head_json
 
     head_dir = Path(head_dir)
@@ -73,6 +72,8 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
                 f"file with sha256 {expected[:16]}…; re-extract the cache and refit the head with "
                 "the current export, or restore the original ONNX file"
             )
+    from embedx.heads import load_head
+
     head = load_head(head_dir)
     backbone_model = onnx.load(str(onnx_path))
     head_model = head.to_onnx()
@@ -232,9 +233,8 @@ def _opset(model: Any) -> int:
 
 def _same_versions(backbone: Any, head: Any) -> tuple[Any, Any]:
     """merge_models needs one IR version and one default-domain opset in both graphs."""
-    from onnx import version_converter
+    from onnx import helper, version_converter
 
-    ir_version = max(backbone.ir_version, head.ir_version)
     target = _opset(backbone)
     if _opset(head) != target:
         try:
@@ -249,7 +249,10 @@ def _same_versions(backbone: Any, head: Any) -> tuple[Any, Any]:
                     f"backbone (opset {_opset(backbone)}) and head (opset {_opset(head)}) "
                     f"cannot be brought to one opset: {e2}"
                 ) from e2
-    backbone.ir_version = head.ir_version = ir_version
+    # The backbone's IR version is one onnxruntime runs; a head made with onnx.helper may
+    # carry the newest one, which it does not need and onnxruntime may refuse.
+    needed = helper.find_min_ir_version_for(list(backbone.opset_import) + list(head.opset_import), True)
+    backbone.ir_version = head.ir_version = max(backbone.ir_version, needed)
     # Other domains (com.microsoft in quantized graphs) must also agree where both use them.
     head_domains = {e.domain: e for e in head.opset_import}
     for entry in backbone.opset_import:

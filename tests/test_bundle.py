@@ -1,0 +1,178 @@
+"""bundle: backbone + head + softmax(logits / T) in one ONNX file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from embedx import onnxmeta, preprocess
+from embedx.bundle import bundle, compose, save
+from embedx.errors import CacheMismatchError, HeadError, OnnxModelError
+from embedx.preprocess import PreprocessSpec
+from embedx.runtime import file_sha256
+from tests.bundle_fixtures import CLASSES, SPEC, make_bundle, tiny_backbone, tiny_head, write_images
+
+
+def session(model) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def two_stage(backbone, head_weight, head_bias, batch, temperature):
+    (features,) = session(backbone).run(["features"], {"input": batch})
+    return softmax(features @ head_weight + head_bias, temperature)
+
+
+@pytest.fixture(scope="module")
+def image_batch(tmp_path_factory) -> np.ndarray:
+    files = write_images(tmp_path_factory.mktemp("images"), 6)
+    return preprocess.load_batch(files, SPEC), files
+
+
+def test_compose_equals_backbone_then_head_then_softmax(image_batch):
+    batch, _ = image_batch
+    head, weight, bias = tiny_head()
+    model = compose(tiny_backbone(), head, classes=CLASSES, temperature=1.7, preprocess=SPEC)
+    probabilities, logits = session(model).run(["probabilities", "logits"], {"input": batch})
+    expected = two_stage(tiny_backbone(), weight, bias, batch, 1.7)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(softmax(logits, 1.7), expected, rtol=1e-5, atol=1e-6)
+    assert probabilities.shape == (6, 3)
+    assert [o.name for o in model.graph.output] == ["probabilities", "logits"]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_with_preprocess_takes_uint8_pixels_and_agrees(image_batch):
+    batch, files = image_batch
+    head, weight, bias = tiny_head()
+    model = compose(tiny_backbone(), head, classes=CLASSES, temperature=1.0, preprocess=SPEC, with_preprocess=True)
+    (graph_input,) = model.graph.input
+    assert graph_input.name == "image"
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]] == [16, 16, 3]
+    pixels = np.stack([preprocess.to_pixels(f, SPEC) for f in files])
+    (probabilities,) = session(model).run(["probabilities"], {"image": pixels})
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+    assert onnxmeta.from_proto(model)["input_format"] == "uint8_nhwc"
+
+
+def test_metadata_travels_with_the_bundle(tmp_path):
+    path = make_bundle(tmp_path / "sub" / "model.onnx", temperature=2.5)
+    meta = onnxmeta.read(path)
+    assert meta["kind"] == "bundle"
+    assert json.loads(meta["classes"]) == CLASSES
+    assert PreprocessSpec.from_json(meta["preprocess"]) == SPEC
+    assert float(meta["temperature"]) == 2.5
+    assert meta["input_format"] == "float_nchw"
+    assert meta["backbone"] == "tiny" and meta["weights"] == "none" and meta["feature_dim"] == "8"
+    assert meta["version"]
+    assert "parity" not in meta and "fingerprint" not in meta  # those described the backbone alone
+    assert not list(tmp_path.glob("sub/.*tmp*"))  # written atomically
+
+
+def test_head_of_another_opset_is_converted(image_batch):
+    batch, _ = image_batch
+    head, weight, bias = tiny_head(opset=13)
+    model = compose(tiny_backbone(opset=17), head, classes=CLASSES, temperature=1.0, preprocess=SPEC)
+    (probabilities,) = session(model).run(["probabilities"], {"input": batch})
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_head_names_never_clash_with_backbone_names(image_batch):
+    """Both graphs use the initializer name "W": the head's is prefixed, not merged."""
+    from onnx import helper, numpy_helper
+
+    batch, _ = image_batch
+    backbone = tiny_backbone()
+    backbone.graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype=np.float32), "W"))
+    node = helper.make_node("Mul", ["features_raw", "W"], ["features"])
+    backbone.graph.node[-1].output[0] = "features_raw"
+    backbone.graph.node.append(node)
+    head, weight, bias = tiny_head()
+    model = compose(backbone, head, classes=CLASSES, temperature=1.0, preprocess=SPEC)
+    (probabilities,) = session(model).run(["probabilities"], {"input": batch})
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_graph_names_are_refused():
+    head, _, _ = tiny_head()
+    backbone = tiny_backbone()
+    backbone.graph.output[0].name = "output"
+    with pytest.raises(OnnxModelError, match="backbone graph"):
+        compose(backbone, head, classes=CLASSES, temperature=1.0, preprocess=SPEC)
+    with pytest.raises(OnnxModelError, match="head graph"):
+        compose(tiny_backbone(), tiny_backbone(), classes=CLASSES, temperature=1.0, preprocess=SPEC)
+    with pytest.raises(HeadError, match="temperature"):
+        compose(tiny_backbone(), head, classes=CLASSES, temperature=0.0, preprocess=SPEC)
+
+
+def fake_head_dir(tmp_path: Path, backbone_path: Path, sha256: str) -> Path:
+    head_dir = tmp_path / "head"
+    head_dir.mkdir()
+    (head_dir / "head.json").write_text(json.dumps({
+        "schema_version": 1, "head_type": "logreg", "classes": CLASSES, "feature_dim": 8, "temperature": 1.0,
+        "cache": {"backbone": "tiny", "onnx_path": str(backbone_path), "onnx_sha256": sha256,
+                  "preprocess": SPEC.to_dict(), "feature_dim": 8},
+    }))
+    return head_dir
+
+
+def test_bundle_refuses_a_changed_backbone_file(tmp_path):
+    backbone_path = tmp_path / "backbone.onnx"
+    onnx.save(tiny_backbone(), backbone_path)
+    head_dir = fake_head_dir(tmp_path, backbone_path, sha256="0" * 64)
+    with pytest.raises(CacheMismatchError, match="sha256"):
+        bundle(head_dir, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_bundle_refuses_a_missing_backbone_file_or_head_json(tmp_path):
+    head_dir = fake_head_dir(tmp_path, tmp_path / "gone.onnx", sha256="0" * 64)
+    with pytest.raises(OnnxModelError, match="missing"):
+        bundle(head_dir, tmp_path / "model.onnx")
+    with pytest.raises(HeadError, match="head.json"):
+        bundle(tmp_path, tmp_path / "model.onnx")
+
+
+# -- the real ImageNet classifier as a backbone (quantized graph, com.microsoft ops) ------
+
+
+@pytest.mark.slow
+def test_compose_with_the_real_int8_mobilenet(mobilenet_int8_onnx, hymenoptera, tmp_path):
+    """mobilenetv2-12-int8's 1000 logits as "features", an identity head, T = 2."""
+    from onnx import helper
+
+    imagenet = PreprocessSpec()
+    backbone = onnx.load(str(mobilenet_int8_onnx))
+    for node in backbone.graph.node:
+        node.output[:] = ["features" if name == "output" else name for name in node.output]
+    backbone.graph.output[0].name = "features"
+    head = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["features"], ["logits"])], "identity",
+            [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["N", 1000])],
+            [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1000])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    classes = [f"imagenet_{i}" for i in range(1000)]
+    model = compose(backbone, head, classes=classes, temperature=2.0, preprocess=imagenet, with_preprocess=True)
+    path = save(model, tmp_path / "mobilenet-bundle.onnx")
+    files = sorted((hymenoptera / "val" / "ants").iterdir())[:4]
+    pixels = np.stack([preprocess.to_pixels(f, imagenet) for f in files])
+    (probabilities,) = session(path).run(["probabilities"], {"image": pixels})
+    (logits,) = session(mobilenet_int8_onnx).run(["output"], {"input": preprocess.load_batch(files, imagenet)})
+    np.testing.assert_allclose(probabilities, softmax(logits, 2.0), rtol=1e-4, atol=1e-5)
+    assert file_sha256(path) == file_sha256(path)  # readable, complete
