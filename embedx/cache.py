@@ -452,6 +452,8 @@ class CacheWriter:
                 "wait for it to finish or write to another file with -o"
             ) from e
         self._lock = lock
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)  # a finalize that was killed (we hold the lock)
         try:
             self._open_base()
             self._open_journal()
