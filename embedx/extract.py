@@ -309,7 +309,7 @@ def extract(
         weights_tag=exported.weights_tag,
         weights_arg=str(getattr(exported, "weights_arg", weights)),
         onnx_path=str(Path(exported.path).resolve()),
-        onnx_sha256=sha256_file(exported.path),
+        onnx_sha256=getattr(exported, "sha256", "") or sha256_file(exported.path),
         feature_layer=str(exported.feature_layer),
         feature_dim=int(exported.feature_dim),
         preprocess=spec.to_dict(),

@@ -51,28 +51,8 @@ def tiny_onnx(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def backbone(tiny_onnx, monkeypatch) -> str:
-    """The tiny ONNX as a backbone; a stand-in for export.resolve_backbone until it exists."""
-    try:
-        import embedx.export  # noqa: F401
-    except ImportError:
-        import sys
-        import types
-        from dataclasses import dataclass
-
-        @dataclass(frozen=True)
-        class _Export:
-            path: Path
-            backbone: str = "onnx:tiny.onnx"
-            weights_tag: str = "none"
-            weights_arg: str = "none"
-            feature_layer: str = "features"
-            feature_dim: int = TINY_DIM
-            preprocess: PreprocessSpec = TINY_SPEC
-
-        module = types.ModuleType("embedx.export")
-        module.resolve_backbone = lambda backbone, *, weights="DEFAULT", layer=None: _Export(Path(backbone))
-        monkeypatch.setitem(sys.modules, "embedx.export", module)
+def backbone(tiny_onnx) -> str:
+    """The tiny ONNX file as a backbone (export.prepare_onnx takes its preprocessing from the metadata)."""
     return str(tiny_onnx)
 
 

@@ -16,39 +16,8 @@ import pytest
 from embedx.cache import journal_dir, read_cache
 from tests.test_extract import _build_tiny_onnx, write_image
 
-REPO = Path(__file__).resolve().parent.parent
 N_IMAGES = 150
 BATCH = 8
-
-#: Runs the CLI; where embedx.export has not landed yet, the tests' stand-in replaces it.
-DRIVER = """
-import sys
-sys.path.insert(0, {repo!r})
-try:
-    import embedx.export
-except ImportError:
-    import types
-    from dataclasses import dataclass
-    from pathlib import Path
-    from tests.test_extract import TINY_DIM, TINY_SPEC
-
-    @dataclass(frozen=True)
-    class _Export:
-        path: Path
-        backbone: str = "onnx:tiny.onnx"
-        weights_tag: str = "none"
-        weights_arg: str = "none"
-        feature_layer: str = "features"
-        feature_dim: int = TINY_DIM
-        preprocess: object = TINY_SPEC
-
-    module = types.ModuleType("embedx.export")
-    module.resolve_backbone = lambda backbone, *, weights="DEFAULT", layer=None: _Export(Path(backbone))
-    sys.modules["embedx.export"] = module
-from embedx.cli.main import cli
-cli(sys.argv[1:], prog_name="embedx")
-"""
-
 
 def make_data(root: Path) -> Path:
     for i in range(N_IMAGES):
@@ -60,7 +29,7 @@ def make_data(root: Path) -> Path:
 
 
 def command(data: Path, onnx: Path, output: Path, workers: int) -> list[str]:
-    return [sys.executable, "-c", DRIVER.format(repo=str(REPO)), "extract", "--backbone", str(onnx), str(data),
+    return [sys.executable, "-m", "embedx", "extract", "--backbone", str(onnx), str(data),
             "-o", str(output), "--batch-size", str(BATCH), "--workers", str(workers), "--dtype", "float32",
             "--device", "cpu", "--threads", "1", "-q"]
 
