@@ -1,0 +1,348 @@
+"""serve-onnx under load: dynamic batching on vs off, and a malformed-traffic soak.
+
+The server runs as its own process (``python -m embedx serve-onnx``) on a loopback
+port; the client is httpx's async client, one task per simulated client.  Every
+request posts one real JPEG (hymenoptera, or generated images where absent).
+
+1. Throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, with batching
+   on (``--max-batch 32 --max-delay-ms 5``) and off (``--max-batch 1``), same run.
+2. A soak of 10,000 requests (1,000 with ``--quick``) at 32 clients, 5% malformed
+   (truncated JPEG, random bytes, empty body, wrong content type, bad base64, too
+   large): counts 5xx (must be 0) and malformed answers that are not 4xx (must be 0).
+3. Server RSS after warm-up and after each phase (memory must stay flat).
+
+    python bench/serve.py [--quick] [--model bundle.onnx] [--backbone efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.common import HYMENOPTERA, markdown_table, write_result  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+MODES = {"on": ["--max-batch", "32", "--max-delay-ms", "5"], "off": ["--max-batch", "1"]}
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+def build_bundle(backbone: str, weights: str, folder: Path) -> Path:
+    """Export ``backbone`` and put a random 2-class linear head on it (serving cost is the
+    backbone's; the head's weights do not matter here)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from embedx.bundle import compose, save
+    from embedx.export import export_backbone
+    from embedx.preprocess import PreprocessSpec
+
+    exported = export_backbone(backbone, weights=weights)
+    dim = exported.feature_dim
+    rng = np.random.default_rng(0)
+    head = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Gemm", ["features", "W", "b"], ["logits"])],
+            "bench_head",
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+            [numpy_helper.from_array(rng.normal(0, 0.05, (dim, 2)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "b")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    spec = exported.preprocess
+    spec = spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
+    model = compose(onnx.load(str(exported.path)), head, classes=["ants", "bees"], temperature=1.0,
+                    preprocess=spec, metadata={"backbone": backbone, "weights": exported.weights_tag})
+    return save(model, folder / f"{backbone}-bench.onnx")
+
+
+# -- the payloads ---------------------------------------------------------------------
+
+
+def good_images(limit: int) -> list[bytes]:
+    files = sorted(p for p in (HYMENOPTERA / "val").rglob("*.jpg"))[:limit] if HYMENOPTERA.is_dir() else []
+    if files:
+        return [p.read_bytes() for p in files]
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(limit):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
+        out.append(buffer.getvalue())
+    return out
+
+
+def malformed_requests(image: bytes, max_body: int) -> list[dict]:
+    """One request of each malformed kind: (httpx kwargs, kind)."""
+    return [
+        {"kind": "truncated_jpeg", "content": image[: len(image) // 3], "headers": {"content-type": "image/jpeg"}},
+        {"kind": "random_bytes", "content": os.urandom(2048), "headers": {"content-type": "image/jpeg"}},
+        {"kind": "empty_body", "content": b"", "headers": {"content-type": "image/jpeg"}},
+        {"kind": "wrong_content_type", "content": b"hello", "headers": {"content-type": "text/plain"}},
+        {"kind": "bad_base64", "json": {"images": ["@@not base64@@"]}},
+        {"kind": "not_an_image_in_json", "json": {"image": base64.b64encode(b"GIF89a broken").decode()}},
+        {"kind": "too_large", "content": b"\xff\xd8" + bytes(max_body + 10), "headers": {"content-type": "image/jpeg"}},
+    ]
+
+
+# -- the server -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, options: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "embedx", "serve-onnx", str(model), "--port", str(self.port),
+                   "--log-level", "warning", *options]
+        self.handle = open(log, "wb")
+        self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def batches(self) -> tuple[float, float]:
+        """(ORT calls, images) so far, from /metrics."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {}
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics").text):
+            for sample in family.samples:
+                values[sample.name] = sample.value
+        return values.get("embedx_batch_size_count", 0.0), values.get("embedx_batch_size_sum", 0.0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.handle.close()
+
+
+# -- the client -----------------------------------------------------------------------
+
+
+async def load(url: str, requests: list[dict], concurrency: int, time_limit: float) -> dict:
+    """Send ``requests`` from ``concurrency`` clients; latencies and statuses per request."""
+    import httpx
+
+    results: list[tuple[str, int, float]] = []
+    cursor = iter(range(len(requests)))
+    stop_at = time.perf_counter() + time_limit
+
+    async def client_task(client: httpx.AsyncClient) -> None:
+        for index in cursor:
+            if time.perf_counter() > stop_at:
+                return
+            request = dict(requests[index])
+            kind = request.pop("kind", "good")
+            start = time.perf_counter()
+            try:
+                response = await client.post(url + "/v1/predict", **request)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0  # transport failure: counted apart from HTTP statuses
+            results.append((kind, status, time.perf_counter() - start))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_task(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies = sorted(seconds for kind, status, seconds in results if kind == "good" and status == 200)
+    statuses: dict[str, int] = {}
+    for _, status, _ in results:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {
+        "requests": len(results),
+        "seconds": wall,
+        "throughput_rps": len(results) / wall if wall else 0.0,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "statuses": statuses,
+        "results": results,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else values[-1]
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small counts (about a minute)")
+    parser.add_argument("--out", default=None, help="JSON result path (default bench/results/serve.json)")
+    parser.add_argument("--model", type=Path, default=None, help="a bundle to serve (default: build one)")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default="DEFAULT")
+    parser.add_argument("--soak", type=int, default=None, help="requests in the malformed soak (10000; quick 1000)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds per load level at most")
+    args = parser.parse_args()
+
+    per_client = 6 if args.quick else 25
+    soak_count = args.soak or (1000 if args.quick else 10_000)
+    time_limit = args.time_limit or (30.0 if args.quick else 120.0)
+    workdir = Path(tempfile.mkdtemp(prefix="embedx-bench-serve-"))
+    model = args.model or build_bundle(args.backbone, args.weights, workdir)
+    images = good_images(64)
+    good = [{"content": image, "headers": {"content-type": "image/jpeg"}} for image in images]
+    print(f"model {model}; {len(images)} images, mean {statistics.mean(map(len, images)) / 1024:.0f} KiB", file=sys.stderr)
+
+    rows, memory = [], []
+    soak = None
+    for mode, options in MODES.items():
+        extra = ["--device", "cpu", "--max-body-mb", "2", "--max-queue", "512"]
+        server = ServerProcess(model, [*options, *extra], workdir / f"server-{mode}.log")
+        try:
+            server.wait_ready()
+            asyncio.run(load(server.url, good[:8], 4, time_limit))  # warm connections and caches
+            memory.append({"mode": mode, "phase": "after warm-up", "rss_mb": server.rss_mb()})
+            for concurrency in CONCURRENCY:
+                count = max(per_client * concurrency, 30 if args.quick else 100)
+                requests = [good[i % len(good)] for i in range(count)]
+                calls_before, images_before = server.batches()
+                result = asyncio.run(load(server.url, requests, concurrency, time_limit))
+                result.pop("results")
+                calls, images_done = server.batches()
+                mean_batch = (images_done - images_before) / max(calls - calls_before, 1)
+                row = {"batching": mode, "concurrency": concurrency, **result, "mean_batch": mean_batch}
+                rows.append(row)
+                print(f"batching {mode:3} clients {concurrency:2}: {row['throughput_rps']:.1f} req/s, "
+                      f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, mean batch {mean_batch:.1f}, "
+                      f"{row['statuses']}", file=sys.stderr)
+            memory.append({"mode": mode, "phase": "after load", "rss_mb": server.rss_mb()})
+            if mode == "on":
+                soak = run_soak(server, good, soak_count, time_limit * 4)
+                memory.append({"mode": mode, "phase": "after soak", "rss_mb": server.rss_mb()})
+        finally:
+            server.stop()
+
+    def at(mode: str, concurrency: int) -> dict:
+        return next(r for r in rows if r["batching"] == mode and r["concurrency"] == concurrency)
+
+    ratio = at("on", 32)["throughput_rps"] / at("off", 32)["throughput_rps"]
+    rss = [m["rss_mb"] for m in memory if m["mode"] == "on"]
+    summary = [
+        {"what": "req/s at 32 clients, batching off vs on", "baseline": f"{at('off', 32)['throughput_rps']:.1f}",
+         "embedx": f"{at('on', 32)['throughput_rps']:.1f}", "ratio": ratio},
+        {"what": "p99 ms at 32 clients, batching off vs on", "baseline": f"{at('off', 32)['p99_ms']:.0f}",
+         "embedx": f"{at('on', 32)['p99_ms']:.0f}", "ratio": at("off", 32)["p99_ms"] / at("on", 32)["p99_ms"]},
+        {"what": f"soak {soak['requests']} req, {soak['malformed']} malformed: 5xx / malformed not 4xx",
+         "baseline": "0 / 0", "embedx": f"{soak['5xx']} / {soak['malformed_not_4xx']}", "ratio": None},
+        {"what": "server RSS MB after warm-up -> after soak", "baseline": f"{rss[0]:.0f}",
+         "embedx": f"{rss[-1]:.0f}", "ratio": None},
+    ]
+    table = markdown_table(rows, ["batching", "concurrency", "requests", "throughput_rps", "p50_ms", "p99_ms", "mean_batch"])
+    print(table, file=sys.stderr)
+    print(f"batching speed-up at 32 clients: {ratio:.2f}x; soak: {soak}; memory: {memory}", file=sys.stderr)
+    path = write_result("serve", {
+        "quick": args.quick, "model": str(model), "backbone": args.backbone, "weights": args.weights,
+        "modes": MODES, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
+        "speedup_32": ratio, "table": table,
+    }, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    if soak["5xx"] or soak["malformed_not_4xx"]:
+        sys.exit(1)
+
+
+def run_soak(server: ServerProcess, good: list[dict], count: int, time_limit: float) -> dict:
+    rng = random.Random(0)
+    bad = malformed_requests(good[0]["content"], 2 * 1024 * 1024)
+    requests = [rng.choice(bad) if rng.random() < 0.05 else good[i % len(good)] for i in range(count)]
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample_rss() -> None:  # once a second while the soak runs
+        while not done.wait(1.0):
+            samples.append(server.rss_mb())
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    try:
+        result = asyncio.run(load(server.url, requests, 32, time_limit))
+    finally:
+        done.set()
+        sampler.join()
+    outcomes = result.pop("results")
+    malformed = [(kind, status) for kind, status, _ in outcomes if kind != "good"]
+    by_kind: dict[str, dict[str, int]] = {}
+    for kind, status in malformed:
+        by_kind.setdefault(kind, {}).setdefault(str(status), 0)
+        by_kind[kind][str(status)] += 1
+    soak = {
+        "requests": result["requests"],
+        "malformed": len(malformed),
+        "5xx": sum(1 for _, status, _ in outcomes if status >= 500),
+        "transport_errors": sum(1 for _, status, _ in outcomes if status == 0),
+        "malformed_not_4xx": sum(1 for _, status in malformed if not 400 <= status < 500),
+        "good_not_200": sum(1 for kind, status, _ in outcomes if kind == "good" and status != 200),
+        "malformed_by_kind": by_kind,
+        "throughput_rps": result["throughput_rps"],
+        "p99_ms": result["p99_ms"],
+        "statuses": result["statuses"],
+        # RSS at 10%, 50% and 100% of the soak: flat once ORT has seen every batch size
+        "rss_mb_at_10_50_100_pct": [samples[int(f * (len(samples) - 1))] for f in (0.1, 0.5, 1.0)] if samples else [],
+    }
+    print(f"soak: {soak}", file=sys.stderr)
+    return soak
+
+
+if __name__ == "__main__":
+    main()
