@@ -1,0 +1,362 @@
+"""The contract every head follows, saving/loading, and ONNX graph helpers.
+
+scikit-learn style: ``__init__`` stores parameters only; ``fit`` validates, learns
+state whose names end in ``_`` and returns ``self``.  Inference (``logits``,
+``predict_proba``, ``predict``) is numpy only, and so is ``load_head``: torch is
+imported inside the training code of the torch heads and nowhere else.
+
+A saved head is a directory: ``head.json`` (schema below, written last) and
+``weights.safetensors`` (numpy arrays, no pickle), plus the PNGs ``fit_head``
+draws.  ``predict_proba`` returns ``softmax(logits / temperature_)``, the same
+numbers a bundle computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from embedx import __version__
+from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+HEAD_JSON = "head.json"
+WEIGHTS_FILE = "weights.safetensors"
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 8
+#: Registry of head types: name -> class (filled by ``register``).
+HEAD_TYPES: dict[str, type[Head]] = {}
+
+
+def register(cls: type[Head]) -> type[Head]:
+    HEAD_TYPES[cls.head_type] = cls
+    return cls
+
+
+def as_features(X: Any, *, what: str = "features") -> np.ndarray:
+    """A C-contiguous float32 (N, D) array from anything array-like (float16 included)."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise FeatureMismatchError(f"expected {what} as a 2-d array (samples x features), got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number):
+        raise FeatureMismatchError(f"expected numeric {what}, got dtype {X.dtype}")
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+class Head:
+    """Base class: shared validation, probabilities, save/load. Subclasses implement
+    ``_fit(X, y, X_val, y_val, sample_weight)`` (y as class indices), ``_logits(X)``,
+    ``_arrays()``/``_set_arrays()`` and ``_onnx_nodes()``."""
+
+    head_type: ClassVar[str] = ""
+
+    # -- parameters (scikit-learn style)
+
+    def get_params(self) -> dict[str, Any]:
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def set_params(self, **params: Any) -> Head:
+        valid = self.get_params()
+        for key, value in params.items():
+            if key not in valid:
+                raise HeadError(f"{self.head_type} head has no parameter {key!r}; valid: {sorted(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- fitting
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        X_val: Any = None,
+        y_val: Any = None,
+        sample_weight: Any = None,
+    ) -> Head:
+        """Learn from features ``X`` (N, D) and labels ``y`` (any hashable values).
+
+        ``X_val``/``y_val`` choose the regularization (heads with an automatic
+        sweep), drive early stopping and fit the calibration temperature.
+        """
+        start = time.perf_counter()
+        X = as_features(X)
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(X):
+            raise HeadError(f"expected one label per row: {len(X)} rows but labels of shape {y.shape}")
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise HeadError(f"a classifier needs at least 2 classes in the training data, found {classes.tolist()}")
+        y_index = np.searchsorted(classes, y)
+        weights = self._sample_weights(y_index, len(classes), sample_weight)
+        if not np.all(np.isfinite(X)):
+            raise HeadError("training features contain NaN or inf; re-extract the cache")
+        val = None
+        if X_val is not None or y_val is not None:
+            if X_val is None or y_val is None:
+                raise HeadError("pass both X_val and y_val, or neither")
+            val = self._validation(as_features(X_val, what="validation features"), np.asarray(y_val), classes, X.shape[1])
+        self.classes_ = classes
+        self.feature_dim_ = int(X.shape[1])
+        self.n_train_ = int(len(X))
+        self.temperature_ = 1.0
+        self.chosen_params_: dict[str, Any] = {}
+        self.sweep_: list[dict[str, Any]] = []
+        self._fit(X, y_index, val, weights)
+        if val is not None and len(val[1]):
+            from embedx.metrics import fit_temperature
+
+            self.temperature_ = fit_temperature(self._logits(val[0]), val[1])
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def _validation(self, X_val: np.ndarray, y_val: np.ndarray, classes: np.ndarray, dim: int):
+        if X_val.shape[1] != dim:
+            raise FeatureMismatchError(f"validation features have {X_val.shape[1]} dims, training features {dim}")
+        if len(y_val) != len(X_val):
+            raise HeadError(f"expected one validation label per row: {len(X_val)} rows, {len(y_val)} labels")
+        known = np.isin(y_val, classes)
+        if not known.all():
+            logger.warning("%d validation rows have classes absent from training; ignoring them", int((~known).sum()))
+        return X_val[known], np.searchsorted(classes, y_val[known])
+
+    def _sample_weights(self, y_index: np.ndarray, n_classes: int, sample_weight: Any) -> np.ndarray | None:
+        weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if weights is not None and weights.shape != y_index.shape:
+            raise HeadError(f"expected one sample weight per row ({len(y_index)}), got shape {weights.shape}")
+        class_weight = getattr(self, "class_weight", None)
+        if class_weight is None:
+            return weights
+        if class_weight != "balanced":
+            raise HeadError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+        counts = np.bincount(y_index, minlength=n_classes).astype(np.float64)
+        balanced = len(y_index) / (n_classes * counts[y_index])
+        return balanced if weights is None else weights * balanced
+
+    def _fit(self, X, y, val, sample_weight) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- inference (numpy only)
+
+    def _check(self, X: Any) -> np.ndarray:
+        if not hasattr(self, "classes_"):
+            raise NotFittedError(f"this {self.head_type} head is not fitted yet; call fit(X, y) or load_head(dir) first")
+        X = as_features(X)
+        if X.shape[1] != self.feature_dim_:
+            raise FeatureMismatchError(
+                f"expected features of dimension {self.feature_dim_} (what this head was trained on), "
+                f"got {X.shape[1]}; extract features with the head's backbone (see head.json 'cache')"
+            )
+        return X
+
+    def logits(self, X: Any) -> np.ndarray:
+        """Raw class scores (N, C), before temperature scaling."""
+        return self._logits(self._check(X)).astype(np.float32, copy=False)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """``softmax(logits / temperature_)``: calibrated probabilities, rows sum to 1."""
+        from embedx.metrics import softmax
+
+        return softmax(self.logits(X), self.temperature_)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.logits(X), axis=1)]
+
+    # -- saving
+
+    def _arrays(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The head.json fields this head knows about itself (fit_head adds cache and metrics)."""
+        self._check(np.zeros((1, getattr(self, "feature_dim_", 1)), dtype=np.float32))
+        params = {**self.get_params(), **self.chosen_params_}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "embedx_version": __version__,
+            "head_type": self.head_type,
+            "params": _jsonable(params),
+            "init_params": _jsonable(self.get_params()),
+            "classes": _jsonable(self.classes_.tolist()),
+            "feature_dim": self.feature_dim_,
+            "temperature": float(self.temperature_),
+            "weights_file": WEIGHTS_FILE,
+            "n_train": self.n_train_,
+            "sweep": _jsonable(self.sweep_),
+            "fit_seconds": float(getattr(self, "fit_seconds_", 0.0)),
+        }
+
+    def save(self, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``weights.safetensors`` then ``head.json`` (last, so a head.json means a whole head)."""
+        from safetensors.numpy import save_file
+
+        info = {**self.summary(), **(extra or {})}
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
+        _replace_atomically(directory / WEIGHTS_FILE, lambda p: save_file(arrays, str(p), metadata={"format": "embedx-head"}))
+        text = json.dumps(info, indent=2, sort_keys=False) + "\n"
+        _replace_atomically(directory / HEAD_JSON, lambda p: p.write_text(text))
+        logger.info("saved %s head to %s", self.head_type, directory)
+        return directory
+
+    # -- ONNX
+
+    def _onnx_nodes(self, builder: GraphBuilder, features: str) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_onnx(self) -> Any:
+        """An ``onnx.ModelProto``: input ``"features"`` (N, D) float32 -> output ``"logits"`` (N, C)."""
+        import onnx
+
+        self._check(np.zeros((1, getattr(self, "feature_dim_", 1)), dtype=np.float32))
+        builder = GraphBuilder()
+        out = self._onnx_nodes(builder, "features")
+        builder.node("Identity", [out], ["logits"])
+        model = builder.model(self.feature_dim_, len(self.classes_), name=f"embedx_{self.head_type}_head")
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+class GraphBuilder:
+    """A few lines over ``onnx.helper`` so head graphs read like their numpy code."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._count = 0
+
+    def const(self, name: str, value: Any, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(value, dtype=dtype)), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        self._count += 1
+        outputs = outputs or [f"{op.lower()}_{self._count}"]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{self._count}", **attrs))
+        return outputs[0]
+
+    def standardize(self, features: str, mean: np.ndarray, scale: np.ndarray) -> str:
+        """(x - mean) / scale, the same two operations the numpy path does."""
+        centered = self.node("Sub", [features, self.const("mean", mean)])
+        return self.node("Div", [centered, self.const("scale", scale)])
+
+    def model(self, feature_dim: int, n_classes: int, *, name: str) -> Any:
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", feature_dim])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", n_classes])],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="embedx"
+        )
+        model.ir_version = ONNX_IR_VERSION
+        return model
+
+
+def standardizer(X: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale (std, with constant features left at scale 1)."""
+    X64 = X.astype(np.float64, copy=False) if X.dtype != np.float64 else X
+    mean = np.average(X64, axis=0, weights=sample_weight) if sample_weight is not None else X64.mean(axis=0)
+    std = X64.std(axis=0) if sample_weight is None else np.sqrt(np.average((X64 - mean) ** 2, axis=0, weights=sample_weight))
+    scale = np.where(std > 1e-6 * max(float(np.max(std, initial=0.0)), 1e-12), std, 1.0)
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (X - mean) / scale
+
+
+def load_head(directory: str | Path) -> Head:
+    """A saved head, ready for ``predict_proba`` (torch-free)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    path = directory / HEAD_JSON
+    if not path.is_file():
+        raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HeadError(f"{path} is not valid JSON ({e}); refit the head with `embedx fit-head`") from e
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise HeadError(
+            f"{path} has head schema_version {version!r} (written by embedx {info.get('embedx_version', '?')}) "
+            f"but this embedx {__version__} reads schema_version {SCHEMA_VERSION}; refit the head with "
+            f"`embedx fit-head` or use the embedx version that wrote it"
+        )
+    head_type = info.get("head_type")
+    if head_type not in HEAD_TYPES:
+        raise HeadError(f"{path} names head type {head_type!r}; known types: {sorted(HEAD_TYPES)}")
+    weights_path = directory / info.get("weights_file", WEIGHTS_FILE)
+    try:
+        arrays = load_file(str(weights_path))
+    except (OSError, SafetensorError) as e:
+        raise HeadError(f"cannot read the head weights {weights_path}: {e}; refit the head") from e
+    cls = HEAD_TYPES[head_type]
+    head = cls(**info.get("init_params", {}))
+    head.classes_ = np.asarray(info["classes"])
+    head.feature_dim_ = int(info["feature_dim"])
+    head.temperature_ = float(info.get("temperature", 1.0))
+    head.n_train_ = int(info.get("n_train", 0))
+    head.sweep_ = info.get("sweep", [])
+    head.fit_seconds_ = float(info.get("fit_seconds", 0.0))
+    head.chosen_params_ = {k: v for k, v in info.get("params", {}).items() if info.get("init_params", {}).get(k) != v}
+    head.info_ = info
+    try:
+        head._set_arrays(arrays)
+    except KeyError as e:
+        raise HeadError(f"{weights_path} lacks the array {e} a {head_type} head needs; refit the head") from e
+    return head
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

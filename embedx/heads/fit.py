@@ -1,0 +1,276 @@
+"""``fit_head`` (cache -> head directory) and ``evaluate`` (head + another cache -> metrics).
+
+Splits come from the cache: ``train`` trains, ``val`` chooses the regularization,
+fits the temperature and is reported, ``test`` is only reported.  A cache without
+val rows gets a stable hash split of its train rows by content key (20%, the same
+on every run, see ``embedx.data.split_for_key``), and the metrics say so in
+``val_source``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedx import paths
+from embedx.errors import ConfigError, FeatureMismatchError, HeadError
+from embedx.heads.base import HEAD_TYPES, Head, load_head
+from embedx.heads.linear import fixed_params, holdout_split
+from embedx.progress import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEAD = "logreg"
+VAL_FRACTION = 0.2
+CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
+#: Heads that train with a loss and can smooth their labels.
+SMOOTHING_HEADS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    head: Head
+    metrics: dict[str, Any]
+    output_dir: Path
+    fit_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary ``embedx fit-head --json`` prints (one JSON object)."""
+        val = self.metrics.get("val", {})
+        return {
+            "head_type": self.head.head_type,
+            "output_dir": str(self.output_dir),
+            "val_accuracy": val.get("accuracy"),
+            "val_source": self.metrics.get("val_source"),
+            "fit_seconds": self.fit_seconds,
+            "params": {**self.head.get_params(), **self.head.chosen_params_},
+            "temperature": float(self.head.temperature_),
+            "classes": [str(c) for c in self.head.classes_],
+            "plots": {
+                "confusion_matrix": str(self.output_dir / CONFUSION_PNG),
+                "reliability": str(self.output_dir / RELIABILITY_PNG),
+            },
+            "metrics": self.metrics,
+        }
+
+
+def make_head(name: str = DEFAULT_HEAD, **params: Any) -> Head:
+    """A new, unfitted head of type ``name`` ("logreg", "linear", "mlp", "knn")."""
+    if name not in HEAD_TYPES:
+        raise ConfigError(f"unknown head type {name!r}; choose one of {sorted(HEAD_TYPES)}")
+    cls = HEAD_TYPES[name]
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ConfigError(f"invalid parameters for the {name} head: {e}") from e
+
+
+def _read(cache: Any):
+    if isinstance(cache, (str, Path)):
+        from embedx.cache import read_cache
+
+        return read_cache(cache)
+    for attribute in ("features", "labels", "classes", "splits", "keys", "meta"):
+        if not hasattr(cache, attribute):
+            raise ConfigError(f"expected a cache path or CacheData, got {type(cache).__name__} without .{attribute}")
+    return cache
+
+
+def _cache_record(data) -> dict[str, Any]:
+    meta = data.meta
+    record = dict(meta.to_dict())
+    record["fingerprint"] = meta.fingerprint
+    record["path"] = str(getattr(data, "path", ""))
+    return record
+
+
+def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    splits = np.asarray(data.splits).astype(str)
+    train = np.flatnonzero(splits == "train")
+    val = np.flatnonzero(splits == "val")
+    test = np.flatnonzero(splits == "test")
+    if len(train) == 0:
+        raise HeadError(
+            f"cache {getattr(data, 'path', '')} has no rows in split 'train' (splits found: "
+            f"{sorted(set(splits.tolist()))}); extract a data set with a train split"
+        )
+    if len(val):
+        return train, val, test, "val split of the cache"
+    from embedx.data import split_for_key
+
+    keys = np.asarray(data.keys).astype(str)
+    in_val = np.asarray([split_for_key(k, VAL_FRACTION) == "val" for k in keys[train]], dtype=bool)
+    labels = np.asarray(data.labels)
+    if in_val.any() and len(np.unique(labels[train[~in_val]])) == len(np.unique(labels[train])):
+        return train[~in_val], train[in_val], test, f"hash split of train ({VAL_FRACTION:.0%} by content key)"
+    # Too few rows for the hash split to leave every class in train: seeded stratified holdout.
+    keep, held = holdout_split(len(train), labels[train], seed, VAL_FRACTION)
+    if len(held) == 0:
+        raise HeadError(f"only {len(train)} training rows: too few to hold any out for validation; add images")
+    return train[keep], train[held], test, f"seeded stratified holdout of train ({VAL_FRACTION:.0%})"
+
+
+def _head_params(head: str, *, class_weight, seed, label_smoothing, params) -> dict[str, Any]:
+    values: dict[str, Any] = {"class_weight": class_weight, "seed": seed}
+    if label_smoothing:
+        if head not in SMOOTHING_HEADS:
+            raise ConfigError(f"label smoothing applies to the {' and '.join(SMOOTHING_HEADS)} heads, not {head!r}")
+        values["label_smoothing"] = float(label_smoothing)
+    values.update(params or {})
+    return values
+
+
+def head_metrics(head: Head, X: np.ndarray, y_names: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics of ``head`` on rows whose class it knows, plus (labels, logits) used."""
+    from embedx.metrics import classification_metrics
+
+    known = np.isin(y_names, head.classes_)
+    y_index = np.searchsorted(head.classes_, y_names[known])
+    logits = head.logits(X[known])
+    metrics = classification_metrics(y_index, logits, class_names=[str(c) for c in head.classes_],
+                                     temperature=head.temperature_)
+    if not known.all():
+        metrics["skipped_unknown_class"] = int((~known).sum())
+    return metrics, y_index, logits
+
+
+def fit_head(
+    cache: Any,
+    *,
+    head: str = DEFAULT_HEAD,
+    output: str | Path | None = None,
+    refit: bool = False,
+    class_weight: str | None = None,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    params: dict[str, Any] | None = None,
+    plots: bool = True,
+    progress: ProgressCallback | None = None,
+) -> FitResult:
+    """Train a head on a cache (path or ``CacheData``) and write its directory.
+
+    ``refit``: after choosing hyperparameters on val, train again on train+val with
+    them (val metrics and the temperature stay those of the model before the refit).
+    """
+    from embedx.metrics import plot_confusion_matrix, plot_reliability
+
+    start = time.perf_counter()
+    if class_weight not in (None, "balanced"):
+        raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    steps_total = 4 + int(refit)
+
+    def report(done: int, stage: str) -> None:
+        if progress is not None:
+            progress(done, steps_total, {"stage": stage})
+
+    data = _read(cache)
+    names = np.asarray(data.classes, dtype=str)
+    labels = np.asarray(data.labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise HeadError(f"cache labels must index its {len(names)} classes; found labels {labels.min()}..{labels.max()}")
+    y_names = names[labels]
+    train, val, test, val_source = _split_rows(data, seed)
+    features = data.features
+    values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
+    model = make_head(head, **values)
+    report(0, "fit")
+    model.fit(features[train], y_names[train], X_val=features[val], y_val=y_names[val])
+    report(1, "metrics")
+    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
+    metrics["val"], val_y, val_logits = head_metrics(model, features[val], y_names[val])
+    final = model
+    if refit:
+        report(2, "refit on train+val")
+        rows = np.concatenate([train, val])
+        final = make_head(head, **fixed_params(model)).fit(features[rows], y_names[rows])
+        final.temperature_ = model.temperature_
+        final.chosen_params_ = {**model.chosen_params_, "refit": "train+val"}
+        final.sweep_ = model.sweep_
+        metrics["refit"] = True
+        metrics["note"] = "val metrics and temperature are from the model before the refit on train+val"
+    if len(test):
+        metrics["test"], _, _ = head_metrics(final, features[test], y_names[test])
+    fit_seconds = time.perf_counter() - start
+    final.fit_seconds_ = fit_seconds
+    output_dir = Path(output) if output is not None else default_output(data, head)
+    report(steps_total - 2, "save")
+    extra = {"cache": _cache_record(data), "metrics": metrics, "fit_seconds": fit_seconds, "val_source": val_source}
+    final.save(output_dir, extra=extra)
+    if plots:
+        report(steps_total - 1, "plots")
+        class_names = [str(c) for c in final.classes_]
+        plot_confusion_matrix(np.asarray(metrics["val"]["confusion_matrix"]), class_names,
+                              output_dir / CONFUSION_PNG, title=f"{head} head, val ({val_source})")
+        plot_reliability(val_y, val_logits, output_dir / RELIABILITY_PNG, temperature=model.temperature_,
+                         title=f"{head} head, val reliability")
+    report(steps_total, "done")
+    logger.info("fitted %s head: val accuracy %.4f in %.2f s -> %s", head, metrics["val"]["accuracy"],
+                fit_seconds, output_dir)
+    return FitResult(head=final, metrics=metrics, output_dir=output_dir, fit_seconds=fit_seconds)
+
+
+def default_output(data, head: str) -> Path:
+    stem = Path(str(getattr(data, "path", "") or "cache")).stem or "cache"
+    return paths.cache_dir() / "heads" / f"{stem}-{head}"
+
+
+def check_compatible(info: dict[str, Any], data, *, head_dir: Path) -> None:
+    """Refuse a cache whose features are not what the head was trained on (says how to fix it)."""
+    expected = info.get("cache", {})
+    meta = data.meta
+    where = getattr(data, "path", "the cache")
+    want_backbone, want_dim = expected.get("backbone", "?"), int(info.get("feature_dim", -1))
+    fix = f"run `embedx extract --backbone {want_backbone} …` to build a cache this head can read"
+    if int(meta.feature_dim) != want_dim or meta.backbone != want_backbone:
+        raise FeatureMismatchError(
+            f"cache {where} was built with {meta.backbone!r} ({meta.feature_dim}-d) but the head in "
+            f"{head_dir} expects {want_backbone!r} ({want_dim}-d); {fix}"
+        )
+    fingerprint = expected.get("fingerprint")
+    if fingerprint and fingerprint != meta.fingerprint:
+        differences = [
+            f"{key}: head {expected.get(key)!r} vs cache {value!r}"
+            for key, value in meta.to_dict().items()
+            if key != "onnx_path" and key in expected and expected.get(key) != value
+        ]
+        raise FeatureMismatchError(
+            f"cache {where} has fingerprint {meta.fingerprint[:12]}… but the head in {head_dir} was trained on "
+            f"{fingerprint[:12]}… ({'; '.join(differences) or 'other model settings'}); "
+            f"{fix} with the same weights, layer and precision"
+        )
+
+
+def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = None) -> dict[str, Any]:
+    """Metrics of a saved head on a cache made with the same backbone: per split and over all rows."""
+    head_dir = Path(head_dir)
+    model = load_head(head_dir)
+    data = _read(cache)
+    check_compatible(model.info_, data, head_dir=head_dir)
+    names = np.asarray(data.classes, dtype=str)
+    y_names = names[np.asarray(data.labels, dtype=np.int64)]
+    row_splits = np.asarray(data.splits).astype(str)
+    wanted = splits or sorted(set(row_splits.tolist()))
+    result: dict[str, Any] = {"head": str(head_dir), "cache": str(getattr(data, "path", "")),
+                              "head_type": model.head_type}
+    selected = np.flatnonzero(np.isin(row_splits, wanted))
+    if len(selected) == 0:
+        raise HeadError(f"cache {result['cache']} has no rows in splits {wanted}; it has {sorted(set(row_splits))}")
+    known = np.isin(y_names[selected], model.classes_)
+    if not known.any():
+        raise HeadError(
+            f"none of the cache's classes {sorted(set(y_names[selected]))[:10]} is one the head knows "
+            f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
+        )
+    result["all"], _, _ = head_metrics(model, data.features[selected], y_names[selected])
+    if len(wanted) > 1:
+        for split in wanted:
+            rows = np.flatnonzero(row_splits == split)
+            if len(rows) and np.isin(y_names[rows], model.classes_).any():
+                result[split], _, _ = head_metrics(model, data.features[rows], y_names[rows])
+    return result
