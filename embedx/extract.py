@@ -390,8 +390,7 @@ def extract(
                         writer.flush()
                     done += len(batch_indices)
                     if progress is not None:
-                        elapsed = time.perf_counter() - pipeline_start
-                        progress(done, total, {"errors": len(decode_errors), "img/s": new / elapsed if elapsed else 0.0})
+                        progress(done, total, {"errors": len(decode_errors)})
                     waited = time.perf_counter()
             finally:
                 decoder.close()

@@ -63,10 +63,20 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
     Rerun the same command to resume a killed run, or after adding or removing
     images: only new images are computed.
     """
+    from contextlib import ExitStack
+
     from embedx.cli.progressbar import progress_bar
     from embedx.extract import extract
 
-    with progress_bar("extract", unit="img", enabled=not quiet) as progress:
+    with ExitStack() as stack:
+        bar = []
+
+        def progress(done, total, info) -> None:
+            # the bar starts with the first batch, so its rate and ETA leave out the export
+            if not bar:
+                bar.append(stack.enter_context(progress_bar("extract", unit="img", enabled=not quiet)))
+            bar[0](done, total, info)
+
         summary = extract(
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
