@@ -392,11 +392,13 @@ _DENSENET_KEY = re.compile(
 )
 
 
-def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin: str) -> None:
+def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin: str,
+                  head_keys: set[str]) -> None:
     """Load ``state`` into the headless ``net``: every parameter must be covered.
 
-    Keys of the removed classifier (and aux heads) are ignored; missing keys or shape
-    mismatches are a ConfigError naming a few of them.
+    Keys of the removed classifier and aux heads (``head_keys``) are ignored; missing
+    keys, keys of another architecture or shape mismatches are a ConfigError naming a
+    few of them.
     """
     if spec.family == "densenet":
         state = {(_DENSENET_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
@@ -406,10 +408,13 @@ def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin
         for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     missing = [k for k in own if k not in state]
-    if mismatched or missing:
+    foreign = [k for k in state if k not in own and k not in head_keys]
+    if mismatched or missing or foreign:
         details = []
         if missing:
             details.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if foreign:
+            details.append(f"{len(foreign)} unexpected keys (e.g. {', '.join(foreign[:3])})")
         if mismatched:
             details.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:2])})")
         raise ConfigError(
@@ -418,7 +423,7 @@ def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin
         )
     ignored = [k for k in state if k not in own]
     if ignored:
-        log.debug("ignoring %d keys not used by the %s feature extractor (e.g. %s)",
+        log.debug("ignoring %d classifier keys not used by the %s feature extractor (e.g. %s)",
                   len(ignored), spec.name, ignored[:3])
     net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
@@ -548,9 +553,11 @@ def build_feature_extractor(name: str, *, weights: str | Path | None = "DEFAULT"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         net = _build_net(spec, random_init=choice.kind == "none")
+    full_keys = set(net.state_dict())
     mode = _remove_head(net, spec, layer)
     if state is not None:
-        _load_weights(net, state, spec=spec, origin=str(choice.path))
+        _load_weights(net, state, spec=spec, origin=str(choice.path),
+                      head_keys=full_keys - set(net.state_dict()))
     extractor = feature_extractor_class()(
         net, mode=mode, name=spec.name, feature_layer=layer, feature_dim=spec.dim_of(layer),
         family=spec.family,
