@@ -176,3 +176,131 @@ def test_compose_with_the_real_int8_mobilenet(mobilenet_int8_onnx, hymenoptera, 
     (logits,) = session(mobilenet_int8_onnx).run(["output"], {"input": preprocess.load_batch(files, imagenet)})
     np.testing.assert_allclose(probabilities, softmax(logits, 2.0), rtol=1e-4, atol=1e-5)
     assert file_sha256(path) == file_sha256(path)  # readable, complete
+
+
+# -- real head directories: extract -> fit-head -> bundle, against the two-stage pipeline --
+
+
+def build_head_dirs(root: Path, backbone: str | Path, images: Path, head_types) -> dict[str, Path]:
+    from embedx.extract import extract
+    from embedx.heads import fit_head
+
+    cache = root / "feats.h5"
+    extract(images, backbone=str(backbone), output=cache, workers=0, device="cpu", val_fraction=0.25)
+    return {name: fit_head(cache, head=name, output=root / "heads" / name, plots=False).output_dir
+            for name in head_types}
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for i, name in enumerate(("ants", "bees")):
+        write_images(root / name, 8, seed=10 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def head_dirs(tmp_path_factory, tiny_images) -> dict[str, Path]:
+    from embedx.heads import HEAD_TYPES
+
+    root = tmp_path_factory.mktemp("heads")
+    onnx.save(tiny_backbone(), root / "tiny.onnx")
+    return build_head_dirs(root, root / "tiny.onnx", tiny_images, sorted(HEAD_TYPES))
+
+
+def assert_bundle_matches_two_stage(bundle_path: Path, head_dir: Path, files: list[Path], atol: float) -> None:
+    from embedx.predict import HeadPipeline, load_model
+
+    model = load_model(bundle_path, device="cpu")
+    two_stage_model = HeadPipeline(head_dir, device="cpu")
+    assert model.classes == two_stage_model.classes
+    ours = model.predict_proba(np.stack([model.prepare(f) for f in files]))
+    theirs = two_stage_model.predict_proba(np.stack([two_stage_model.prepare(f) for f in files]))
+    np.testing.assert_allclose(ours, theirs, atol=atol)
+    np.testing.assert_array_equal(ours.argmax(1), theirs.argmax(1))
+
+
+@pytest.mark.parametrize("head_type", ["logreg", "linear", "mlp", "knn"])
+@pytest.mark.parametrize("with_preprocess", [False, True], ids=["float_nchw", "uint8_nhwc"])
+def test_bundle_of_every_head_equals_the_two_stage_pipeline(head_dirs, head_type, with_preprocess, tiny_images, tmp_path):
+    head_dir = head_dirs[head_type]
+    path = bundle(head_dir, tmp_path / "model.onnx", with_preprocess=with_preprocess)
+    assert_bundle_matches_two_stage(path, head_dir, sorted(tiny_images.rglob("*.*")), atol=1e-5)
+    meta = onnxmeta.read(path)
+    info = json.loads((head_dir / "head.json").read_text())
+    assert json.loads(meta["classes"]) == info["classes"]
+    assert float(meta["temperature"]) == pytest.approx(info["temperature"])
+    assert json.loads(meta["head"])["head_type"] == head_type
+    assert json.loads(meta["head"])["backbone_onnx_sha256"] == info["cache"]["onnx_sha256"]
+    assert meta["backbone"] == info["cache"]["backbone"] and meta["weights"] == info["cache"]["weights_tag"]
+    assert meta["input_format"] == ("uint8_nhwc" if with_preprocess else "float_nchw")
+
+
+def test_predict_with_head_dir_equals_predict_with_its_bundle(head_dirs, tiny_images, tmp_path):
+    from embedx.predict import predict_files
+
+    path = bundle(head_dirs["logreg"], tmp_path / "model.onnx")
+    with_head = list(predict_files([tiny_images], head=head_dirs["logreg"], top_k=2, device="cpu"))
+    with_bundle = list(predict_files([tiny_images], model=path, top_k=2, device="cpu"))
+    assert [r["path"] for r in with_head] == [r["path"] for r in with_bundle]
+    for a, b in zip(with_head, with_bundle, strict=True):
+        assert [c["label"] for c in a["top_k"]] == [c["label"] for c in b["top_k"]]
+        assert [c["probability"] for c in a["top_k"]] == pytest.approx([c["probability"] for c in b["top_k"]], abs=1e-5)
+
+
+def test_bundle_notices_a_backbone_file_changed_after_training(head_dirs, tmp_path):
+    import shutil
+
+    head_dir = tmp_path / "head"
+    shutil.copytree(head_dirs["logreg"], head_dir)
+    info = json.loads((head_dir / "head.json").read_text())
+    changed = tmp_path / "changed.onnx"
+    onnx.save(tiny_backbone(seed=5), changed)
+    info["cache"]["onnx_path"] = str(changed)
+    (head_dir / "head.json").write_text(json.dumps(info))
+    with pytest.raises(CacheMismatchError, match="refit"):
+        bundle(head_dir, tmp_path / "model.onnx")
+
+
+def test_cli_bundle_then_predict(head_dirs, tiny_images, tmp_path):
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    runner = CliRunner()
+    out = tmp_path / "model.onnx"
+    made = runner.invoke(cli, ["bundle", "--head", str(head_dirs["knn"]), "-o", str(out), "--with-preprocess", "--json"])
+    assert made.exit_code == 0, made.output
+    summary = json.loads(made.stdout)
+    assert summary["path"] == str(out) and summary["classes"] == ["ants", "bees"]
+    assert summary["input_format"] == "uint8_nhwc"
+    predicted = runner.invoke(cli, ["predict", "--model", str(out), str(tiny_images / "bees"), "--json", "-k", "1"])
+    assert predicted.exit_code == 0, predicted.output
+    assert len(predicted.stdout.splitlines()) == 8
+    by_head = runner.invoke(cli, ["predict", "--head", str(head_dirs["knn"]), str(tiny_images / "bees"), "--json", "-k", "1"])
+    assert by_head.exit_code == 0, by_head.output
+    assert [json.loads(line)["top_k"][0]["label"] for line in by_head.stdout.splitlines()] == [
+        json.loads(line)["top_k"][0]["label"] for line in predicted.stdout.splitlines()
+    ]
+    missing = runner.invoke(cli, ["bundle", "--head", str(tmp_path), "-o", str(tmp_path / "x.onnx")])
+    assert missing.exit_code == 1 and "head.json" in missing.stderr
+
+
+@pytest.mark.slow
+def test_real_backbone_bundle_on_hymenoptera_equals_two_stage(hymenoptera, tmp_path):
+    """efficientnet_lite0 with its real ImageNet weights, 12 images per class, both input formats."""
+    import shutil
+
+    data = tmp_path / "data"
+    for name in ("ants", "bees"):
+        (data / name).mkdir(parents=True)
+        for source in sorted((hymenoptera / "train" / name).iterdir())[:12]:
+            shutil.copy(source, data / name / source.name)
+    from embedx.export import export_backbone
+
+    exported = export_backbone("efficientnet_lite0", weights="DEFAULT")
+    heads = build_head_dirs(tmp_path, exported.path, data, ["logreg"])
+    files = sorted((hymenoptera / "val" / "ants").iterdir())[:6] + sorted((hymenoptera / "val" / "bees").iterdir())[:6]
+    for with_preprocess in (False, True):
+        path = bundle(heads["logreg"], tmp_path / f"model-{with_preprocess}.onnx", with_preprocess=with_preprocess)
+        assert_bundle_matches_two_stage(path, heads["logreg"], files, atol=1e-4)
