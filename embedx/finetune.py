@@ -26,6 +26,7 @@ Output directory::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,43 +135,73 @@ class FinetuneModel(nn.Module):
         return self.head(self.backbone(images))
 
 
-def affine_from_logits(logits: Callable[[np.ndarray], np.ndarray], feature_dim: int) -> nn.Linear:
-    """The ``nn.Linear`` equal to an affine ``logits(X)`` (standardization folded in).
+def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+    """``nn.Linear`` from a head's (D, C) weight and (C,) bias (numpy's ``x @ W + b``)."""
+    weight = np.asarray(weight, dtype=np.float32)
+    layer = nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
+        layer.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32).reshape(-1)))
+    return layer
 
-    Probes the head with zero and the unit vectors, so it works for any head whose
-    logits are affine in the features (logistic regression, linear).  A one-column
-    binary logit ``z`` becomes the equivalent softmax pair ``(0, z)``.
+
+class TorchHead(nn.Module):
+    """A saved logreg/linear/mlp head in torch: its standardization (fixed), then its layers.
+
+    The standardization stays a pair of buffers rather than being folded into the
+    first layer, so the trained weights keep the scale AdamW and weight decay were
+    tuned for, and ``arrays()`` gives back the head's own safetensors layout.
     """
-    probes = np.concatenate([np.zeros((1, feature_dim)), np.eye(feature_dim)]).astype(np.float64)
-    out = np.asarray(logits(probes), dtype=np.float64)
-    if out.ndim == 1:
-        out = out[:, None]
-    if out.shape[1] == 1:
-        out = np.concatenate([np.zeros_like(out), out], axis=1)
-    bias = out[0]
-    weight = (out[1:] - bias).T  # (C, D)
-    layer = nn.Linear(feature_dim, weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(weight))
-        layer.bias.copy_(torch.from_numpy(bias))
-    return layer
 
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)).clone())
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)).clone())
+        self.layers = layers
 
-def standardized_linear(
-    weight: np.ndarray, bias: np.ndarray, mean: np.ndarray | None, scale: np.ndarray | None
-) -> nn.Linear:
-    """``Linear((x - mean) / scale)`` as one ``nn.Linear`` on raw features."""
-    weight = np.asarray(weight, dtype=np.float64)
-    bias = np.asarray(bias, dtype=np.float64).reshape(-1)
-    if scale is not None:
-        weight = weight / np.asarray(scale, dtype=np.float64).reshape(1, -1)
-    if mean is not None:
-        bias = bias - weight @ np.asarray(mean, dtype=np.float64).reshape(-1)
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(weight))
-        layer.bias.copy_(torch.from_numpy(bias))
-    return layer
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers((features - self.mean) / self.scale)
+
+    @classmethod
+    def from_head(cls, head: Any) -> TorchHead:
+        head_type = getattr(head, "head_type", type(head).__name__)
+        if head_type in ("logreg", "linear"):
+            layers = nn.Sequential(_linear(head.weight_, head.bias_))
+        elif head_type == "mlp":
+            layers = nn.Sequential(
+                _linear(head.w1_, head.b1_), nn.ReLU(), nn.Dropout(float(head.dropout)), _linear(head.w2_, head.b2_)
+            )
+        else:
+            raise HeadError(
+                f"cannot fine-tune a {head_type!r} head: it has no layer to put on a backbone; "
+                "fit a logreg, linear or mlp head (`embedx fit-head --head logreg`) and fine-tune that"
+            )
+        return cls(head.mean_, head.scale_, layers)
+
+    def reset(self) -> None:
+        """A fresh random head on raw features (plain fine-tuning, for comparison)."""
+        with torch.no_grad():
+            self.mean.zero_()
+            self.scale.fill_(1.0)
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The weights in the saved head's layout (``weights.safetensors`` names)."""
+
+        def numpy(tensor: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
+
+        linears = [layer for layer in self.layers if isinstance(layer, nn.Linear)]
+        arrays = {"mean": numpy(self.mean), "scale": numpy(self.scale)}
+        if len(linears) == 1:
+            arrays.update(weight=numpy(linears[0].weight.T), bias=numpy(linears[0].bias))
+        else:
+            first, second = linears
+            arrays.update(w1=numpy(first.weight.T), b1=numpy(first.bias), w2=numpy(second.weight.T),
+                          b2=numpy(second.bias))
+        return arrays
 
 
 # --------------------------------------------------------------------------- data
@@ -390,27 +421,6 @@ def collect_logits(model: FinetuneModel, loader, device: torch.device) -> tuple[
     return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The softmax temperature minimizing validation NLL (golden-section on log T)."""
-
-    def nll(log_t: float) -> float:
-        scaled = logits / math.exp(log_t)
-        scaled = scaled - scaled.max(axis=1, keepdims=True)
-        log_probs = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
-        return float(-log_probs[np.arange(len(labels)), labels].mean())
-
-    lo, hi = math.log(0.05), math.log(20.0)
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    for _ in range(60):
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    return float(math.exp((lo + hi) / 2))
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -498,24 +508,6 @@ def _read_head_json(head_dir: Path) -> dict[str, Any]:
         raise HeadError(f"{path} is not valid JSON ({e}); refit the head") from e
 
 
-def head_module(head: Any, head_json: dict[str, Any]) -> nn.Module:
-    """The saved head as a torch module on raw features (standardization folded in)."""
-    head_type = head_json.get("head_type")
-    feature_dim = int(head_json.get("feature_dim") or head_json["cache"]["feature_dim"])
-    if head_type in ("logreg", "linear"):
-        return affine_from_logits(head.logits, feature_dim)
-    if head_type == "mlp":
-        return _mlp_module(head)
-    raise HeadError(
-        f"cannot fine-tune a {head_type!r} head: it has no layer to put on a backbone; "
-        "fit a logreg, linear or mlp head (`embedx fit-head --head logreg`) and fine-tune that"
-    )
-
-
-def _mlp_module(head: Any) -> nn.Module:
-    raise HeadError("fine-tuning an mlp head is not supported yet; fit a logreg or linear head")
-
-
 def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     from embedx.backbones import build_feature_extractor, feature_blocks
     from embedx.heads import load_head
@@ -534,11 +526,9 @@ def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     head = load_head(head_dir)
     backbone = build_feature_extractor(backbone_name, weights=weights_arg, layer=feature_layer)
     torch.manual_seed(seed)
-    module = head_module(head, head_json)
+    module = TorchHead.from_head(head)
     if reinit_head:
-        for layer in module.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
+        module.reset()
     model = FinetuneModel(backbone, module)
     return _Start(head_json, head, backbone_name, feature_layer, preprocess, model, list(feature_blocks(backbone)))
 
@@ -795,34 +785,37 @@ def finetune(
     model.load_state_dict(best_state["model"])
     model.to(memory_format=torch.contiguous_format)
     model.eval()
-    onnx_result, weights_path, temperature = _write_artifacts(
-        start, model, output_dir, val_loader=val_loader, best=best,
+    record = {
+        "from_head": str(head_dir.resolve()),
+        "data": config.data_root,
+        "config": config.to_dict(),
+        "epochs": epochs,
+        "initial": initial,
+        "best": best,
+        "history": history,
+        "device": str(torch_device),
+    }
+    exported, weights_path, parity = _write_artifacts(
+        start, model, output_dir, val_loader=val_loader, probe=probe, record=record
     )
-    seconds = time.perf_counter() - started
     result = FinetuneResult(
         output_dir=output_dir,
         best_val_accuracy=float(best["val_accuracy"]),
         history=tuple(history),
-        seconds=seconds,
-        onnx_path=Path(onnx_result.path),
+        seconds=time.perf_counter() - started,
+        onnx_path=Path(exported.path),
         initial_val_accuracy=None if initial is None else float(initial["val_accuracy"]),
         best_epoch=int(best["epoch"]),
         backbone_weights=weights_path,
         resumed_from_epoch=start_epoch,
         device=str(torch_device),
-        parity=dict(onnx_result.parity or {}),
+        parity=parity,
     )
-    report = {
-        "config": config.to_dict(),
-        "epochs": epochs,
-        "head_dir": str(head_dir),
-        "backbone": start.backbone_name,
-        "initial": initial,
-        "best": best,
-        "temperature": temperature,
-        "result": result.to_dict(),
-    }
-    _atomic_write_text(output_dir / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str))
+    _atomic_write_text(output_dir / REPORT_FILE,
+                       json.dumps({**record, "result": result.to_dict()}, indent=2, sort_keys=True, default=str))
+    log.info("fine-tuned head in %s: val accuracy %s -> %.4f (epoch %d), %.1f s", output_dir,
+             "n/a" if initial is None else f"{initial['val_accuracy']:.4f}", best["val_accuracy"], best["epoch"],
+             result.seconds)
     return result
 
 
@@ -860,8 +853,12 @@ def _restore_rng(state: dict[str, Any] | None) -> None:
 # --------------------------------------------------------------------------- artifacts
 
 
-def _save_backbone_weights(backbone: nn.Module, path: Path) -> str:
-    """The backbone's state dict as safetensors (atomically); returns its sha256."""
+def _save_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    """The backbone's state dict as safetensors, written atomically.
+
+    Keys are the feature extractor's (``net.`` prefix), which
+    ``backbones.build_feature_extractor(name, weights=path)`` strips and loads.
+    """
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -874,38 +871,98 @@ def _save_backbone_weights(backbone: nn.Module, path: Path) -> str:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return _sha256_file(path)
 
 
-def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, val_loader, best: dict):
-    """backbone.safetensors, backbone.onnx (parity-checked) and the head dir files."""
-    from embedx.export import export_module
+def _export(start: _Start, model: FinetuneModel, weights_path: Path, output_dir: Path):
+    """The fine-tuned backbone as ONNX, rebuilt from its saved state dict.
+
+    With the registry's preprocessing this is ``export_backbone(name, weights=file)``:
+    the export ``embedx extract --backbone NAME --weights FILE`` finds in its cache, so
+    a new cache made that way has the fingerprint this head records (``evaluate`` and
+    ``fit-head`` accept it).  Otherwise ``export_module`` exports the module as it is.
+    """
+    from embedx.backbones import get_spec
+    from embedx.export import export_backbone, export_module
+
+    target = output_dir / BACKBONE_ONNX_FILE
+    if get_spec(start.backbone_name).preprocess == start.preprocess:
+        return export_backbone(start.backbone_name, weights=weights_path, layer=start.feature_layer, output=target)
+    from embedx.backbones import resolve_weights
+
+    choice = resolve_weights(get_spec(start.backbone_name), weights_path)
+    return export_module(model.backbone, name=start.backbone_name, weights_tag=choice.tag, weights_arg=choice.arg,
+                         feature_layer=start.feature_layer, preprocess=start.preprocess, output=target)
+
+
+def check_onnx(path: Path, backbone: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """ONNX Runtime (CPU) on ``path`` vs the trained torch backbone on real images."""
+    from embedx.errors import ParityError
+    from embedx.export import PARITY_TOLERANCE
+    from embedx.runtime import OrtModel
+
+    with torch.no_grad():
+        expected = backbone.eval()(images).double().numpy()
+    got = np.asarray(OrtModel(path, device="cpu").run(images.numpy()), dtype=np.float64)
+    max_abs = float(np.abs(got - expected).max())
+    max_rel = max_abs / max(float(np.abs(expected).max()), 1e-12)
+    log.info("fine-tuned backbone: ONNX vs torch max abs %.2e, rel %.2e", max_abs, max_rel)
+    if not max_rel <= PARITY_TOLERANCE:
+        raise ParityError(
+            f"the exported fine-tuned backbone {path} disagrees with the trained torch model "
+            f"(max relative error {max_rel:.3g} > {PARITY_TOLERANCE:g}); the saved state dict does not "
+            "rebuild the trained model, please report this"
+        )
+    return {"max_abs_error": max_abs, "max_rel_error": max_rel, "images": int(len(images))}
+
+
+def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, val_loader, probe: torch.Tensor,
+                     record: dict[str, Any]):
+    """backbone.safetensors, backbone.onnx (checked against the trained model), the head dir."""
+    from embedx.cache import CacheMeta
+    from embedx.metrics import (
+        classification_metrics,
+        fit_temperature,
+        plot_confusion_matrix,
+        plot_reliability,
+    )
 
     weights_path = (output_dir / BACKBONE_WEIGHTS_FILE).resolve()
-    weights_sha = _save_backbone_weights(model.backbone, weights_path)
-    weights_tag = f"finetuned:{weights_sha[:16]}"
-    onnx_result = export_module(
-        model.backbone,
-        name=start.backbone_name,
-        weights_tag=weights_tag,
-        feature_layer=start.feature_layer,
-        preprocess=start.preprocess,
-        output=output_dir / BACKBONE_ONNX_FILE,
-    )
+    _save_backbone_weights(model.backbone, weights_path)
+    exported = _export(start, model, weights_path, output_dir)
+    parity = {**dict(exported.parity or {}), "trained_model": check_onnx(Path(exported.path), model.backbone, probe)}
+
     logits, labels = collect_logits(model, val_loader, torch.device("cpu"))
     temperature = fit_temperature(logits, labels)
-    _save_head(
-        start,
-        model.head,
-        output_dir,
-        onnx_result=onnx_result,
-        weights_tag=weights_tag,
-        weights_arg=str(weights_path),
-        temperature=temperature,
-        best=best,
+    class_names = [str(c) for c in start.head.classes_]
+    metrics = classification_metrics(labels, logits, class_names=class_names, temperature=temperature)
+
+    old = start.head_json.get("cache") or {}
+    meta = CacheMeta(
+        backbone=exported.backbone,
+        weights_tag=exported.weights_tag,
+        weights_arg=exported.weights_arg,
+        onnx_path=str(Path(exported.path).resolve()),
+        onnx_sha256=exported.sha256,
+        feature_layer=str(exported.feature_layer),
+        feature_dim=int(exported.feature_dim),
+        preprocess=exported.preprocess.to_dict(),
+        dtype=old.get("dtype", "float16"),
+        precision=old.get("precision", "fp32"),
     )
-    return onnx_result, weights_path, temperature
-
-
-def _save_head(start: _Start, head: nn.Module, output_dir: Path, **info: Any) -> None:
-    raise NotImplementedError("waiting for embedx.heads")
+    cache_record = {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": ""}
+    head = copy.deepcopy(start.head)
+    head._set_arrays(model.head.arrays())  # the same arrays load_head reads back
+    head.temperature_ = temperature
+    val_source = "val images of the fine-tuning data (eval preprocessing)"
+    record = {**record, "parity": parity, "temperature": temperature}
+    head.save(output_dir, extra={
+        "cache": cache_record,
+        "metrics": {"val_source": val_source, "n_val": int(len(labels)), "val": metrics},
+        "val_source": val_source,
+        "finetune": record,
+    })
+    plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, output_dir / "confusion_matrix.png",
+                          title="fine-tuned, val")
+    plot_reliability(labels, logits, output_dir / "reliability.png", temperature=temperature,
+                     title="fine-tuned, val reliability")
+    return exported, weights_path, parity

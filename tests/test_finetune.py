@@ -35,36 +35,47 @@ def make_images(root: Path, *, per_class: dict[str, int] | None = None, classes=
 # --------------------------------------------------------------------------- pieces
 
 
-def test_affine_from_logits_matches_standardized_linear_head():
+@pytest.mark.parametrize("head_type", ["logreg", "linear", "mlp"])
+def test_torch_head_equals_the_saved_head_and_round_trips_its_arrays(head_type):
+    from sklearn.datasets import make_classification
+
+    from embedx.heads import make_head
+
+    features, labels = make_classification(n_samples=120, n_features=6, n_informative=4, n_classes=3,
+                                           random_state=0)
+    features = features * 3.0 + 5.0  # standardization matters
+    params = {"hidden": 8} if head_type == "mlp" else {}
+    head = make_head(head_type, **params).fit(features[:90], labels[:90], X_val=features[90:], y_val=labels[90:])
+    module = ft.TorchHead.from_head(head).eval()
+    with torch.no_grad():
+        logits = module(torch.from_numpy(features).float()).numpy()
+    np.testing.assert_allclose(logits, head.logits(features), rtol=1e-4, atol=1e-4)
+    arrays = module.arrays()
+    assert set(arrays) == set(head._arrays())
+    for name, value in head._arrays().items():
+        np.testing.assert_allclose(arrays[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_head_reset_is_a_fresh_head_on_raw_features():
+    from embedx.heads import make_head
+
     rng = np.random.default_rng(0)
-    weight, bias = rng.normal(size=(3, 7)), rng.normal(size=3)
-    mean, scale = rng.normal(size=7), rng.uniform(0.5, 2.0, size=7)
-
-    def logits(features):
-        return ((features - mean) / scale) @ weight.T + bias
-
-    features = rng.normal(size=(5, 7))
-    probed = ft.affine_from_logits(logits, 7)
-    folded = ft.standardized_linear(weight, bias, mean, scale)
-    with torch.no_grad():
-        for layer in (probed, folded):
-            out = layer(torch.from_numpy(features).float()).double().numpy()
-            np.testing.assert_allclose(out, logits(features), rtol=1e-5, atol=1e-5)
+    features, labels = rng.normal(size=(40, 5)) + 3.0, np.repeat([0, 1], 20)
+    module = ft.TorchHead.from_head(make_head("logreg", C=1.0).fit(features, labels))
+    before = module.layers[0].weight.detach().clone()
+    module.reset()
+    assert torch.all(module.mean == 0) and torch.all(module.scale == 1)
+    assert not torch.allclose(before, module.layers[0].weight)
 
 
-def test_affine_from_logits_turns_a_binary_logit_into_two_columns():
-    rng = np.random.default_rng(1)
-    weight, bias = rng.normal(size=4), 0.3
+def test_knn_head_cannot_be_fine_tuned():
+    from embedx.errors import HeadError
+    from embedx.heads import make_head
 
-    def logit(features):
-        return features @ weight + bias  # one column, like sklearn's decision_function
-
-    features = rng.normal(size=(6, 4))
-    layer = ft.affine_from_logits(logit, 4)
-    with torch.no_grad():
-        probs = torch.softmax(layer(torch.from_numpy(features).float()), dim=1).numpy()
-    expected = 1.0 / (1.0 + np.exp(-logit(features)))
-    np.testing.assert_allclose(probs[:, 1], expected, atol=1e-5)
+    rng = np.random.default_rng(0)
+    head = make_head("knn").fit(rng.normal(size=(20, 4)), np.repeat([0, 1], 10))
+    with pytest.raises(HeadError, match="knn"):
+        ft.TorchHead.from_head(head)
 
 
 def test_warmup_then_cosine_schedule():
@@ -74,15 +85,6 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
     assert values[20] == pytest.approx(0.0, abs=1e-12)
     assert ft.warmup_cosine(12, warmup_steps=0, total_steps=24) == pytest.approx(0.5)
-
-
-def test_fit_temperature_recovers_a_known_temperature():
-    rng = np.random.default_rng(2)
-    true_logits = rng.normal(size=(4000, 3)) * 2.0
-    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
-    labels = np.array([rng.choice(3, p=p) for p in probs])
-    temperature = ft.fit_temperature(true_logits * 3.0, labels)  # over-confident by 3x
-    assert temperature == pytest.approx(3.0, rel=0.15)
 
 
 @pytest.mark.parametrize("value, expected", [("all", "all"), ("ALL", "all"), (2, "2"), ("0", "0")])
