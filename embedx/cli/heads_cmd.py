@@ -1,3 +1,100 @@
-"""CLI commands (filled in by its owner; see embedx/cli/main.py)."""
+"""``embedx fit-head`` and ``embedx evaluate``: thin wrappers over ``embedx.heads``."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+HEAD_CHOICES = ("logreg", "linear", "mlp", "knn")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _chosen(params: dict[str, Any]) -> str:
+    keys = ("C", "weight_decay", "k", "steps", "refit")
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items() if k in keys)
+
+
+def _metric_line(name: str, metrics: dict[str, Any]) -> str:
+    line = (
+        f"{name}: accuracy {_fmt(metrics['accuracy'])}, balanced {_fmt(metrics['balanced_accuracy'])}, "
+        f"macro-F1 {_fmt(metrics['macro_f1'])}, log-loss {_fmt(metrics['log_loss'])}"
+    )
+    if "top5_accuracy" in metrics:
+        line += f", top-5 {_fmt(metrics['top5_accuracy'])}"
+    line += (
+        f"; ECE {_fmt(metrics['ece'])} -> {_fmt(metrics['ece_calibrated'])} "
+        f"at T={metrics['temperature']:.3g} (n={metrics['n']})"
+    )
+    return line
+
+
+@click.command("fit-head")
+@click.option("--cache", "cache", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Feature cache (.h5) made by `embedx extract`.")
+@click.option("--head", "head_type", type=click.Choice(HEAD_CHOICES), default="logreg", show_default=True,
+              help="logreg: scikit-learn; linear/mlp: torch; knn: cosine k-NN.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Head directory (default: $EMBEDX_CACHE_DIR/heads/<cache>-<head>).")
+@click.option("--refit", is_flag=True, help="After choosing regularization on val, train again on train+val.")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weight classes inversely to their frequency.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              help="For the linear and mlp heads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
+def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
+                     seed: int, label_smoothing: float, as_json: bool) -> None:
+    """Train a classifier head on cached features; regularization is chosen on val."""
+    from embedx.cli.progressbar import progress_bar
+    from embedx.heads import fit_head
+
+    with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
+        result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
+                          seed=seed, label_smoothing=label_smoothing, progress=progress)
+    summary = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True, default=str))
+        return
+    metrics = result.metrics
+    click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows "
+               f"({metrics['val_source']}: {metrics['n_val']} rows)")
+    click.echo(f"chosen: {_chosen(summary['params'])}")
+    click.echo(_metric_line("val", metrics["val"]))
+    if "test" in metrics:
+        click.echo(_metric_line("test", metrics["test"]))
+    if metrics.get("note"):
+        click.echo(f"note: {metrics['note']}")
+    click.echo(f"head: {result.output_dir}")
+    click.echo(f"plots: {summary['plots']['confusion_matrix']}, {summary['plots']['reliability']}")
+
+
+@click.command("evaluate")
+@click.option("--head", "head_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Head directory written by `embedx fit-head`.")
+@click.option("--cache", "cache", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A cache extracted with the same backbone as the head's.")
+@click.option("--split", "splits", multiple=True, help="Only these splits (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_command(head_dir: Path, cache: Path, splits: tuple[str, ...], as_json: bool) -> None:
+    """Metrics of a saved head on another cache made with the same backbone."""
+    from embedx.heads import evaluate
+
+    result = evaluate(head_dir, cache, splits=list(splits) or None)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True, default=str))
+        return
+    click.echo(f"{result['head_type']} head {result['head']} on {result['cache']}")
+    for name, metrics in result.items():
+        if isinstance(metrics, dict):
+            click.echo(_metric_line(name, metrics))
+            if metrics.get("skipped_unknown_class"):
+                click.echo(f"  ({metrics['skipped_unknown_class']} rows of classes the head does not know were skipped)")
+
+
+COMMANDS = [fit_head_command, evaluate_command]

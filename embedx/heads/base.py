@@ -175,7 +175,8 @@ class Head:
         return softmax(self.logits(X), self.temperature_)
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.logits(X), axis=1)]
+        logits = self.logits(X)  # checks fitted state first
+        return self.classes_[np.argmax(logits, axis=1)]
 
     # -- saving
 

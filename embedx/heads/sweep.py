@@ -103,11 +103,13 @@ def train_members(
     if X.shape[0] * X.shape[1] * len(weight_decays) * (hidden or n_classes) < SMALL_WORK:
         torch.set_num_threads(1)
     try:
-        return _train_members(X, y, n_classes, weight_decays=weight_decays, X_val=X_val, y_val=y_val,
-                              sample_weight=sample_weight, hidden=hidden, dropout=dropout,
-                              label_smoothing=label_smoothing, decoupled=decoupled, lr=lr, steps=steps,
-                              batch_size=batch_size, seed=seed, early_stopping=early_stopping,
-                              evaluations=evaluations, patience=patience, init=init, optimizer=optimizer)
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it, privately
+            torch.manual_seed(int(seed))
+            return _train_members(X, y, n_classes, weight_decays=weight_decays, X_val=X_val, y_val=y_val,
+                                  sample_weight=sample_weight, hidden=hidden, dropout=dropout,
+                                  label_smoothing=label_smoothing, decoupled=decoupled, lr=lr, steps=steps,
+                                  batch_size=batch_size, seed=seed, early_stopping=early_stopping,
+                                  evaluations=evaluations, patience=patience, init=init, optimizer=optimizer)
     finally:
         torch.set_num_threads(threads)
 

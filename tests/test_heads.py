@@ -1,0 +1,356 @@
+"""Heads: the contract over every head type, the sweep, fit_head/evaluate on real cache files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+from embedx.errors import ConfigError, FeatureMismatchError, HeadError, NotFittedError
+from embedx.heads import HEAD_TYPES, evaluate, fit_head, load_head, make_head
+
+#: Small settings so every head trains in well under a second on tiny data.
+FAST = {
+    "logreg": {},
+    "linear": {"epochs": 5},
+    "mlp": {"hidden": 16, "epochs": 5},
+    "knn": {"k": 5},
+}
+HEADS = sorted(FAST)
+
+
+def test_every_registered_head_is_tested():
+    assert set(HEAD_TYPES) == set(FAST)
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = make_classification(n_samples=240, n_features=12, n_informative=6, n_redundant=2, n_classes=3,
+                               class_sep=1.5, random_state=0)
+    X = X.astype(np.float32)
+    return X[:180], y[:180], X[180:], y[180:]
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    X, y, Xv, yv = data
+    return {name: make_head(name, **FAST[name]).fit(X, y, X_val=Xv, y_val=yv) for name in HEADS}
+
+
+# --------------------------------------------------------------------------- contract, every head
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_probabilities_sum_to_one_and_predict_gives_labels(name, fitted, data):
+    head = fitted[name]
+    _, _, Xv, yv = data
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (len(Xv), 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (proba >= 0).all()
+    assert set(head.predict(Xv)) <= set(head.classes_.tolist())
+    assert list(head.classes_) == [0, 1, 2]
+    assert np.mean(head.predict(Xv) == yv) > 0.6  # well above chance (1/3) on separable data
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_save_load_round_trip_gives_identical_probabilities(name, fitted, data, tmp_path):
+    head = fitted[name]
+    _, _, Xv, _ = data
+    head.save(tmp_path / name)
+    loaded = load_head(tmp_path / name)
+    assert type(loaded) is type(head)
+    np.testing.assert_array_equal(loaded.predict_proba(Xv), head.predict_proba(Xv))
+    np.testing.assert_array_equal(loaded.predict(Xv), head.predict(Xv))
+    assert loaded.temperature_ == head.temperature_
+    info = json.loads((tmp_path / name / "head.json").read_text())
+    assert info["schema_version"] == 1 and info["head_type"] == name and info["feature_dim"] == 12
+    assert info["weights_file"] == "weights.safetensors" and (tmp_path / name / "weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_wrong_feature_dimension_is_refused(name, fitted, data):
+    _, _, Xv, _ = data
+    with pytest.raises(FeatureMismatchError, match="dimension 12"):
+        fitted[name].predict_proba(Xv[:, :10])
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_use_before_fit_is_refused(name, tmp_path):
+    head = make_head(name)
+    X = np.zeros((2, 12), dtype=np.float32)
+    for call in (head.predict_proba, head.predict, head.logits):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            call(X)
+    with pytest.raises(NotFittedError):
+        head.save(tmp_path / "x")
+    with pytest.raises(NotFittedError):
+        head.to_onnx()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_same_seed_gives_identical_probabilities(name, data):
+    X, y, Xv, yv = data
+    first = make_head(name, seed=3, **FAST[name]).fit(X, y, X_val=Xv, y_val=yv).predict_proba(Xv)
+    second = make_head(name, seed=3, **FAST[name]).fit(X, y, X_val=Xv, y_val=yv).predict_proba(Xv)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_to_onnx_matches_numpy_logits(name, fitted, data):
+    import onnxruntime as ort
+
+    head = fitted[name]
+    _, _, Xv, _ = data
+    model = head.to_onnx()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["features"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for batch in (Xv[:1], Xv):
+        (out,) = session.run(["logits"], {"features": batch})
+        np.testing.assert_allclose(out, head.logits(batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_float16_features_and_string_labels(name, data):
+    X, y, Xv, yv = data
+    names = np.array(["cat", "dog", "emu"])
+    head = make_head(name, **FAST[name]).fit(X.astype(np.float16), names[y], X_val=Xv.astype(np.float16), y_val=names[yv])
+    assert list(head.classes_) == ["cat", "dog", "emu"]
+    assert head.predict(Xv.astype(np.float16)).dtype.kind == "U"
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_fit_without_validation_data_holds_out_rows(name, data):
+    X, y, Xv, yv = data
+    head = make_head(name, **FAST[name]).fit(X, y)
+    assert np.mean(head.predict(Xv) == yv) > 0.6
+    assert head.temperature_ == 1.0  # no validation data: no calibration
+
+
+def test_single_class_and_bad_labels_are_refused(data):
+    X, y, _, _ = data
+    with pytest.raises(HeadError, match="at least 2 classes"):
+        make_head("logreg").fit(X, np.zeros(len(X)))
+    with pytest.raises(HeadError, match="one label per row"):
+        make_head("logreg").fit(X, y[:-1])
+    with pytest.raises(ConfigError, match="unknown head type"):
+        make_head("svm")
+
+
+def test_inference_is_torch_free(fitted, data, tmp_path):
+    fitted["mlp"].save(tmp_path / "mlp")
+    np.save(tmp_path / "x.npy", data[2])
+    code = (
+        "import sys, numpy as np\n"
+        "from embedx.heads import load_head\n"
+        f"head = load_head({str(tmp_path / 'mlp')!r})\n"
+        f"head.predict_proba(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'sklearn' not in sys.modules, 'sklearn was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_load_refuses_other_schema_and_missing_dir(fitted, tmp_path):
+    fitted["logreg"].save(tmp_path / "h")
+    info = json.loads((tmp_path / "h" / "head.json").read_text())
+    info["schema_version"] = 99
+    (tmp_path / "h" / "head.json").write_text(json.dumps(info))
+    with pytest.raises(HeadError, match="schema_version 99.*refit"):
+        load_head(tmp_path / "h")
+    with pytest.raises(HeadError, match="not a head directory"):
+        load_head(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- choices the heads make
+
+
+def test_sweep_regularizes_more_when_data_is_scarce_and_noisy():
+    # few rows, many noise features: only heavy regularization generalizes
+    X, y = make_classification(n_samples=80, n_features=300, n_informative=3, n_redundant=0, flip_y=0.1,
+                               class_sep=1.0, random_state=1)
+    scarce = make_head("logreg").fit(X[:50], y[:50], X_val=X[50:], y_val=y[50:])
+    # many rows, a few clean features: weak regularization is best
+    X, y = make_classification(n_samples=3000, n_features=5, n_informative=5, n_redundant=0, flip_y=0.0,
+                               class_sep=2.0, random_state=1)
+    plenty = make_head("logreg").fit(X[:2000], y[:2000], X_val=X[2000:], y_val=y[2000:])
+    scarce_l2 = min(r["l2"] for r in scarce.sweep_ if r["C"] == pytest.approx(scarce.chosen_params_["C"]))
+    plenty_l2 = min(r["l2"] for r in plenty.sweep_ if r["C"] == pytest.approx(plenty.chosen_params_["C"]))
+    assert scarce_l2 >= 100 * plenty_l2
+    assert len([r for r in scarce.sweep_ if r["phase"] == "grid"]) >= 8
+    assert any(r["phase"] == "refine" for r in scarce.sweep_)
+
+
+def test_logreg_matches_sklearn_at_the_chosen_C(data):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, Xv, yv = data
+    head = make_head("logreg").fit(X, y, X_val=Xv, y_val=yv)
+    scaler = StandardScaler().fit(X)
+    reference = LogisticRegression(C=head.chosen_params_["C"], max_iter=1000, tol=1e-8).fit(scaler.transform(X), y)
+    from embedx.metrics import softmax
+
+    np.testing.assert_allclose(softmax(head.logits(Xv)), reference.predict_proba(scaler.transform(Xv)), atol=2e-3)
+
+
+def test_class_weight_balanced_raises_minority_recall():
+    rng = np.random.default_rng(0)
+    n_major, n_minor = 900, 45
+    X = np.vstack([rng.normal(0.0, 1.0, (n_major, 4)), rng.normal(1.2, 1.0, (n_minor, 4))]).astype(np.float32)
+    y = np.array([0] * n_major + [1] * n_minor)
+    Xv = np.vstack([rng.normal(0.0, 1.0, (300, 4)), rng.normal(1.2, 1.0, (300, 4))]).astype(np.float32)
+    yv = np.array([0] * 300 + [1] * 300)
+    for name in ("logreg", "knn"):
+        plain = make_head(name, **FAST[name]).fit(X, y)
+        balanced = make_head(name, class_weight="balanced", **FAST[name]).fit(X, y)
+        recall_plain = np.mean(plain.predict(Xv[yv == 1]) == 1)
+        recall_balanced = np.mean(balanced.predict(Xv[yv == 1]) == 1)
+        assert recall_balanced > recall_plain + 0.2, name
+
+
+def test_knn_auto_k_and_vote_weights():
+    X, y = make_classification(n_samples=400, n_features=8, n_informative=6, n_classes=2, random_state=3)
+    head = make_head("knn", k="auto").fit(X[:300], y[:300], X_val=X[300:], y_val=y[300:])
+    assert head.chosen_params_["k"] in (1, 5, 10, 20, 50, 100, 200)
+    assert len(head.sweep_) >= 5
+    # k=1 is a hard nearest-neighbour vote: the top class gets (almost) all the mass
+    one = make_head("knn", k=1).fit(X[:300], y[:300])
+    assert one.predict_proba(X[300:]).max(axis=1).min() > 0.99
+
+
+def test_linear_and_mlp_report_early_stopping_and_label_smoothing(data):
+    X, y, Xv, yv = data
+    head = make_head("linear", label_smoothing=0.1, epochs=5).fit(X, y, X_val=Xv, y_val=yv)
+    assert head.chosen_params_["weight_decay"] > 0 and head.chosen_params_["steps"] >= 1
+    assert len([r for r in head.sweep_ if r["phase"] == "grid"]) >= 8
+
+
+# --------------------------------------------------------------------------- fit_head / evaluate on cache files
+
+
+def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, backbone: str = "fakenet",
+                weights_tag: str = "none", dtype: str = "float32") -> Path:
+    """A real embedx cache file (through embedx.cache) holding the given features."""
+    from embedx.cache import CacheMeta, CacheWriter
+
+    meta = CacheMeta(backbone=backbone, weights_tag=weights_tag, weights_arg="none", onnx_path=f"/nowhere/{backbone}.onnx",
+                     onnx_sha256="0" * 64, feature_layer="pool", feature_dim=X.shape[1],
+                     preprocess={"input_size": 32}, dtype=dtype, precision="fp32")
+    keys = [hashlib.sha256(f"{path.name}-{i}".encode()).hexdigest() for i in range(len(X))]
+    rel = [f"{classes[label]}/{i}.png" for i, label in enumerate(y)]
+    with CacheWriter(path, meta, overwrite=True) as writer:
+        writer.append(keys, X, paths=rel)
+        writer.finalize(keys=keys, paths=rel, labels=[int(v) for v in y], splits=list(splits), classes=list(classes), errors=[])
+    return path
+
+
+@pytest.fixture
+def cache_file(tmp_path, data):
+    X, y, Xv, yv = data
+    features = np.vstack([X, Xv])
+    labels = np.concatenate([y, yv])
+    splits = ["train"] * len(X) + ["val"] * len(Xv)
+    return write_cache(tmp_path / "feats.h5", features, labels, splits, ["ants", "bees", "wasps"])
+
+
+def test_fit_head_writes_a_complete_head_directory(cache_file, tmp_path):
+    result = fit_head(cache_file, head="logreg", output=tmp_path / "head")
+    out = tmp_path / "head"
+    assert result.output_dir == out
+    for name in ("head.json", "weights.safetensors", "confusion_matrix.png", "reliability.png"):
+        assert (out / name).is_file(), name
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((out / "head.json").read_text())
+    assert info["classes"] == ["ants", "bees", "wasps"]
+    assert info["cache"]["backbone"] == "fakenet" and len(info["cache"]["fingerprint"]) == 64
+    assert info["cache"]["onnx_path"] == "/nowhere/fakenet.onnx" and info["cache"]["preprocess"] == {"input_size": 32}
+    assert info["params"]["C"] > 0 and info["fit_seconds"] > 0
+    val = info["metrics"]["val"]
+    assert info["metrics"]["val_source"] == "val split of the cache"
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "ece_calibrated", "per_class", "confusion_matrix"):
+        assert key in val, key
+    assert val["temperature"] == pytest.approx(info["temperature"])
+    # the stored accuracy is the loaded head's accuracy on the val rows
+    from embedx.cache import read_cache
+
+    cache = read_cache(cache_file, splits="val")
+    predicted = load_head(out).predict(cache.features)
+    assert np.mean(predicted == np.asarray(cache.classes)[cache.labels]) == pytest.approx(val["accuracy"])
+    assert result.to_dict()["val_accuracy"] == val["accuracy"]
+
+
+def test_fit_head_default_output_and_hash_split_without_val(tmp_path, data):
+    from embedx import paths
+
+    X, y, _, _ = data
+    path = write_cache(tmp_path / "trainonly.h5", X, y, ["train"] * len(X), ["a", "b", "c"], dtype="float16")
+    result = fit_head(path, head="knn", plots=False)
+    assert result.output_dir == paths.cache_dir() / "heads" / "trainonly-knn"
+    assert result.metrics["val_source"].startswith("hash split of train")
+    assert 0 < result.metrics["n_val"] < len(X) and result.metrics["n_train"] + result.metrics["n_val"] == len(X)
+    again = fit_head(path, head="knn", plots=False, output=tmp_path / "again")
+    assert again.metrics["n_val"] == result.metrics["n_val"]  # the split is stable
+
+
+def test_fit_head_refit_and_test_split(tmp_path, data):
+    X, y, Xv, yv = data
+    splits = ["train"] * 120 + ["test"] * 60 + ["val"] * len(Xv)
+    path = write_cache(tmp_path / "three.h5", np.vstack([X, Xv]), np.concatenate([y, yv]), splits, ["a", "b", "c"])
+    result = fit_head(path, head="linear", refit=True, output=tmp_path / "h", params={"epochs": 5})
+    assert result.metrics["refit"] is True and "test" in result.metrics
+    assert result.head.chosen_params_["refit"] == "train+val"
+    assert result.head.n_train_ == 120 + len(Xv)
+
+
+def test_fit_head_refuses_label_smoothing_for_logreg(cache_file):
+    with pytest.raises(ConfigError, match="label smoothing"):
+        fit_head(cache_file, head="logreg", label_smoothing=0.1)
+
+
+def test_evaluate_on_same_backbone_and_refuses_another(cache_file, tmp_path, data):
+    result = fit_head(cache_file, head="logreg", output=tmp_path / "h", plots=False)
+    metrics = evaluate(tmp_path / "h", cache_file)
+    assert metrics["val"]["accuracy"] == pytest.approx(result.metrics["val"]["accuracy"])
+    assert metrics["all"]["n"] == 240
+    X, y, _, _ = data
+    other = write_cache(tmp_path / "resnet.h5", np.hstack([X, X]), y, ["val"] * len(X), ["ants", "bees", "wasps"],
+                        backbone="resnet18")
+    with pytest.raises(FeatureMismatchError, match=r"'resnet18' \(24-d\).*'fakenet' \(12-d\).*embedx extract --backbone fakenet"):
+        evaluate(tmp_path / "h", other)
+    retrained = write_cache(tmp_path / "otherweights.h5", X, y, ["val"] * len(X), ["ants", "bees", "wasps"],
+                            weights_tag="IMAGENET1K_V1")
+    with pytest.raises(FeatureMismatchError, match="weights_tag"):
+        evaluate(tmp_path / "h", retrained)
+
+
+def test_evaluate_skips_classes_the_head_does_not_know(cache_file, tmp_path, data):
+    fit_head(cache_file, head="knn", output=tmp_path / "h", plots=False)
+    X, y, _, _ = data
+    path = write_cache(tmp_path / "more.h5", X, y, ["val"] * len(X), ["ants", "bees", "hornets"])
+    metrics = evaluate(tmp_path / "h", path)
+    assert metrics["all"]["skipped_unknown_class"] == int(np.sum(y == 2))
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_hymenoptera_efficientnet_lite0_default_head_reaches_094(hymenoptera, shared_cache_dir, monkeypatch):
+    """The tutorial's fixed-feature-extractor figure is 0.948; the default head must reach 0.94."""
+    from embedx.extract import extract
+
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(shared_cache_dir))
+    cache = shared_cache_dir / "hymenoptera-efficientnet_lite0.h5"
+    if not cache.exists():
+        extract(hymenoptera, backbone="efficientnet_lite0", output=cache)
+    result = fit_head(cache, output=shared_cache_dir / "heads" / "hymenoptera-logreg")
+    assert result.metrics["val_source"] == "val split of the cache"
+    assert result.metrics["val"]["accuracy"] >= 0.94
