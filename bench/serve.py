@@ -117,6 +117,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """``python -m embedx serve-onnx MODEL --port P OPTIONS`` as a child process (tests use it too)."""
+
     def __init__(self, model: Path, options: list[str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -127,19 +129,20 @@ class ServerProcess:
         self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
+        """Poll /health/ready until 200; raise with the server's log if it dies or times out."""
         import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
                 if httpx.get(self.url + "/health/ready", timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s")
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -160,12 +163,13 @@ class ServerProcess:
         return values.get("embedx_batch_size_count", 0.0), values.get("embedx_batch_size_sum", 0.0)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.handle.close()
 
 

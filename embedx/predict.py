@@ -173,6 +173,11 @@ class HeadPipeline(_Classifier):
         return np.asarray(self.head.predict_proba(self.backbone.run(batch)), dtype=np.float32)
 
 
+def decode_reason(error: ImageDecodeError, name: object = "<bytes>") -> str:
+    """Why an image could not be read, without the ``"<name>: "`` the message starts with."""
+    return getattr(error, "reason", None) or str(error).removeprefix(f"{name}: ")
+
+
 def read_head_json(head_dir: str | Path) -> dict[str, Any]:
     head_dir = Path(head_dir)
     path = head_dir / "head.json"
@@ -234,7 +239,7 @@ def predict_files(
         try:
             return classifier.prepare(path)
         except ImageDecodeError as e:
-            return str(e).removeprefix(f"{path}: ")
+            return decode_reason(e, path)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(paths), batch_size):

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,51 +16,18 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.serve import ServerProcess
 from embedx.predict import load_model
 from tests.bundle_fixtures import CLASSES, image_bytes, make_bundle
 
 PNG = {"content-type": "image/png"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``python -m embedx serve-onnx MODEL --port P ...`` as a child process."""
+class Server(ServerProcess):
+    """``python -m embedx serve-onnx MODEL --port P ...`` as a child process, on the CPU."""
 
     def __init__(self, model: Path, *options: str, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [sys.executable, "-m", "embedx", "serve-onnx", str(model), "--port", str(self.port),
-                   "--device", "cpu", "--threads", "1", "--log-level", "warning", *options]
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().__init__(model, ["--device", "cpu", "--threads", "1", *options], log)
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(httpx.get(self.url + "/metrics").text, name, **labels)
@@ -177,7 +143,7 @@ def test_predict_json_single_and_batch(server, bundles):
     "kwargs, detail",
     [
         ({"content": b"this is not an image", "headers": PNG}, "not an image"),
-        ({"content": image_bytes(1)[:200], "headers": PNG}, "cannot decode"),
+        ({"content": image_bytes(1)[:200], "headers": PNG}, "truncated"),
         ({"content": b"", "headers": PNG}, "empty"),
         ({"json": {"images": [base64.b64encode(image_bytes(1)).decode(), "bm90IGFuIGltYWdl"]}}, "images[1]"),
         ({"json": {"images": ["***"]}}, "base64"),
@@ -275,21 +241,27 @@ def _wait_for_queue(srv: Server, depth: int, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+async def while_queued(srv: Server, count: int, scenario):
+    """Post ``count`` images, wait until all sit in the batcher's queue, run
+    ``scenario(client, tasks)``; return its result and the ``count`` responses."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        queued = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
+                  for i in range(count)]
+        await asyncio.to_thread(_wait_for_queue, srv, count)
+        result = await scenario(client, queued)
+        return result, await asyncio.gather(*queued)
+
+
 def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
     srv = Server(bundles["float"], "--max-batch", "8", "--max-delay-ms", "60000", "--max-queue", "2",
                  "--timeout-s", "3", log=tmp_path / "log")
     try:
         srv.wait_ready()
 
-        async def scenario():
-            async with httpx.AsyncClient(timeout=60) as client:
-                waiting = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
-                           for i in range(2)]
-                await asyncio.to_thread(_wait_for_queue, srv, 2)
-                refused = await client.post(srv.url + "/v1/predict", content=image_bytes(3), headers=PNG)
-                return refused, await asyncio.gather(*waiting)
+        async def scenario(client, queued):
+            return await client.post(srv.url + "/v1/predict", content=image_bytes(3), headers=PNG)
 
-        refused, timed_out = asyncio.run(scenario())
+        refused, timed_out = asyncio.run(while_queued(srv, 2, scenario))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"] == "queue full"
@@ -307,15 +279,10 @@ def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
     try:
         srv.wait_ready()
 
-        async def scenario():
-            async with httpx.AsyncClient(timeout=60) as client:
-                in_flight = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
-                             for i in range(6)]
-                await asyncio.to_thread(_wait_for_queue, srv, 6)
-                srv.process.send_signal(signal.SIGTERM)
-                return await asyncio.gather(*in_flight)
+        async def scenario(client, queued):
+            srv.process.send_signal(signal.SIGTERM)
 
-        responses = asyncio.run(scenario())
+        _, responses = asyncio.run(while_queued(srv, 6, scenario))
         assert [r.status_code for r in responses] == [200] * 6
         # uvicorn re-raises the captured SIGTERM once shut down cleanly
         assert srv.process.wait(timeout=30) in (0, -signal.SIGTERM)

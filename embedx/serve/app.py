@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from embedx.errors import ConfigError, ImageDecodeError
+from embedx.predict import decode_reason, load_model
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
 from embedx.serve.metrics import ServeMetrics
 
@@ -349,8 +350,7 @@ class _Server:
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, ImageDecodeError):
                 where = f"images[{index}]: " if batched else ""
-                detail = str(outcome).removeprefix("<bytes>: ")
-                raise HttpError(400, "invalid image", where + detail, reason="bad_image")
+                raise HttpError(400, "invalid image", where + decode_reason(outcome), reason="bad_image")
             if isinstance(outcome, BaseException):
                 raise outcome
         return outcomes
@@ -389,8 +389,6 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, **opt
     if model is None:
         if model_path is None:
             raise ConfigError("create_app needs model_path (a bundle .onnx) or model=")
-        from embedx.predict import load_model
-
         model = load_model(model_path, device=config.device, threads=config.threads)
     server = _Server(model, config)
     app = Starlette(
