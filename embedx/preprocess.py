@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
+import struct
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from embedx.errors import ConfigError, ImageDecodeError
 
-ImageSource = Union[str, Path, bytes, bytearray, memoryview]
+ImageSource = str | Path | bytes | bytearray | memoryview
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,19 +77,66 @@ class PreprocessSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessSpec":
+    def from_dict(cls, data: dict) -> PreprocessSpec:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
     @classmethod
-    def from_json(cls, text: str) -> "PreprocessSpec":
+    def from_json(cls, text: str) -> PreprocessSpec:
         return cls.from_dict(json.loads(text))
+
+
+#: A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only when the reduced
+#: image keeps a shorter side >= this many times ``resize_size``.  1.0 is the
+#: fastest; the DCT scaling then acts as most of the antialiasing and the result
+#: differs from a full decode by a few grey levels at sharp edges.
+JPEG_DRAFT_GAP = 1.0
+
+_ORIENTATION = 0x0112
 
 
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
+        return Image.open(io.BytesIO(source))
     return Image.open(source)
+
+
+def _fail(name: object, reason: str, cause: BaseException | None = None) -> ImageDecodeError:
+    """An ``ImageDecodeError`` whose message is ``"<name>: <reason>"``; ``.reason`` has no name."""
+    error = ImageDecodeError(f"{name}: {reason}")
+    error.reason = reason  # type: ignore[attr-defined]
+    if cause is not None:
+        error.__cause__ = cause
+    return error
+
+
+def _sniff(source: ImageSource) -> str:
+    """Why Pillow could not identify a file: say what it looks like instead."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            head = bytes(source[:512])
+        else:
+            with open(source, "rb") as handle:
+                head = handle.read(512)
+    except OSError:
+        return "not an image Pillow can identify"
+    if not head:
+        return "empty file (0 bytes)"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<svg")):
+        return "an HTML/XML document, not an image (a web page saved under an image name?)"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "a text file, not an image"
+    return "not an image Pillow can identify (unknown or corrupt header)"
+
+
+def _draft_scale(width: int, height: int, min_size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) keeping the shorter side large enough."""
+    short = min(width, height)
+    for scale in (8, 4, 2):
+        if -(-short // scale) >= min_size * JPEG_DRAFT_GAP:
+            return scale
+    return 1
 
 
 def decode(source: ImageSource, *, min_size: int | None = None) -> Image.Image:
@@ -97,48 +144,47 @@ def decode(source: ImageSource, *, min_size: int | None = None) -> Image.Image:
 
     EXIF orientation is applied; palette, alpha (composited on white), CMYK,
     16-bit and grayscale images become RGB; an animated image gives its first
-    frame.  With ``min_size``, a JPEG is decoded at the smallest DCT scale whose
-    shorter side is still >= ``min_size`` (Pillow's ``draft``), which is several
-    times faster for large photos.
+    frame.  With ``min_size``, a large JPEG is decoded at the smallest DCT scale
+    whose shorter side stays >= ``min_size * JPEG_DRAFT_GAP`` (Pillow's ``draft``),
+    several times faster for photos much larger than the model input.
 
-    Raises ``ImageDecodeError`` with a short reason for anything unreadable.
+    Raises ``ImageDecodeError`` for anything unreadable; its ``.reason`` is the
+    message without the file name (for error tables).  Truncated files are errors:
+    this relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` staying False.
     """
     name = source if isinstance(source, (str, Path)) else "<bytes>"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open(source)
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(
-                    f"{name}: {width}x{height} pixels exceeds the limit of "
-                    f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
-                )
-            if min_size and image.format == "JPEG":
-                # draft keeps both sides >= the requested size
-                scale = min(width, height) / float(min_size)
-                if scale >= 2:
-                    image.draft("RGB", (int(width / scale) + 1, int(height / scale) + 1))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+        image = _open(source)
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _fail(
+                name,
+                f"{width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
+                f"(possible decompression bomb)",
+            )
+        if min_size and image.format == "JPEG":
+            scale = _draft_scale(width, height, min_size)
+            if scale > 1:
+                image.draft("RGB", (width // scale, height // scale))
+        image.load()
+        if image.getexif().get(_ORIENTATION, 1) != 1:
+            ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"{name}: too many pixels (decompression bomb limit): {e}") from e
-    except Image.DecompressionBombWarning as e:
-        raise ImageDecodeError(f"{name}: too many pixels (decompression bomb limit): {e}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _fail(name, f"too many pixels (decompression bomb limit): {e}", e) from e
     except Image.UnidentifiedImageError as e:
-        raise ImageDecodeError(f"{name}: not an image Pillow can identify") from e
+        raise _fail(name, _sniff(source), e) from e
     except PermissionError as e:
-        raise ImageDecodeError(f"{name}: permission denied") from e
+        raise _fail(name, "permission denied", e) from e
     except IsADirectoryError as e:
-        raise ImageDecodeError(f"{name}: is a directory") from e
+        raise _fail(name, "is a directory, not an image file", e) from e
     except FileNotFoundError as e:
-        raise ImageDecodeError(f"{name}: file not found") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise _fail(name, "file not found", e) from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # Pillow reports truncated and malformed data as OSError/SyntaxError/ValueError.
-        raise ImageDecodeError(f"{name}: cannot decode ({type(e).__name__}: {e})") from e
+        raise _fail(name, f"truncated or corrupt image data ({type(e).__name__}: {e})", e) from e
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -166,28 +212,100 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_crop(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Resize the shorter side to ``spec.resize_size`` and centre-crop ``spec.input_size``.
-
-    Matches ``torchvision.transforms.Resize(resize_size)`` followed by
-    ``CenterCrop(input_size)`` on PIL images, but resizes only the region that
-    survives the crop (Pillow's ``box`` argument), which saves work on wide images.
-    """
-    width, height = image.size
+def _geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """torchvision's ``Resize(resize_size)`` size and ``CenterCrop(input_size)`` offsets."""
     short, long = (width, height) if width <= height else (height, width)
     new_short = spec.resize_size
     new_long = int(spec.resize_size * long / short)  # torchvision truncates the same way
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     crop = spec.input_size
-    # torchvision's CenterCrop offsets, in the resized image's pixel grid
     top = int(round((new_h - crop) / 2.0))
     left = int(round((new_w - crop) / 2.0))
-    scale_x = width / new_w
-    scale_y = height / new_h
-    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
-    # Pillow's filter taps may reach outside ``box`` (they clip to the whole image),
-    # so this equals resizing everything and cropping afterwards.
-    return image.resize((crop, crop), _INTERPOLATIONS[spec.interpolation], box=box)
+    return new_w, new_h, left, top
+
+
+def _exact_box_axis(in_size: int, out_size: int, offset: int, crop: int) -> bool:
+    """Whether resizing only ``[offset, offset + crop)`` of this axis (Pillow's ``box``)
+    computes the same filter taps and weights as resizing the whole axis.
+
+    Pillow takes the box as float32 and computes each output pixel's centre as
+    ``box0 + (i + 0.5) * (box1 - box0) / crop`` in doubles; the full resize computes
+    ``(offset + i + 0.5) * in_size / out_size``.  They agree bit for bit when the
+    scale is a short binary fraction and the box ends (and their difference) are
+    exact float32 numbers: the case for the usual power-of-two ``resize_size`` (256)
+    on the shorter side, rarely on the longer one.  Otherwise a weight can round
+    differently and a few pixels come out one grey level off.
+    """
+    scale = Fraction(in_size, out_size)
+    if scale.denominator & (scale.denominator - 1) or scale.denominator > 1 << 20:
+        return False  # not a short binary fraction
+
+    def float32_exact(value: Fraction) -> bool:
+        return Fraction(float(np.float32(float(value)))) == value
+
+    return all(float32_exact(v) for v in (offset * scale, (offset + crop) * scale, crop * scale))
+
+
+def _vertical_first(width: int, height: int, out_w: int, out_h: int) -> bool:
+    """Pillow (>= 11)'s choice of pass order in ``ImagingResampleInner``."""
+    return height - out_h > 0 and height - out_h > (width - out_w) * 2
+
+
+def _resize_plan(width: int, height: int, spec: PreprocessSpec) -> tuple[tuple[int, int], tuple, int, int]:
+    """(Pillow output size, Pillow box, column offset, row offset) for ``resize_crop``.
+
+    Resizing only the cropped region is used along each axis where it is exact, and
+    only if Pillow then runs its two passes in the same order as for the full
+    resize (the order changes the rounding of the intermediate image).
+    """
+    new_w, new_h, left, top = _geometry(width, height, spec)
+    crop = spec.input_size
+    reference_order = _vertical_first(width, height, new_w, new_h)
+    box_x = _exact_box_axis(width, new_w, left, crop)
+    box_y = _exact_box_axis(height, new_h, top, crop)
+    for use_x, use_y in ((box_x, box_y), (False, box_y), (box_x, False)):
+        size = (crop if use_x else new_w, crop if use_y else new_h)
+        if _vertical_first(width, height, *size) == reference_order:
+            break
+    else:
+        use_x = use_y = False
+        size = (new_w, new_h)
+    x0, x1 = (left * width / new_w, (left + crop) * width / new_w) if use_x else (0, width)
+    y0, y1 = (top * height / new_h, (top + crop) * height / new_h) if use_y else (0, height)
+    return size, (x0, y0, x1, y1), 0 if use_x else left, 0 if use_y else top
+
+
+_plan_cache: dict[tuple[int, int, PreprocessSpec], tuple] = {}
+
+
+def _plan(width: int, height: int, spec: PreprocessSpec) -> tuple:
+    key = (width, height, spec)
+    plan = _plan_cache.get(key)
+    if plan is None:
+        if len(_plan_cache) > 4096:
+            _plan_cache.clear()
+        plan = _plan_cache[key] = _resize_plan(width, height, spec)
+    return plan
+
+
+def _resized_view(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 HWC view of the ``input_size`` square, resized exactly like torchvision."""
+    size, box, cut_x, cut_y = _plan(image.width, image.height, spec)
+    resized = image.resize(size, _INTERPOLATIONS[spec.interpolation], box=box)
+    pixels = np.asarray(resized)
+    crop = spec.input_size
+    return pixels[cut_y : cut_y + crop, cut_x : cut_x + crop]
+
+
+def resize_crop(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Resize the shorter side to ``spec.resize_size`` and centre-crop ``spec.input_size``.
+
+    Pixel for pixel ``torchvision.transforms.Resize(resize_size)`` followed by
+    ``CenterCrop(input_size)`` on PIL images.  Along an axis where it is exact
+    (see ``_exact_box_axis``; usually the shorter one) only the part that survives
+    the crop is resized.
+    """
+    return Image.fromarray(np.ascontiguousarray(_resized_view(image, spec)), "RGB")
 
 
 def _normalizer(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -209,18 +327,22 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
     return out
 
 
-def to_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Decode (if needed), resize and crop: uint8 HWC RGB of ``input_size`` square."""
+def _pixels_view(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.ndarray:
     if isinstance(source, Image.Image):
         image = _to_rgb(source)
     else:
         image = decode(source, min_size=spec.resize_size)
-    return np.asarray(resize_crop(image, spec), dtype=np.uint8)
+    return _resized_view(image, spec)
+
+
+def to_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Decode (if needed), resize and crop: uint8 HWC RGB of ``input_size`` square."""
+    return np.ascontiguousarray(_pixels_view(source, spec))
 
 
 def load(source: ImageSource | Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
     """The whole path: source -> float32 CHW array ready for the backbone."""
-    return normalize(to_pixels(source, spec), spec, out=out)
+    return normalize(_pixels_view(source, spec), spec, out=out)
 
 
 def load_batch(sources: list[ImageSource], spec: PreprocessSpec) -> np.ndarray:
