@@ -254,7 +254,7 @@ async def while_queued(srv: Server, count: int, scenario):
 
 def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
     srv = Server(bundles["float"], "--max-batch", "8", "--max-delay-ms", "60000", "--max-queue", "2",
-                 "--timeout-s", "3", log=tmp_path / "log")
+                 "--timeout-s", "2", log=tmp_path / "log")
     try:
         srv.wait_ready()
 
@@ -270,6 +270,14 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
         # timed-out requests leave the queue, so the server takes new ones again
         assert srv.metric("embedx_queue_depth") == 0
         assert srv.metric("embedx_errors_total", reason="timeout") == 2
+
+        def slow_body():  # a client that stalls mid-upload
+            yield image_bytes(1)[:100]
+            time.sleep(3)
+            yield image_bytes(1)[100:]
+
+        stalled = httpx.post(srv.url + "/v1/predict", content=slow_body(), headers=PNG, timeout=30)
+        assert stalled.status_code == 408
     finally:
         srv.stop()
 

@@ -11,9 +11,9 @@ Routes:
 - ``GET /health/live`` (the process answers), ``GET /health/ready`` (200 only once
   the warm-up inference has run), ``GET /metrics`` (Prometheus text).
 
-Errors are JSON ``{"error": ..., "detail": ...}``: 400 bad image or body, 413 body too
-large, 415 content type, 503 queue full or not ready (with ``Retry-After``), 504
-timeout, 500 inference failure (that batch only).  Decoding runs in a thread pool and
+Errors are JSON ``{"error": ..., "detail": ...}``: 400 bad image or body, 408 body not
+received in time, 413 body too large, 415 content type, 503 queue full or not ready (with
+``Retry-After``), 504 timeout, 500 inference failure (that batch only).  Decoding runs in a thread pool and
 inference in one executor thread, through the ``DynamicBatcher``.
 """
 
@@ -217,7 +217,13 @@ class _Server:
             if not self.ready:
                 raise HttpError(503, "not ready", "the model is still warming up", reason="not_ready", retry_after=1)
             top_k = self._top_k(request)
-            images, batched = await self._read_images(request)
+            try:
+                images, batched = await asyncio.wait_for(self._read_images(request), self.config.timeout_s)
+            except asyncio.TimeoutError as e:
+                raise HttpError(
+                    408, "request timeout", f"the request body did not arrive within {self.config.timeout_s:g} s",
+                    reason="timeout",
+                ) from e
             arrays = await self._decode(images, batched, deadline)
             rows = await self._infer(arrays, deadline)
         except HttpError as e:
