@@ -104,11 +104,17 @@ class OnnxClassifier(_Classifier):
         if len(inputs) != 1:
             raise OnnxModelError(f"{self.path} has {len(inputs)} inputs; a bundle has exactly one image input")
         self.input_name = inputs[0].name
+        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
+        #: a model exported with a fixed batch size takes exactly that many images per call
+        self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = PROBABILITIES if PROBABILITIES in outputs else outputs[0]
         self.providers = self.runtime.providers
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        if self.fixed_batch is not None and len(batch) != self.fixed_batch:
+            # a fixed-batch model (rare: most exports have a dynamic batch axis) runs chunk by chunk
+            return np.concatenate([self.predict_proba(chunk) for chunk in self._fixed_chunks(batch)])[: len(batch)]
         (probabilities,) = self.session.run([self.output_name], {self.input_name: batch})
         if probabilities.ndim != 2 or probabilities.shape[1] != len(self.classes):
             raise OnnxModelError(
@@ -116,6 +122,14 @@ class OnnxClassifier(_Classifier):
                 f"expected (N, {len(self.classes)}) for its {len(self.classes)} classes"
             )
         return probabilities
+
+    def _fixed_chunks(self, batch: np.ndarray):
+        size = self.fixed_batch
+        for start in range(0, len(batch), size):
+            chunk = batch[start : start + size]
+            if len(chunk) < size:  # pad the last chunk; its padding rows are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+            yield chunk
 
     def describe(self) -> dict[str, Any]:
         """The model's metadata as plain JSON values (for ``GET /v1/model``)."""
@@ -127,6 +141,7 @@ class OnnxClassifier(_Classifier):
             "input_format": self.input_format,
             "input_name": self.input_name,
             "output_name": self.output_name,
+            "fixed_batch": self.fixed_batch,
             "providers": self.providers,
         }
         for key in ("kind", "backbone", "weights", "feature_layer", "version"):

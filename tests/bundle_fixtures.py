@@ -17,7 +17,8 @@ SPEC = PreprocessSpec(input_size=16, resize_size=20, mean=(0.5, 0.4, 0.3), std=(
 CLASSES = ["cat", "dog", "fish"]
 
 
-def tiny_backbone(*, spec: PreprocessSpec = SPEC, feature_dim: int = 8, seed: int = 0, opset: int = 17):
+def tiny_backbone(*, spec: PreprocessSpec = SPEC, feature_dim: int = 8, seed: int = 0, opset: int = 17,
+                  batch: str | int = "batch"):
     """"input" (N,3,S,S) -> Conv 3x3 -> Relu -> GlobalAveragePool -> Flatten -> "features"."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -33,8 +34,8 @@ def tiny_backbone(*, spec: PreprocessSpec = SPEC, feature_dim: int = 8, seed: in
             helper.make_node("Flatten", ["pool"], ["features"], axis=1),
         ],
         "tiny_backbone",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", feature_dim])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, feature_dim])],
         [numpy_helper.from_array(weight, "conv.weight"), numpy_helper.from_array(bias, "conv.bias")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -76,12 +77,13 @@ def tiny_head(*, feature_dim: int = 8, num_classes: int = len(CLASSES), seed: in
     return model, weight, bias
 
 
-def make_bundle(path: Path, *, with_preprocess: bool = False, temperature: float = 1.5) -> Path:
+def make_bundle(path: Path, *, with_preprocess: bool = False, temperature: float = 1.5,
+                batch: str | int = "batch") -> Path:
     from embedx.bundle import compose, save
 
     head, _, _ = tiny_head()
     model = compose(
-        tiny_backbone(),
+        tiny_backbone(batch=batch),
         head,
         classes=CLASSES,
         temperature=temperature,

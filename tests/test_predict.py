@@ -85,6 +85,19 @@ def test_uint8_bundle_gives_the_same_answers(bundle_path, images, tmp_path):
     np.testing.assert_allclose(u8.predict_proba(pixels), float_model.predict_proba(floats), atol=1e-6)
 
 
+def test_a_fixed_batch_bundle_runs_any_number_of_images(bundle_path, images, tmp_path):
+    fixed = make_bundle(tmp_path / "fixed.onnx", batch=2)
+    assert load_model(fixed, device="cpu").fixed_batch == 2
+    assert load_model(bundle_path, device="cpu").fixed_batch is None
+    ours = list(predict_files([images], model=fixed, batch_size=5, device="cpu"))  # chunks of 2, last padded
+    theirs = list(predict_files([images], model=bundle_path, batch_size=5, device="cpu"))
+    assert ours == theirs or all(
+        a.get("error") == b.get("error")
+        and [c["label"] for c in a.get("top_k", [])] == [c["label"] for c in b.get("top_k", [])]
+        for a, b in zip(ours, theirs, strict=True)
+    )
+
+
 def test_model_must_be_a_bundle(tmp_path):
     backbone = tmp_path / "backbone.onnx"
     onnx.save(tiny_backbone(), backbone)
