@@ -167,3 +167,19 @@ def test_cli_predict_bad_model_is_one_line_error(tmp_path, images):
     result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "backbone.onnx"), str(images)])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and "embedx bundle" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_preprocess", [False, True], ids=["float_nchw", "uint8_nhwc"])
+def test_bundle_on_the_gpu_agrees_with_the_cpu(with_preprocess, images, tmp_path):
+    from embedx import runtime
+
+    if not runtime.gpu_available():
+        pytest.skip("no NVIDIA GPU with a CUDA driver on this machine")
+    path = make_bundle(tmp_path / "model.onnx", with_preprocess=with_preprocess)
+    gpu = load_model(path, device="cuda")
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    cpu = load_model(path, device="cpu")
+    files = sorted((images / "a").iterdir())
+    batch = np.stack([cpu.prepare(f) for f in files])
+    np.testing.assert_allclose(gpu.predict_proba(batch), cpu.predict_proba(batch), atol=1e-4)

@@ -57,24 +57,36 @@ def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, as_json:
 def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Path, ...], top_k: int,
                     batch_size: int, device: str, as_json: bool) -> None:
     """Classify IMAGES (files or folders) with a bundle or a head directory."""
-    from embedx.predict import predict_files
+    import sys
+
+    from embedx.cli.progressbar import progress_bar
+    from embedx.predict import expand_sources, predict_files
 
     if (model is None) == (head_dir is None):
         raise click.UsageError("pass exactly one of --model or --head")
     errors = 0
-    rows = predict_files(images, model=model, head=head_dir, top_k=top_k, batch_size=batch_size, device=device)
-    for row in rows:
-        if "error" in row:
-            errors += 1
-        if as_json:
-            click.echo(json.dumps(row))
-        elif "error" in row:
-            click.echo(f"{row['path']}\terror: {row['error']}")
-        else:
-            ranked = ", ".join(f"{c['label']} {c['probability']:.3f}" for c in row["top_k"])
-            click.echo(f"{row['path']}\t{ranked}")
+    paths = expand_sources(images)
+    rows = predict_files(paths, model=model, head=head_dir, top_k=top_k, batch_size=batch_size, device=device)
+    # a bar only when the rows go elsewhere (a file, a pipe) and a person watches stderr
+    show_bar = sys.stderr.isatty() and not sys.stdout.isatty() and len(paths) > batch_size
+    with progress_bar("predict", enabled=show_bar) as progress:
+        for done, row in enumerate(rows, start=1):
+            progress(done, len(paths), {"errors": errors})
+            errors += _echo_row(row, as_json)
     if errors:
         click.echo(f"{errors} image(s) could not be read", err=True)
+
+
+def _echo_row(row: dict, as_json: bool) -> int:
+    """Print one prediction; 1 if it was an error line."""
+    if as_json:
+        click.echo(json.dumps(row))
+    elif "error" in row:
+        click.echo(f"{row['path']}\terror: {row['error']}")
+    else:
+        ranked = ", ".join(f"{c['label']} {c['probability']:.3f}" for c in row["top_k"])
+        click.echo(f"{row['path']}\t{ranked}")
+    return int("error" in row)
 
 
 COMMANDS = [predict_command, bundle_command]
