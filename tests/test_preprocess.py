@@ -1,0 +1,349 @@
+"""preprocess: same pixels as torchvision's eval transform; every bad input decoded or refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from embedx import preprocess
+from embedx.errors import ConfigError, ImageDecodeError
+from embedx.preprocess import PreprocessSpec
+from tests.corpus import make_corpus
+
+SPECS = {
+    "imagenet": PreprocessSpec(),
+    "bicubic-274": PreprocessSpec(input_size=240, resize_size=274, interpolation="bicubic",
+                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "no-crop": PreprocessSpec(input_size=224, resize_size=224),
+}
+
+SIZES = [(500, 375), (375, 500), (224, 224), (257, 1000), (1000, 257), (301, 299), (100, 80),
+         (640, 480), (333, 777), (256, 256), (255, 300), (1024, 768), (3, 700), (1200, 1199)]
+
+
+def torchvision_transform(spec: PreprocessSpec):
+    transforms = pytest.importorskip("torchvision.transforms")
+    import torch
+
+    torch.set_num_threads(1)
+    mode = transforms.InterpolationMode(spec.interpolation)
+    return transforms.Compose([
+        transforms.Resize(spec.resize_size, interpolation=mode),
+        transforms.CenterCrop(spec.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """Smooth shapes plus mild noise: compresses like a photo, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(2, height // 60), max(2, width // 60), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+    pixels = np.clip(smooth.astype(np.int16) + rng.integers(-8, 9, smooth.shape), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "data", n_good_per_class=2)
+
+
+# -- geometry: identical to torchvision ------------------------------------------------
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_load_matches_torchvision_on_pil_images(spec_name):
+    spec = SPECS[spec_name]
+    reference = torchvision_transform(spec)
+    for i, (width, height) in enumerate(SIZES):
+        image = noise_image(width, height, seed=i)
+        expected = reference(image).numpy()
+        got = preprocess.load(image, spec)
+        assert got.shape == expected.shape == (3, spec.input_size, spec.input_size)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=f"{width}x{height}")
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_resize_crop_is_bit_identical_to_resize_then_crop(spec_name):
+    """The partial (box) resize must not change a single pixel, for any image size."""
+    spec = SPECS[spec_name]
+    resample = preprocess._INTERPOLATIONS[spec.interpolation]
+    rng = np.random.default_rng(7)
+    sizes = SIZES + [tuple(int(v) for v in pair) for pair in rng.integers(40, 1000, (30, 2))]
+    used_box = 0
+    for width, height in sizes:
+        image = noise_image(width, height, seed=width * height)
+        new_w, new_h, left, top = preprocess._geometry(width, height, spec)
+        crop = spec.input_size
+        full = np.asarray(image.resize((new_w, new_h), resample))[top : top + crop, left : left + crop]
+        got = np.asarray(preprocess.resize_crop(image, spec))
+        assert np.array_equal(got, full), f"{width}x{height} differs from resize-then-crop"
+        used_box += preprocess._plan(width, height, spec)[0] != (new_w, new_h)
+    if spec.resize_size == 256:
+        assert used_box > len(sizes) // 2  # the fast path is actually taken
+
+
+def test_load_from_png_file_matches_torchvision(tmp_path):
+    spec = SPECS["imagenet"]
+    path = tmp_path / "x.png"
+    noise_image(613, 401).save(path)
+    expected = torchvision_transform(spec)(Image.open(path).convert("RGB")).numpy()
+    np.testing.assert_allclose(preprocess.load(path, spec), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(preprocess.load(path.read_bytes(), spec), expected, atol=1e-5, rtol=0)
+
+
+def test_small_jpeg_is_decoded_at_full_size_and_matches(tmp_path):
+    spec = SPECS["imagenet"]
+    data = photo_jpeg(500, 375)
+    assert preprocess.decode(data, min_size=spec.resize_size).size == (500, 375)
+    expected = torchvision_transform(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+    np.testing.assert_allclose(preprocess.load(data, spec), expected, atol=1e-5, rtol=0)
+
+
+def test_large_jpeg_uses_draft_within_a_small_tolerance():
+    spec = SPECS["imagenet"]
+    data = photo_jpeg(2000, 1500, seed=3)
+    drafted = preprocess.decode(data, min_size=spec.resize_size)
+    assert drafted.size == (500, 375)  # 1/4 DCT scale keeps the short side >= 256
+    assert preprocess.decode(data).size == (2000, 1500)
+    expected = torchvision_transform(spec)(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
+    difference = np.abs(preprocess.load(data, spec) - expected)
+    # measured: mean 0.004, max 0.05 (normalized units; one grey level is ~0.017)
+    assert difference.mean() < 0.02
+    assert difference.max() < 0.25
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "min_size", "scale"),
+    [(2000, 1500, 256, 4), (4000, 3000, 256, 8), (800, 533, 256, 2), (511, 511, 256, 2), (510, 510, 256, 1),
+     (512, 512, 256, 2), (600, 300, 256, 1), (6000, 4000, 256, 8), (300, 300, None, 1)],
+)
+def test_draft_scale(width, height, min_size, scale):
+    assert preprocess._draft_scale(width, height, min_size or 10**9) == scale
+
+
+def test_normalize_is_the_torchvision_formula():
+    spec = SPECS["imagenet"]
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = (pixels.transpose(2, 0, 1) / 255.0 - np.array(spec.mean)[:, None, None]) / np.array(
+        spec.std
+    )[:, None, None]
+    np.testing.assert_allclose(preprocess.normalize(pixels, spec), expected, atol=1e-5)
+
+
+def test_to_pixels_and_batches(tmp_path):
+    spec = SPECS["imagenet"]
+    paths = []
+    for i, size in enumerate([(300, 200), (200, 300), (224, 224)]):
+        paths.append(tmp_path / f"{i}.png")
+        noise_image(*size, seed=i).save(paths[-1])
+    pixels = preprocess.to_pixels(paths[0], spec)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+    batch = preprocess.load_batch(paths, spec)
+    assert batch.shape == (3, 3, 224, 224) and batch.dtype == np.float32
+    for row, path in zip(batch, paths, strict=True):
+        np.testing.assert_array_equal(row, preprocess.load(path, spec))
+    np.testing.assert_array_equal(batch[0], preprocess.normalize(pixels, spec))
+    out = np.zeros((3, 224, 224), np.float32)
+    assert preprocess.load(paths[1], spec, out=out) is out
+    np.testing.assert_array_equal(out, batch[1])
+
+
+# -- every awkward input --------------------------------------------------------------
+
+
+def mean_rgb(image: Image.Image, box=None) -> np.ndarray:
+    pixels = np.asarray(image.crop(box) if box else image, dtype=np.float64)
+    return pixels.reshape(-1, 3).mean(axis=0)
+
+
+def test_corpus_good_images_decode_to_rgb(corpus):
+    for relpath in corpus["decode"]:
+        image = preprocess.decode(corpus["root"] / relpath)
+        assert image.mode == "RGB", relpath
+        pixels = preprocess.to_pixels(corpus["root"] / relpath, SPECS["imagenet"])
+        assert pixels.shape == (224, 224, 3)
+
+
+def test_cmyk_jpeg(corpus):
+    image = preprocess.decode(corpus["root"] / corpus["cases"]["cmyk"])
+    np.testing.assert_allclose(mean_rgb(image), [0, 255, 255], atol=6)  # cyan
+
+
+def test_16bit_png_is_scaled_not_clipped(corpus):
+    path = corpus["root"] / corpus["cases"]["gray16"]
+    assert Image.open(path).mode.startswith("I")
+    image = preprocess.decode(path)
+    np.testing.assert_allclose(mean_rgb(image, (0, 0, 20, 32)), [64, 64, 64], atol=1)
+    np.testing.assert_allclose(mean_rgb(image, (20, 0, 40, 32)), [191, 191, 191], atol=1)
+
+
+def test_palette_transparency_is_composited_on_white(corpus):
+    image = preprocess.decode(corpus["root"] / corpus["cases"]["palette_transparent"])
+    np.testing.assert_array_equal(mean_rgb(image, (0, 0, 20, 32)), [255, 255, 255])
+    np.testing.assert_array_equal(mean_rgb(image, (20, 0, 40, 32)), [0, 200, 0])
+
+
+def test_rgba_and_la_are_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (2, 0, 4, 4))
+    half = Image.new("LA", (4, 4), (0, 128))
+    for image, left, right in [(rgba, [255, 255, 255], [0, 0, 255])]:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        decoded = preprocess.decode(buffer.getvalue())
+        np.testing.assert_array_equal(mean_rgb(decoded, (0, 0, 2, 4)), left)
+        np.testing.assert_array_equal(mean_rgb(decoded, (2, 0, 4, 4)), right)
+    buffer = io.BytesIO()
+    half.save(buffer, "PNG")
+    np.testing.assert_allclose(mean_rgb(preprocess.decode(buffer.getvalue())), [127, 127, 127], atol=1)
+
+
+def test_grayscale(corpus):
+    image = preprocess.decode(corpus["root"] / corpus["cases"]["grayscale"])
+    np.testing.assert_array_equal(mean_rgb(image), [100, 100, 100])
+
+
+def test_exif_rotation_is_applied(corpus):
+    path = corpus["root"] / corpus["cases"]["exif_rotated"]
+    assert Image.open(path).size == (48, 32)
+    image = preprocess.decode(path)
+    assert image.size == (32, 48)
+    top, bottom = mean_rgb(image, (0, 0, 32, 20)), mean_rgb(image, (0, 28, 32, 48))
+    assert top[0] > 200 and top[2] < 60  # red on top
+    assert bottom[2] > 200 and bottom[0] < 60  # blue below
+
+
+def test_animated_gif_gives_the_first_frame(corpus):
+    image = preprocess.decode(corpus["root"] / corpus["cases"]["animated_gif"])
+    np.testing.assert_allclose(mean_rgb(image), [255, 0, 0], atol=2)
+
+
+@pytest.mark.parametrize("case", ["space_name", "non_ascii_name"])
+def test_odd_names(corpus, case):
+    path = corpus["root"] / corpus["cases"][case]
+    assert preprocess.decode(path).size == (40, 32)
+    assert preprocess.decode(str(path)).size == (40, 32)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("zero_byte", "empty file (0 bytes)"),
+        ("truncated_jpeg", "truncated or corrupt image data"),
+        ("text_as_jpg", "a text file, not an image"),
+        ("html_as_png", "an HTML/XML document"),
+        ("bomb", "decompression bomb"),
+    ],
+)
+def test_bad_files_raise_with_a_reason(corpus, case, reason):
+    path = corpus["root"] / corpus["cases"][case]
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ImageDecodeError) as info:
+            preprocess.decode(source)
+        assert reason in str(info.value)
+        assert info.value.reason in str(info.value) and str(path) not in info.value.reason
+        assert "\n" not in str(info.value)
+    with pytest.raises(ImageDecodeError):
+        preprocess.load(path, SPECS["imagenet"])
+
+
+def test_bomb_is_refused_before_decoding(corpus):
+    """20000x20000 claimed by a 100-byte file: refused from the header, nothing allocated."""
+    path = corpus["root"] / corpus["cases"]["bomb"]
+    assert path.stat().st_size < 200
+    with pytest.raises(ImageDecodeError, match="20000x20000|400000000"):
+        preprocess.decode(path)
+
+
+def test_over_our_limit_but_under_pillows(monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 100)
+    buffer = io.BytesIO()
+    Image.new("RGB", (11, 10)).save(buffer, "PNG")
+    with pytest.raises(ImageDecodeError, match="11x10 pixels exceeds the limit of 100"):
+        preprocess.decode(buffer.getvalue())
+
+
+def test_unreadable_file(corpus):
+    path = corpus["root"] / corpus["cases"]["unreadable_file"]
+    if not corpus["unreadable_effective"]:
+        pytest.skip("chmod 000 does not stop this user (root?) from reading; see the next test")
+    with pytest.raises(ImageDecodeError, match="permission denied"):
+        preprocess.decode(path)
+
+
+def test_permission_error_is_a_decode_error(tmp_path, monkeypatch):
+    path = tmp_path / "x.png"
+    noise_image(8, 8).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(preprocess.Image, "open", refuse)
+    with pytest.raises(ImageDecodeError, match="permission denied"):
+        preprocess.decode(path)
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        preprocess.decode(tmp_path / "nope.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageDecodeError, match="is a directory"):
+        preprocess.decode(tmp_path / "dir.jpg")
+
+
+def test_truncated_images_stay_errors():
+    """Nothing in embedx turns on Pillow's global LOAD_TRUNCATED_IMAGES."""
+    import embedx.data  # noqa: F401
+    import embedx.runtime  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# -- spec ------------------------------------------------------------------------------
+
+
+def test_spec_round_trips_and_validates():
+    spec = SPECS["bicubic-274"]
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    assert PreprocessSpec.from_dict({**spec.to_dict(), "unknown": 1}) == spec
+    assert PreprocessSpec(mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match="interpolation"):
+        PreprocessSpec(interpolation="area")
+    with pytest.raises(ConfigError, match="resize_size"):
+        PreprocessSpec(input_size=300, resize_size=256)
+    with pytest.raises(ConfigError, match="three values"):
+        PreprocessSpec(mean=(0.5, 0.5))
+
+
+def test_preprocess_is_torch_free():
+    code = "import embedx.preprocess, sys; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ}).returncode == 0
+
+
+@pytest.mark.slow
+def test_hymenoptera_matches_torchvision_without_draft(hymenoptera):
+    """Every real image (no draft, PIL in): within 1e-5 of the tutorial transform."""
+    spec = SPECS["imagenet"]
+    reference = torchvision_transform(spec)
+    paths = sorted(p for p in hymenoptera.rglob("*") if p.is_file())
+    worst = 0.0
+    for path in paths:
+        image = Image.open(path).convert("RGB")  # as the tutorial: no EXIF, no compositing
+        worst = max(worst, float(np.abs(preprocess.load(image, spec) - reference(image).numpy()).max()))
+    assert worst < 1e-5
