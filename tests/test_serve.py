@@ -254,7 +254,7 @@ async def while_queued(srv: Server, count: int, scenario):
 
 def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
     srv = Server(bundles["float"], "--max-batch", "8", "--max-delay-ms", "60000", "--max-queue", "2",
-                 "--timeout-s", "2", log=tmp_path / "log")
+                 "--timeout-s", "3", log=tmp_path / "log")
     try:
         srv.wait_ready()
 
@@ -273,7 +273,7 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
 
         def slow_body():  # a client that stalls mid-upload
             yield image_bytes(1)[:100]
-            time.sleep(3)
+            time.sleep(4.5)
             yield image_bytes(1)[100:]
 
         stalled = httpx.post(srv.url + "/v1/predict", content=slow_body(), headers=PNG, timeout=30)
@@ -283,7 +283,7 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
 
 
 def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-batch", "32", "--max-delay-ms", "1500", log=tmp_path / "log")
+    srv = Server(bundles["float"], "--max-batch", "32", "--max-delay-ms", "3000", log=tmp_path / "log")
     try:
         srv.wait_ready()
 
