@@ -57,11 +57,12 @@ class ExtractSummary:
     new: int  # rows computed by this run
     reused: int  # rows taken from the existing cache or the resume journal
     errors: int  # entries in the cache's errors table
-    seconds: float  # the whole call, including backbone export and session start
+    seconds: float  # the whole call, including backbone export
     images_per_second: float  # new / pipeline_seconds
-    pipeline_seconds: float  # hash + decode/infer + write, without setup
-    setup_seconds: float  # discover, export/resolve, ORT session (and int8 calibration)
+    pipeline_seconds: float  # from opening the cache to the finished file: hash, session, decode, infer, write
+    setup_seconds: float  # discover the data, export/resolve the backbone (cached after the first run)
     hash_seconds: float
+    session_seconds: float  # ORT session (and int8 calibration), overlapped with the first decodes
     decode_seconds: float  # CPU seconds spent decoding, summed over workers
     decode_wait_seconds: float  # main process waiting for decoded batches
     inference_seconds: float
@@ -91,7 +92,14 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
+#: Tests name a file here to simulate a decoder process that dies on it (a native crash).
+CRASH_TEST_VARIABLE = "EMBEDX_TEST_DECODER_CRASH_ON"
+_in_worker = False
+
+
 def _init_worker(parent: int) -> None:
+    global _in_worker
+    _in_worker = True
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
@@ -114,7 +122,10 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
     rows: list[int] = []
     keys: list[str] = []
     errors: list[tuple[int, str]] = []
+    crash_on = os.environ.get(CRASH_TEST_VARIABLE) if _in_worker else None
     for index, path in enumerate(paths):
+        if crash_on and os.path.basename(path) == crash_on:
+            os._exit(70)
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
@@ -142,42 +153,89 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
 
 
 class _Decoder:
-    """Decoded batches, in submission order, from worker processes (or inline)."""
+    """Decoded batches, in order, from worker processes (or inline with ``workers=0``).
 
-    def __init__(self, spec: preprocess.PreprocessSpec, workers: int) -> None:
+    Work is submitted on construction, so workers start decoding while the caller
+    still sets up its ONNX Runtime session.  At most ``PREFETCH_PER_WORKER`` batches
+    per worker are in flight (bounded memory).  If a worker process dies (a native
+    crash in an image library, the OOM killer), the pool is restarted and that batch
+    is decoded again one file per task, so only the file that kills a decoder is
+    lost, recorded as an error.
+    """
+
+    def __init__(self, spec: preprocess.PreprocessSpec, workers: int, batches: Sequence[Sequence[str]]) -> None:
         self.spec_json = spec.to_json()
         self.workers = workers
+        self._batches = iter(batches)
+        self._pending: deque = deque()  # (paths, future)
         self.pool = None
         if workers > 0:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            self._start_pool()
+            self._fill()
 
-            # spawn: the parent has ORT (and maybe torch) threads, which fork does not survive
-            self.pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(os.getpid(),),
-            )
+    def _start_pool(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    def map(self, batches: Sequence[Sequence[str]]):
-        """Yield one result dict per batch, keeping at most a few batches in flight."""
+        # spawn: the parent has ORT (and maybe torch) threads, which fork does not survive
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+
+    def _restart_pool(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._start_pool()
+        again = [paths for paths, _ in self._pending]
+        self._pending = deque((paths, self.pool.submit(_decode_batch, self.spec_json, paths)) for paths in again)
+
+    def _fill(self) -> None:
+        ahead = max(2, PREFETCH_PER_WORKER * self.workers)
+        while len(self._pending) < ahead:
+            paths = next(self._batches, None)
+            if paths is None:
+                return
+            self._pending.append((paths, self.pool.submit(_decode_batch, self.spec_json, paths)))
+
+    def _isolated(self, paths: Sequence[str]) -> dict[str, Any]:
+        """Decode ``paths`` one per task after a worker died; a file that kills one is an error."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        parts = []
+        for path in paths:
+            try:
+                parts.append(self.pool.submit(_decode_batch, self.spec_json, [path]).result())
+            except BrokenProcessPool:
+                log.warning("a decoder process died on %s; recording it as an error", path)
+                self._restart_pool()
+                parts.append({"rows": [], "keys": [""], "pixels": None, "seconds": 0.0,
+                              "errors": [(0, "the decoder process crashed on this file")]})
+        pixels = [part["pixels"] for part in parts if part["rows"]]
+        return {
+            "rows": [i for i, part in enumerate(parts) if part["rows"]],
+            "keys": [part["keys"][0] for part in parts],
+            "pixels": np.concatenate(pixels) if pixels else np.empty((0, 1, 1, 3), dtype=np.uint8),
+            "errors": [(i, part["errors"][0][1]) for i, part in enumerate(parts) if part["errors"]],
+            "seconds": sum(part["seconds"] for part in parts),
+        }
+
+    def __iter__(self):
+        from concurrent.futures.process import BrokenProcessPool
+
         if self.pool is None:
-            for paths in batches:
+            for paths in self._batches:
                 yield _decode_batch(self.spec_json, paths)
             return
-        ahead = max(2, PREFETCH_PER_WORKER * self.workers)
-        pending: deque = deque()
-        queue = iter(batches)
-        for paths in queue:
-            pending.append(self.pool.submit(_decode_batch, self.spec_json, paths))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append(self.pool.submit(_decode_batch, self.spec_json, nxt))
+        while self._pending:
+            paths, future = self._pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                self._restart_pool()
+                result = self._isolated(paths)
+            self._fill()
             yield result
 
     def close(self) -> None:
@@ -251,6 +309,133 @@ def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.n
 # --------------------------------------------------------------------------- extract
 
 
+def _cache_meta(exported: Any, *, weights: str, dtype: str, precision: str) -> Any:
+    from embedx.cache import CacheMeta, sha256_file
+
+    return CacheMeta(
+        backbone=exported.backbone,
+        weights_tag=exported.weights_tag,
+        weights_arg=str(getattr(exported, "weights_arg", "") or weights),
+        onnx_path=str(Path(exported.path).resolve()),
+        onnx_sha256=getattr(exported, "sha256", "") or sha256_file(exported.path),
+        feature_layer=str(exported.feature_layer),
+        feature_dim=int(exported.feature_dim),
+        preprocess=exported.preprocess.to_dict(),
+        dtype=dtype,
+        precision=precision,
+    )
+
+
+@dataclass
+class _Run:
+    """Mutable state of one extraction (keys by item index, errors, clocks)."""
+
+    keys: list[str]
+    read_errors: dict[int, str]
+    todo: list[int]
+    decode_errors: dict[int, str] = field(default_factory=dict)
+    new: int = 0
+    workers: int = 0
+    model: Any = None
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("hash", "session", "decode", "wait", "inference", "write"), 0.0)
+    )
+
+
+def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
+    """Hash every file and list the items to compute: one per key not done and not known bad."""
+    tick = time.perf_counter()
+    hashed = _hash_all([item.path for item in items], threads=min(4, max(2, workers)))
+    keys = [key for key, _ in hashed]
+    known_errors = writer.known_errors
+    todo: list[int] = []
+    seen: set[str] = set()
+    for index, key in enumerate(keys):
+        if key and key not in seen and not writer.has(key) and key not in known_errors:
+            todo.append(index)
+        seen.add(key)
+    run = _Run(keys=keys, read_errors={i: reason for i, (key, reason) in enumerate(hashed) if not key}, todo=todo)
+    run.seconds["hash"] = time.perf_counter() - tick
+    return run
+
+
+def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, batch_size: int,
+             workers: int | None, threads: int | None, device: str, precision: str, progress) -> None:
+    """Decode, infer and journal every item in ``run.todo``, in order."""
+    spec = exported.preprocess
+    batches = [run.todo[i : i + batch_size] for i in range(0, len(run.todo), batch_size)]
+    run.workers = min(default_workers() if workers is None else workers, len(batches))
+    if workers is None and len(batches) <= SMALL_JOB_BATCHES:
+        run.workers = 0  # starting processes would cost more than decoding inline
+    decoder = _Decoder(spec, run.workers, [[str(items[i].path) for i in batch] for batch in batches])
+    try:
+        from embedx.runtime import OrtModel
+
+        tick = time.perf_counter()  # the workers are already decoding the first batches
+        calibration = None
+        if precision == "int8":
+            calibration = _calibration_batch(items, run.keys, writer.known_errors, spec)
+        run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
+                             calibration=calibration)
+        run.seconds["session"] = time.perf_counter() - tick
+        if progress is not None:
+            progress(0, len(run.todo), {})
+        done = 0
+        waited = time.perf_counter()
+        for batch, result in zip(batches, decoder, strict=True):
+            run.seconds["wait"] += time.perf_counter() - waited
+            run.seconds["decode"] += result["seconds"]
+            for position, key in enumerate(result["keys"]):
+                if key:  # the bytes read for decoding are what the features belong to
+                    run.keys[batch[position]] = key
+            for position, reason in result["errors"]:
+                index = batch[position]
+                run.decode_errors[index] = reason
+                writer.record_error(items[index].relpath, reason, key=run.keys[index])
+            rows = [batch[position] for position in result["rows"]]
+            tick = time.perf_counter()
+            features = run.model.run(_normalize_into(result["pixels"], spec)) if rows else None
+            run.seconds["inference"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            if rows:
+                writer.append([run.keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
+            else:
+                writer.flush()
+            run.seconds["write"] += time.perf_counter() - tick
+            run.new += len(rows)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(run.todo), {"errors": len(run.decode_errors)})
+            waited = time.perf_counter()
+    finally:
+        decoder.close()
+
+
+def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):
+    """The cache's rows (every item whose key has features, in data set order) and errors."""
+    from embedx.data import split_for_key
+
+    known_errors = writer.known_errors
+    errors: list[tuple[str, str, str]] = [(relpath, reason, "") for relpath, reason in dataset.skipped]
+    rows: dict[str, list] = {"keys": [], "paths": [], "labels": [], "splits": []}
+    for index, item in enumerate(dataset.items):
+        key = run.keys[index]
+        if not key:
+            errors.append((item.relpath, run.read_errors.get(index) or run.decode_errors[index], ""))
+        elif index in run.decode_errors:
+            errors.append((item.relpath, run.decode_errors[index], key))
+        elif writer.has(key):
+            rows["keys"].append(key)
+            rows["paths"].append(item.relpath)
+            rows["labels"].append(item.label)
+            rows["splits"].append(split_for_key(key, val_fraction) if val_fraction else item.split)
+        elif key in known_errors:
+            errors.append((item.relpath, known_errors[key], key))
+        else:  # its bytes changed between hashing and decoding; the next run picks it up
+            errors.append((item.relpath, "changed during extraction; run again to include it", key))
+    return rows, errors
+
+
 def extract(
     data: str | Path,
     *,
@@ -276,9 +461,10 @@ def extract(
     ones.  A cache made with other settings is refused (``CacheMismatchError``)
     unless ``overwrite``.  ``workers`` decode processes (default: one per core,
     0 decodes in this process); ``threads`` for ONNX Runtime (default: physical cores).
+    ``progress(done, total, info)`` is called once per batch.
     """
-    from embedx import data as data_module
-    from embedx.cache import CacheMeta, CacheWriter, sha256_file
+    from embedx.cache import CacheWriter
+    from embedx.data import discover
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -292,7 +478,7 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
     started = time.perf_counter()
-    dataset = data_module.discover(data, manifest=manifest)
+    dataset = discover(data, manifest=manifest)
     if val_fraction and any(item.split != "train" for item in dataset.items):
         raise ConfigError(
             f"{data} already has val/test splits ({dataset.layout}); --val-fraction only splits "
@@ -301,156 +487,47 @@ def extract(
     from embedx.export import resolve_backbone
 
     exported = resolve_backbone(backbone, weights=weights, layer=layer)
-    setup_seconds = time.perf_counter() - started
-    spec = exported.preprocess
+    meta = _cache_meta(exported, weights=weights, dtype=dtype, precision=precision)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
-    meta = CacheMeta(
-        backbone=exported.backbone,
-        weights_tag=exported.weights_tag,
-        weights_arg=str(getattr(exported, "weights_arg", weights)),
-        onnx_path=str(Path(exported.path).resolve()),
-        onnx_sha256=getattr(exported, "sha256", "") or sha256_file(exported.path),
-        feature_layer=str(exported.feature_layer),
-        feature_dim=int(exported.feature_dim),
-        preprocess=spec.to_dict(),
-        dtype=dtype,
-        precision=precision,
-    )
-    items = dataset.items
-    n_workers = default_workers() if workers is None else workers
-    timings = dict.fromkeys(("hash", "decode", "wait", "inference", "write"), 0.0)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
-        hashed = _hash_all([item.path for item in items], threads=min(4, max(2, n_workers)))
-        keys = [key for key, _ in hashed]
-        read_errors = {i: reason for i, (key, reason) in enumerate(hashed) if not key}
-        timings["hash"] = time.perf_counter() - pipeline_start
-        known_errors = writer.known_errors
-        # one decode per distinct key that is neither done nor known to fail
-        todo: list[int] = []
-        seen: set[str] = set()
-        for index, key in enumerate(keys):
-            if key and key not in seen and not writer.has(key) and key not in known_errors:
-                todo.append(index)
-            if key:
-                seen.add(key)
-
+        run = _plan(dataset.items, writer, default_workers() if workers is None else workers)
+        if run.todo:
+            _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
+                     threads=threads, device=device, precision=precision, progress=progress)
+        rows, errors = _assemble(run, dataset, writer, val_fraction)
         tick = time.perf_counter()
-        model = None
-        int8_cosine = None
-        if todo:
-            from embedx.runtime import OrtModel
-
-            calibration = None
-            if precision == "int8":
-                calibration = _calibration_batch(items, keys, known_errors, spec)
-            model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
-                             calibration=calibration)
-            int8_cosine = model.int8_cosine
-        session_seconds = time.perf_counter() - tick
-        setup_seconds += session_seconds
-        pipeline_start += session_seconds  # the pipeline clock excludes the session start
-        if progress is not None:
-            progress(0, len(todo), {})
-
-        decode_errors: dict[int, str] = {}
-        new = 0
-        total = len(todo)
-        done = 0
-        if todo:
-            batches = [todo[i : i + batch_size] for i in range(0, total, batch_size)]
-            n_workers = min(n_workers, len(batches))
-            if workers is None and len(batches) <= SMALL_JOB_BATCHES:
-                n_workers = 0  # starting processes would cost more than decoding inline
-            decoder = _Decoder(spec, n_workers)
-            try:
-                waited = time.perf_counter()
-                for batch_indices, result in zip(
-                    batches, decoder.map([[str(items[i].path) for i in b] for b in batches]), strict=True
-                ):
-                    timings["wait"] += time.perf_counter() - waited
-                    timings["decode"] += result["seconds"]
-                    for position, key in enumerate(result["keys"]):
-                        keys[batch_indices[position]] = key or keys[batch_indices[position]]
-                    for position, reason in result["errors"]:
-                        index = batch_indices[position]
-                        decode_errors[index] = reason
-                        writer.record_error(items[index].relpath, reason, key=result["keys"][position])
-                    rows = [batch_indices[p] for p in result["rows"]]
-                    if rows:
-                        tick = time.perf_counter()
-                        features = model.run(_normalize_into(result["pixels"], spec))
-                        timings["inference"] += time.perf_counter() - tick
-                        tick = time.perf_counter()
-                        writer.append([keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
-                        timings["write"] += time.perf_counter() - tick
-                        new += len(rows)
-                    else:
-                        writer.flush()
-                    done += len(batch_indices)
-                    if progress is not None:
-                        progress(done, total, {"errors": len(decode_errors)})
-                    waited = time.perf_counter()
-            finally:
-                decoder.close()
-
-        # the cache: every item whose key has features, in data set order
-        known_errors = writer.known_errors
-        errors: list[tuple[str, str, str]] = [(relpath, reason, "") for relpath, reason in dataset.skipped]
-        row_keys, row_paths, row_labels, row_splits = [], [], [], []
-        for index, item in enumerate(items):
-            key = keys[index]
-            if index in read_errors and not key:
-                errors.append((item.relpath, read_errors[index], ""))
-            elif index in decode_errors:
-                errors.append((item.relpath, decode_errors[index], key))
-            elif key in known_errors and not writer.has(key):
-                errors.append((item.relpath, known_errors[key], key))
-            elif writer.has(key):
-                split = item.split
-                if val_fraction:
-                    split = data_module.split_for_key(key, val_fraction)
-                row_keys.append(key)
-                row_paths.append(item.relpath)
-                row_labels.append(item.label)
-                row_splits.append(split)
-            else:  # a key that changed under us and failed; keep it visible
-                errors.append((item.relpath, "not decoded (file changed during extraction?)", key))
-        tick = time.perf_counter()
-        extra = {
-            "data": str(Path(data).resolve()),
-            "layout": dataset.layout,
-            "val_fraction": val_fraction,
-            "providers": list(model.providers) if model else [],
-            "int8_cosine": int8_cosine,
-        }
-        writer.finalize(keys=row_keys, paths=row_paths, labels=row_labels, splits=row_splits,
-                        classes=list(dataset.classes), errors=errors, attrs=extra)
-        timings["write"] += time.perf_counter() - tick
+        model = run.model
+        int8_cosine = model.int8_cosine if model is not None else None
+        extra = {"data": str(Path(data).resolve()), "layout": dataset.layout, "val_fraction": val_fraction,
+                 "providers": list(model.providers) if model else [], "int8_cosine": int8_cosine}
+        writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
+        run.seconds["write"] += time.perf_counter() - tick
 
     finished = time.perf_counter()
     pipeline_seconds = finished - pipeline_start
     summary = ExtractSummary(
         output=str(output),
-        images=len(row_keys),
-        new=new,
-        reused=len(row_keys) - new,
+        images=len(rows["keys"]),
+        new=run.new,
+        reused=len(rows["keys"]) - run.new,
         errors=len(errors),
         seconds=finished - started,
-        images_per_second=new / pipeline_seconds if pipeline_seconds > 0 else 0.0,
+        images_per_second=run.new / pipeline_seconds if pipeline_seconds > 0 else 0.0,
         pipeline_seconds=pipeline_seconds,
-        setup_seconds=setup_seconds,
-        hash_seconds=timings["hash"],
-        decode_seconds=timings["decode"],
-        decode_wait_seconds=timings["wait"],
-        inference_seconds=timings["inference"],
-        write_seconds=timings["write"],
+        setup_seconds=pipeline_start - started,
+        hash_seconds=run.seconds["hash"],
+        session_seconds=run.seconds["session"],
+        decode_seconds=run.seconds["decode"],
+        decode_wait_seconds=run.seconds["wait"],
+        inference_seconds=run.seconds["inference"],
+        write_seconds=run.seconds["write"],
         backbone=meta.backbone,
         precision=precision,
         dtype=dtype,
         providers=list(model.providers) if model else [],
-        workers=n_workers if todo else 0,
+        workers=run.workers,
         threads=int(model.session.get_session_options().intra_op_num_threads) if model else 0,
         batch_size=batch_size,
         int8_cosine=int8_cosine,

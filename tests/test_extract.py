@@ -372,3 +372,14 @@ def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
     # a rerun computes nothing
     again = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5")
     assert (again.new, again.images) == (0, 398)
+
+
+def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, monkeypatch):
+    from embedx.extract import CRASH_TEST_VARIABLE
+
+    data = class_folders(tmp_path / "data", per_class=8)
+    monkeypatch.setenv(CRASH_TEST_VARIABLE, "beta_2.jpg")
+    summary = run(data, backbone, tmp_path / "f.h5", workers=2)
+    cache = read_cache(tmp_path / "f.h5")
+    assert summary.images == 15 and "beta/beta_2.jpg" not in cache.paths
+    assert dict(cache.errors) == {"beta/beta_2.jpg": "the decoder process crashed on this file"}
