@@ -302,10 +302,12 @@ def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
 
 
 def test_uint8_bundle_is_served_from_its_metadata(bundles, tmp_path):
-    srv = Server(bundles["uint8"], log=tmp_path / "log")
+    srv = Server(bundles["uint8"], "--no-batching", log=tmp_path / "log")
     try:
         srv.wait_ready()
-        assert httpx.get(srv.url + "/v1/model").json()["input_format"] == "uint8_nhwc"
+        info = httpx.get(srv.url + "/v1/model").json()
+        assert info["input_format"] == "uint8_nhwc" and info["input_name"] == "image"
+        assert info["server"]["max_batch"] == 1
         data = image_bytes(7)
         response = httpx.post(srv.url + "/v1/predict?top_k=3", content=data, headers=PNG)
         assert response.status_code == 200, response.text
