@@ -238,6 +238,8 @@ def main() -> None:
     parser.add_argument("--weights", default="DEFAULT")
     parser.add_argument("--soak", type=int, default=None, help="requests in the malformed soak (10000; quick 1000)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per load level at most")
+    parser.add_argument("--server-args", default="", help="extra serve-onnx options for both modes, e.g. '--threads 1'")
+    parser.add_argument("--modes", default="on,off", help="which of on,off to run (the ratio needs both)")
     args = parser.parse_args()
 
     per_client = 6 if args.quick else 25
@@ -252,7 +254,9 @@ def main() -> None:
     rows, memory = [], []
     soak = None
     for mode, options in MODES.items():
-        extra = ["--device", "cpu", "--max-body-mb", "2", "--max-queue", "512"]
+        if mode not in args.modes.split(","):
+            continue
+        extra = ["--device", "cpu", "--max-body-mb", "2", "--max-queue", "512", *args.server_args.split()]
         server = ServerProcess(model, [*options, *extra], workdir / f"server-{mode}.log")
         try:
             server.wait_ready()
@@ -281,6 +285,11 @@ def main() -> None:
     def at(mode: str, concurrency: int) -> dict:
         return next(r for r in rows if r["batching"] == mode and r["concurrency"] == concurrency)
 
+    if {r["batching"] for r in rows} != set(MODES) or soak is None:
+        print(markdown_table(rows, ["batching", "concurrency", "requests", "throughput_rps", "p50_ms", "p99_ms",
+                                    "mean_batch"]), file=sys.stderr)
+        return  # a partial run (--modes) is for experiments; nothing is written
+
     ratio = at("on", 32)["throughput_rps"] / at("off", 32)["throughput_rps"]
     rss = [m["rss_mb"] for m in memory if m["mode"] == "on"]
     summary = [
@@ -298,7 +307,7 @@ def main() -> None:
     print(f"batching speed-up at 32 clients: {ratio:.2f}x; soak: {soak}; memory: {memory}", file=sys.stderr)
     path = write_result("serve", {
         "quick": args.quick, "model": str(model), "backbone": args.backbone, "weights": args.weights,
-        "modes": MODES, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
+        "modes": MODES, "server_args": args.server_args, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
         "speedup_32": ratio, "table": table,
     }, args.out)
     print(f"wrote {path}", file=sys.stderr)
