@@ -304,3 +304,15 @@ def test_real_backbone_bundle_on_hymenoptera_equals_two_stage(hymenoptera, tmp_p
     for with_preprocess in (False, True):
         path = bundle(heads["logreg"], tmp_path / f"model-{with_preprocess}.onnx", with_preprocess=with_preprocess)
         assert_bundle_matches_two_stage(path, heads["logreg"], files, atol=1e-4)
+
+
+def test_bundle_of_a_torch_exported_backbone_equals_two_stage(tiny_images, tmp_path):
+    """A registry backbone with random weights (weights="none"), exported by torch."""
+    from embedx.export import export_backbone
+
+    exported = export_backbone("mobilenet_v3_small", weights="none")
+    heads = build_head_dirs(tmp_path, exported.path, tiny_images, ["logreg"])
+    files = sorted(tiny_images.rglob("*.*"))
+    for with_preprocess in (False, True):
+        path = bundle(heads["logreg"], tmp_path / f"model-{with_preprocess}.onnx", with_preprocess=with_preprocess)
+        assert_bundle_matches_two_stage(path, heads["logreg"], files, atol=1e-5)
