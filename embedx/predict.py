@@ -6,7 +6,7 @@ the class names, the preprocessing and the input format come from the bundle's
 ``predict_files(..., head="heads/mine")`` runs the two stages separately: the
 backbone ONNX named in ``head.json`` and the head's numpy inference.
 
-``load_model`` / ``load_head_pipeline`` give the same small interface
+``load_model`` (an ``OnnxClassifier``) and ``HeadPipeline`` give the same small interface
 (``prepare`` one image, ``predict_proba`` a batch, ``top_k``), which the server and
 the bundle parity tests share.
 """
