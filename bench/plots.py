@@ -60,7 +60,7 @@ def plot_headline(results: Path) -> list[Path]:
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["tutorial_s"] for r in rows], width=0.4, label="tutorial way")
     ax.bar([x + 0.2 for x in xs], [r["embedx_s"] for r in rows], width=0.4, label="embedx")
-    for x, r in zip(xs, rows):
+    for x, r in zip(xs, rows, strict=True):
         ax.annotate(f"{r['speedup']:.0f}×", (x + 0.2, r["embedx_s"]), ha="center", va="bottom")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("wall seconds (train a classifier)")

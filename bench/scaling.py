@@ -33,7 +33,7 @@ def extraction_vs_batch(batch_sizes: list[int], backbone: str = "resnet18") -> l
     for batch_size in batch_sizes:
         batch = rng.standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
         repeats = max(2, 64 // batch_size)
-        median, _, _ = timed(lambda: model.run(batch), repeats=repeats, warmup=1)
+        median, _, _ = timed(lambda batch=batch: model.run(batch), repeats=repeats, warmup=1)
         rows.append({"backbone": backbone, "batch_size": batch_size, "images_per_second": batch_size / median})
     return rows
 

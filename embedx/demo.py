@@ -21,11 +21,12 @@ import numpy as np
 from embedx import paths
 
 
-def render_digits(root: Path, *, size: int = 64) -> Path:
+def render_digits(root: Path, *, size: int = 64, per_class: int | None = None) -> Path:
     """Write scikit-learn's 1,797 digits as PNGs: ``root/{train,val,test}/<digit>/<index>.png``.
 
     The split is fixed by index (60/20/20), so the demo is reproducible.  Digits are
     drawn dark on light and upscaled, closer to what an ImageNet backbone expects.
+    ``per_class`` keeps at most that many images per class and split (a short run).
     """
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -34,9 +35,13 @@ def render_digits(root: Path, *, size: int = 64) -> Path:
     if done_marker.exists():
         return root
     digits = load_digits()
-    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    counts: dict[tuple[str, int], int] = {}
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         fraction = (index * 0.6180339887) % 1.0  # a stable, well-mixed split by index
         split = "train" if fraction < 0.6 else "val" if fraction < 0.8 else "test"
+        counts[split, label] = counts.get((split, label), 0) + 1
+        if per_class is not None and counts[split, label] > per_class:
+            continue
         folder = root / split / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         gray = (255 - pixels * (255.0 / 16.0)).astype(np.uint8)
@@ -55,7 +60,14 @@ def _done(start: float, message: str) -> None:
     click.echo(f"   {message} ({time.perf_counter() - start:.1f} s)", err=True)
 
 
-def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", workdir: Path | None = None) -> dict:
+def run_demo(
+    *,
+    data: Path | None = None,
+    backbone: str = "efficientnet_lite0",
+    weights: str = "DEFAULT",
+    workdir: Path | None = None,
+    per_class: int | None = None,
+) -> dict:
     """Run the loop and return a summary dict (also printed by the CLI)."""
     from embedx.bundle import bundle
     from embedx.cli.progressbar import progress_bar
@@ -68,7 +80,8 @@ def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", 
 
     start = _step("1/5 data")
     if data is None:
-        data = render_digits(workdir / "digits")
+        folder = "digits" if per_class is None else f"digits-{per_class}"
+        data = render_digits(workdir / folder, per_class=per_class)
         _done(start, f"rendered scikit-learn digits as PNG class folders under {data}")
     else:
         data = Path(data)
@@ -78,7 +91,8 @@ def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", 
     start = _step(f"2/5 extract: {backbone} runs once over every image")
     with progress_bar("extract", unit="img") as progress:
         summary = extract(
-            data, backbone=backbone, output=workdir / f"{name}-{backbone}.h5", progress=progress
+            data, backbone=backbone, weights=weights, output=workdir / f"{name}-{backbone}.h5",
+            progress=progress,
         )
     info = summary.to_dict() if hasattr(summary, "to_dict") else dict(vars(summary))
     _done(start, f"{info.get('images')} images, {info.get('errors')} errors -> {info.get('output')}")
@@ -103,7 +117,7 @@ def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", 
         held_out = sorted((data / "val").glob("*/*")) if (data / "val").is_dir() else []
     held_out = [p for p in held_out if p.is_file()]
     correct = total = 0
-    examples = []
+    examples: dict[str, str] = {}  # one example line per class
     for row in predict_files(held_out, model=model_path, top_k=1):
         if "error" in row:
             continue
@@ -111,9 +125,12 @@ def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", 
         truth = Path(row["path"]).parent.name
         correct += predicted == truth
         total += 1
-        if len(examples) < 5:
-            examples.append(f"{Path(row['path']).name}: {predicted} ({row['top_k'][0]['probability']:.2f}), truth {truth}")
-    for line in examples:
+        if truth not in examples and len(examples) < 5:
+            examples[truth] = (
+                f"{Path(row['path']).name}: predicted {predicted} "
+                f"(p={row['top_k'][0]['probability']:.2f}), truth {truth}"
+            )
+    for line in examples.values():
         click.echo(f"   {line}", err=True)
     held_out_accuracy = correct / total if total else float("nan")
     _done(start, f"held-out accuracy {held_out_accuracy:.4f} on {total} images")
@@ -136,12 +153,15 @@ def run_demo(*, data: Path | None = None, backbone: str = "efficientnet_lite0", 
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A class-folder data set (default: scikit-learn digits rendered as PNG).")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
-def main(data: Path | None, backbone: str) -> None:
+@click.option("--weights", default="DEFAULT", show_default=True)
+@click.option("--per-class", type=int, default=None,
+              help="Digits only: at most this many images per class and split (a short run).")
+def main(data: Path | None, backbone: str, weights: str, per_class: int | None) -> None:
     """Run data -> extract -> fit-head -> bundle -> predict, offline."""
     from embedx.errors import EmbedxError
 
     try:
-        summary = run_demo(data=data, backbone=backbone)
+        summary = run_demo(data=data, backbone=backbone, weights=weights, per_class=per_class)
     except EmbedxError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
