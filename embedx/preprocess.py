@@ -16,6 +16,7 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -251,7 +252,8 @@ def _vertical_first(width: int, height: int, out_w: int, out_h: int) -> bool:
     return height - out_h > 0 and height - out_h > (width - out_w) * 2
 
 
-def _resize_plan(width: int, height: int, spec: PreprocessSpec) -> tuple[tuple[int, int], tuple, int, int]:
+@lru_cache(maxsize=4096)
+def _plan(width: int, height: int, spec: PreprocessSpec) -> tuple[tuple[int, int], tuple, int, int]:
     """(Pillow output size, Pillow box, column offset, row offset) for ``resize_crop``.
 
     Resizing only the cropped region is used along each axis where it is exact, and
@@ -275,19 +277,6 @@ def _resize_plan(width: int, height: int, spec: PreprocessSpec) -> tuple[tuple[i
     return size, (x0, y0, x1, y1), 0 if use_x else left, 0 if use_y else top
 
 
-_plan_cache: dict[tuple[int, int, PreprocessSpec], tuple] = {}
-
-
-def _plan(width: int, height: int, spec: PreprocessSpec) -> tuple:
-    key = (width, height, spec)
-    plan = _plan_cache.get(key)
-    if plan is None:
-        if len(_plan_cache) > 4096:
-            _plan_cache.clear()
-        plan = _plan_cache[key] = _resize_plan(width, height, spec)
-    return plan
-
-
 def _resized_view(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC view of the ``input_size`` square, resized exactly like torchvision."""
     size, box, cut_x, cut_y = _plan(image.width, image.height, spec)
@@ -308,6 +297,7 @@ def resize_crop(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(_resized_view(image, spec)), "RGB")
 
 
+@lru_cache(maxsize=64)
 def _normalizer(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
