@@ -230,26 +230,35 @@ def _torch_to_onnx(module: Any, input_size: int, opset: int) -> tuple[bytes, str
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # Not under no_grad: with grad disabled nn.MultiheadAttention (ViT) takes its fused
+        # fast path, aten::_native_multi_head_attention, which has no ONNX symbolic.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (dummy,), buffer, dynamo=False, opset_version=opset,
                               dynamic_axes=axes, do_constant_folding=True, **names)
         return buffer.getvalue(), "torchscript"
     except Exception as first:  # any exporter failure: try the other exporter before giving up
         log.warning("TorchScript ONNX export failed (%s: %s); trying the dynamo exporter",
-                    type(first).__name__, first)
+                    type(first).__name__, _first_line(first))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    module, (dummy,), dynamo=True, opset_version=max(opset, 18),
+                    module, (dummy,), dynamo=True, opset_version=max(opset, 18), verbose=False,
                     dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
             return program.model_proto.SerializeToString(), "dynamo"
         except Exception as second:
             raise ExportError(
                 f"cannot export {type(module).__name__} to ONNX: TorchScript exporter: "
-                f"{type(first).__name__}: {first}; dynamo exporter: {type(second).__name__}: {second}"
+                f"{type(first).__name__}: {_first_line(first)}; dynamo exporter: "
+                f"{type(second).__name__}: {_first_line(second)}"
             ) from second
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception message (torch appends whole IR graphs to some)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 def _ort_session(model_bytes: bytes, *, name: str):
