@@ -139,3 +139,211 @@ def test_train_transform_gives_normalized_tensors_of_input_size(tmp_path):
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     assert -1.0 <= float(out.min()) and float(out.max()) <= 1.0
     assert float(out[0].mean()) > float(out[2].mean())  # still red
+
+
+# --------------------------------------------------------------------------- whole runs
+
+BACKBONE = "resnet18"
+#: Small images keep a random-init resnet18 cheap on the CPU; the head records this spec.
+SMALL = {"input_size": 64, "resize_size": 72}
+
+
+def make_head_dir(directory: Path, data: Path, *, head_type: str = "logreg", backbone: str = BACKBONE) -> Path:
+    """A head fitted through the heads API on torch features of ``data`` (random-init backbone)."""
+    from embedx.backbones import build_feature_extractor, get_spec
+    from embedx.cache import CacheMeta
+    from embedx.data import discover
+    from embedx.heads import make_head
+    from embedx.preprocess import PreprocessSpec, load_batch
+
+    spec = get_spec(backbone)
+    preprocess = PreprocessSpec.from_dict({**spec.preprocess.to_dict(), **SMALL})
+    model = build_feature_extractor(backbone, weights="none")
+    dataset = discover(data)
+    features, labels = {}, {}
+    for split in ("train", "val"):
+        items = [item for item in dataset.items if item.split == split]
+        with torch.no_grad():
+            features[split] = model(torch.from_numpy(load_batch([i.path for i in items], preprocess))).numpy()
+        labels[split] = np.asarray([dataset.classes[i.label] for i in items])
+    head = make_head(head_type).fit(features["train"], labels["train"], X_val=features["val"], y_val=labels["val"])
+    meta = CacheMeta(backbone=backbone, weights_tag="none", weights_arg="none", onnx_path="", onnx_sha256="",
+                     feature_layer=spec.feature_layer, feature_dim=spec.feature_dim,
+                     preprocess=preprocess.to_dict(), dtype="float32")
+    head.save(directory, extra={"cache": {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": ""}})
+    return directory
+
+
+FAST = {"batch_size": 8, "num_workers": 0, "unfreeze": 1}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """Generated data and a logreg head fitted on it, shared by the runs: (data, head_dir)."""
+    root = tmp_path_factory.mktemp("ft-start")
+    data = make_images(root / "data")
+    return data, make_head_dir(root / "head", data)
+
+
+@pytest.fixture(scope="module")
+def finetuned(start, tmp_path_factory):
+    """One short LP-FT run shared by the artifact tests: (data, head_dir, result)."""
+    data, head_dir = start
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDX_CACHE_DIR", str(tmp_path_factory.mktemp("ft-cache")))
+        result = ft.finetune(head_dir, data, epochs=1, **FAST)
+    return data, head_dir, result
+
+
+def test_one_epoch_writes_a_head_dir_on_the_fine_tuned_backbone(finetuned):
+    from embedx.heads import load_head
+
+    data, head_dir, result = finetuned
+    out = result.output_dir
+    assert out == head_dir.with_name("head-ft")
+    for name in ("head.json", "weights.safetensors", "backbone.onnx", "backbone.safetensors", "finetune.json",
+                 "train/checkpoint.pt", "train/best.pt", "confusion_matrix.png", "reliability.png"):
+        assert (out / name).is_file(), name
+    head = load_head(out)
+    info = head.info_
+    assert info["head_type"] == "logreg" and info["classes"] == ["blue", "red"]
+    cache = info["cache"]
+    assert cache["backbone"] == BACKBONE
+    assert Path(cache["onnx_path"]) == (out / "backbone.onnx").resolve() == result.onnx_path.resolve()
+    assert cache["weights_arg"] == str((out / "backbone.safetensors").resolve())
+    assert cache["weights_tag"].startswith("file:")
+    assert cache["preprocess"]["input_size"] == SMALL["input_size"]
+    assert info["finetune"]["initial"]["val_accuracy"] == result.initial_val_accuracy
+    assert len(result.history) == 1 and result.history[0]["epoch"] == 1
+    assert 0.0 <= result.best_val_accuracy <= 1.0
+    assert result.best_val_accuracy >= result.initial_val_accuracy  # epoch 0 (the probe) is a candidate
+    assert result.parity["trained_model"]["max_rel_error"] <= 1e-4
+
+
+def test_exported_onnx_matches_the_backbone_rebuilt_from_the_saved_state_dict(finetuned):
+    from embedx.backbones import build_feature_extractor
+    from embedx.runtime import OrtModel
+
+    _, _, result = finetuned
+    rebuilt = build_feature_extractor(BACKBONE, weights=result.backbone_weights)
+    start = build_feature_extractor(BACKBONE, weights="none")
+    images = torch.randn(3, 3, SMALL["input_size"], SMALL["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = rebuilt(images).numpy()
+        original = start(images).numpy()
+    got = OrtModel(result.onnx_path, device="cpu").run(images.numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    assert not np.allclose(expected, original)  # the top block really changed
+
+
+def test_fine_tuned_head_works_with_predict_and_bundle(finetuned, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    data, _, result = finetuned
+    images = sorted((data / "val" / "red").glob("*.png"))[:2] + sorted((data / "val" / "blue").glob("*.png"))[:2]
+    runner = CliRunner()
+    by_head = runner.invoke(cli, ["predict", "--head", str(result.output_dir), "--json", "--device", "cpu",
+                                  *map(str, images)])
+    assert by_head.exit_code == 0, by_head.output
+    bundle_path = tmp_path / "model.onnx"
+    made = runner.invoke(cli, ["bundle", "--head", str(result.output_dir), "-o", str(bundle_path)])
+    assert made.exit_code == 0, made.output
+    by_model = runner.invoke(cli, ["predict", "--model", str(bundle_path), "--json", "--device", "cpu",
+                                   *map(str, images)])
+    assert by_model.exit_code == 0, by_model.output
+
+    def rows(output):
+        return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+    head_rows, model_rows = rows(by_head.output), rows(by_model.output)
+    assert len(head_rows) == len(model_rows) == 4
+    for a, b in zip(head_rows, model_rows, strict=True):
+        assert {c["label"] for c in a["top_k"]} == {"blue", "red"}
+        probs_a = {c["label"]: c["probability"] for c in a["top_k"]}
+        probs_b = {c["label"]: c["probability"] for c in b["top_k"]}
+        assert probs_a == pytest.approx(probs_b, abs=1e-4)
+
+
+def test_training_loss_goes_down(start, tmp_path):
+    data, head_dir = start
+    result = ft.finetune(head_dir, data, epochs=3, lr=3e-3, augment=False, reinit_head=True,
+                         output=tmp_path / "out", **{**FAST, "unfreeze": "all"})
+    losses = [record["train_loss"] for record in result.history]
+    assert losses[-1] < losses[0], losses
+
+
+def test_interrupted_run_resumes_after_the_last_finished_epoch(start, tmp_path):
+    data, head_dir = start
+    out = tmp_path / "out"
+
+    def interrupt(done, total, info):
+        if info.get("epoch") == 3:
+            raise KeyboardInterrupt  # what a kill in epoch 3 leaves behind: the checkpoint of epoch 2
+
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(head_dir, data, epochs=3, output=out, progress=interrupt, **FAST)
+    assert not (out / "head.json").exists()
+    saved = torch.load(out / "train" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 2
+    seen = []
+    resumed = ft.finetune(head_dir, data, epochs=3, output=out, progress=lambda d, t, i: seen.append(i["epoch"]),
+                          **FAST)
+    assert resumed.resumed_from_epoch == 2
+    assert set(seen) == {3}
+    assert [record["epoch"] for record in resumed.history] == [1, 2, 3]
+    assert list(resumed.history[:2]) == saved["history"]
+    assert resumed.initial_val_accuracy == saved["initial"]["val_accuracy"]
+    assert (out / "head.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(finetuned):
+    data, head_dir, result = finetuned
+    before = (result.output_dir / "train" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"lr: checkpoint 0\.001 vs now 0\.01.*--no-resume"):
+        ft.finetune(head_dir, data, epochs=2, lr=0.01, output=result.output_dir, **FAST)
+    assert (result.output_dir / "train" / "checkpoint.pt").read_bytes() == before
+
+
+def test_data_with_other_classes_is_refused_before_training(start, tmp_path):
+    _, head_dir = start
+    other = make_images(tmp_path / "other", classes=("green", "red"), per_class={"train": 2, "val": 1})
+    with pytest.raises(DataError, match=r"\['green', 'red'\].*\['blue', 'red'\]"):
+        ft.finetune(head_dir, other, epochs=1, output=tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unfreeze_beyond_the_backbone_blocks_is_refused(start, tmp_path):
+    data, head_dir = start
+    with pytest.raises(ConfigError, match="5 blocks"):
+        ft.finetune(head_dir, data, output=tmp_path / "out", **{**FAST, "unfreeze": 9})
+
+
+def test_cli_finetune_json(start, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    data, head_dir = start
+    out = tmp_path / "tuned"
+    result = CliRunner().invoke(cli, ["finetune", "--head", str(head_dir), str(data), "--unfreeze", "0",
+                                      "--epochs", "1", "--batch-size", "8", "--workers", "0", "-o", str(out),
+                                      "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output_dir"] == str(out) and summary["history"][0]["epoch"] == 1
+    assert json.loads((out / "head.json").read_text())["head_type"] == "logreg"
+
+
+def test_cli_finetune_bad_unfreeze_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["finetune", "--head", str(tmp_path), str(tmp_path), "--unfreeze", "top"])
+    assert result.exit_code == 2 and "unfreeze" in result.output
