@@ -160,8 +160,8 @@ class BackboneSpec:
         return dict(self.layer_dims)[self.check_layer(layer)]
 
     def check_layer(self, layer: str | None) -> str:
-        """``layer`` if this backbone offers it (None gives the default), else ConfigError."""
-        if layer is None:
+        """``layer`` if this backbone offers it (None or "auto": the default), else ConfigError."""
+        if layer is None or layer == "auto":
             return self.feature_layer
         if layer not in self.layers:
             raise ConfigError(

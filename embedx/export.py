@@ -611,8 +611,15 @@ def _default_preprocess(model: Any, graph_input: Any) -> PreprocessSpec:
     if "preprocess" in meta:
         return PreprocessSpec.from_json(meta["preprocess"])
     dims = graph_input.type.tensor_type.shape.dim
-    size = dims[2].dim_value if len(dims) == 4 and dims[2].dim_value > 0 else 224
+    height = dims[1] if _is_nhwc(graph_input) else dims[2]
+    size = height.dim_value if height.dim_value > 0 else 224
     return PreprocessSpec(input_size=size, resize_size=round(size / 0.875))
+
+
+def _is_nhwc(graph_input: Any) -> bool:
+    """A channels-last image input (TensorFlow/Keras exports): (N, H, W, 3)."""
+    dims = graph_input.type.tensor_type.shape.dim
+    return len(dims) == 4 and dims[3].dim_value == 3 and dims[1].dim_value != 3
 
 
 def prepare_onnx(path: str | Path, *, layer: str | None = None,
@@ -664,7 +671,7 @@ def prepare_onnx(path: str | Path, *, layer: str | None = None,
 
     def build(cache_path: Path) -> ExportResult:
         model = copy.deepcopy(original)
-        _derive(model, inputs[0].name, target)
+        _derive(model, inputs[0].name, target, nhwc=_is_nhwc(inputs[0]))
         try:
             onnx.checker.check_model(model, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -691,20 +698,37 @@ def prepare_onnx(path: str | Path, *, layer: str | None = None,
     return _cached_or_build(f"onnx-{source.stem}", fingerprint, build, output=output, force=force)
 
 
-def _derive(model: Any, input_name: str, target: str) -> None:
-    """Rename I/O to the embedx names, free the batch axis, tap ``target`` (in place)."""
+def _derive(model: Any, input_name: str, target: str, *, nhwc: bool = False) -> None:
+    """Rename I/O to the embedx names, free the batch axis, tap ``target`` (in place).
+
+    A channels-last (NHWC) input gets a Transpose in front, so that the derived model
+    takes NCHW like every embedx backbone.
+    """
+    from onnx import helper
+
     graph = model.graph
     tensors = {out for node in graph.node for out in node.output} | {i.name for i in graph.input}
     if OUTPUT_NAME in tensors:  # e.g. an embedx export given back as a file
         _rename_tensor(graph, OUTPUT_NAME, OUTPUT_NAME + "__orig")
         target = OUTPUT_NAME + "__orig" if target == OUTPUT_NAME else target
-    if input_name != INPUT_NAME:
-        if INPUT_NAME in tensors:
-            _rename_tensor(graph, INPUT_NAME, INPUT_NAME + "__orig")
-        _rename_tensor(graph, input_name, INPUT_NAME)
-        target = INPUT_NAME if target == input_name else target
-    graph_input = next(i for i in graph.input if i.name == INPUT_NAME)
-    batch = graph_input.type.tensor_type.shape.dim[0]
+    if INPUT_NAME in tensors and input_name != INPUT_NAME:
+        _rename_tensor(graph, INPUT_NAME, INPUT_NAME + "__orig")
+    internal = INPUT_NAME + "__nhwc" if nhwc else INPUT_NAME
+    if input_name != internal:
+        _rename_tensor(graph, input_name, internal)
+        target = internal if target == input_name else target
+    graph_input = next(i for i in graph.input if i.name == internal)
+    dims = graph_input.type.tensor_type.shape.dim
+    if nhwc:
+        graph_input.name = INPUT_NAME
+        height, width = dims[1].dim_value, dims[2].dim_value
+        for dim, value in zip(dims[1:], (3, height, width), strict=True):
+            dim.Clear()
+            if value > 0:
+                dim.dim_value = value
+        graph.node.insert(0, helper.make_node("Transpose", [INPUT_NAME], [internal], perm=[0, 2, 3, 1],
+                                              name="embedx_nchw_to_nhwc"))
+    batch = dims[0]
     batch.ClearField("dim_value")
     batch.dim_param = "batch"
     # shapes recorded for intermediate tensors may pin the old batch size

@@ -61,6 +61,7 @@ def test_alternative_layer_exports(shared_cache):
     assert result.feature_dim == 576 and result.feature_layer == "avgpool"
     default = export.export_backbone("mobilenet_v3_small", weights="none")
     assert default.fingerprint != result.fingerprint and default.feature_dim == 1024
+    assert export.export_backbone("mobilenet_v3_small", weights="none", layer="auto").cached
     with pytest.raises(ConfigError, match="pre_logits, avgpool"):
         export.export_backbone("mobilenet_v3_small", weights="none", layer="fc7")
 
@@ -227,3 +228,30 @@ def test_efficientnet_lite0_real_weights_on_real_images(hymenoptera, shared_cach
     got = _run(result.path, batch)
     assert got.shape == (6, 1280)
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
+
+
+def test_prepare_onnx_channels_last_input(tmp_path):
+    """A TensorFlow-style (N, H, W, 3) model gets a Transpose: embedx always feeds NCHW."""
+    from torch import nn
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x.permute(0, 3, 1, 2)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    model = ChannelsLast().eval()
+    path = tmp_path / "nhwc.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (torch.randn(1, 40, 40, 3),), str(path), dynamo=False,
+                          input_names=["image"], output_names=["out"], opset_version=17)
+    result = export.prepare_onnx(path)
+    assert result.preprocess.input_size == 40 and result.feature_dim == 4
+    x = np.random.default_rng(0).standard_normal((2, 3, 40, 40)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x).permute(0, 2, 3, 1)).numpy()
+    np.testing.assert_allclose(_run(result.path, x), expected, rtol=1e-4, atol=1e-5)
