@@ -168,8 +168,12 @@ class _Decoder:
         self.workers = workers
         self._batches = iter(batches)
         self._pending: deque = deque()  # (paths, future)
+        self._first: Sequence[str] | None = None
         self.pool = None
         if workers > 0:
+            # The first batch is decoded here, in the caller's process, while the
+            # workers start (a fresh interpreter each): the backbone gets going at once.
+            self._first = next(self._batches, None)
             self._start_pool()
             self._fill()
 
@@ -228,6 +232,8 @@ class _Decoder:
             for paths in self._batches:
                 yield _decode_batch(self.spec_json, paths)
             return
+        if self._first is not None:
+            yield _decode_batch(self.spec_json, self._first)
         while self._pending:
             paths, future = self._pending.popleft()
             try:
