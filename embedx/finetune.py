@@ -20,8 +20,8 @@ Output directory::
     backbone.onnx                    the fine-tuned backbone (input "input", output "features")
     backbone.safetensors             its state dict
     finetune.json                    config, per-epoch history, before/after accuracy
-    train/checkpoint.pt              last epoch: model, optimizer, schedule, rng (resume)
-    train/best.pt                    the best epoch's model (by val accuracy)
+    train/checkpoint.pt              after each epoch: model, best model so far, optimizer,
+                                     schedule, rng, history (what a resume continues from)
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Sequence
@@ -51,7 +50,6 @@ from embedx.progress import ProgressCallback
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-BEST_FILE = "best.pt"
 BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 BACKBONE_ONNX_FILE = "backbone.onnx"
 REPORT_FILE = "finetune.json"
@@ -637,7 +635,6 @@ def finetune(
         reinit_head=bool(reinit_head),
     )
     checkpoint_path = output_dir / TRAIN_SUBDIR / CHECKPOINT_FILE
-    best_path = output_dir / TRAIN_SUBDIR / BEST_FILE
     checkpoint = _load_checkpoint(checkpoint_path) if resume else None
     if checkpoint is not None:
         mismatch = _config_mismatch(checkpoint["config"], config.to_dict())
@@ -687,7 +684,6 @@ def finetune(
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    best = {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -697,6 +693,7 @@ def finetune(
         history = list(checkpoint["history"])
         start_epoch = int(checkpoint["epoch"])
         best = dict(checkpoint["best"])
+        best_state = checkpoint["best_model"]
         initial = checkpoint.get("initial")
         _restore_rng(checkpoint.get("rng"))
         log.info("resuming %s after epoch %d of %d", checkpoint_path, start_epoch, epochs)
@@ -704,71 +701,41 @@ def finetune(
         initial = evaluate_model(model, val_loader, torch_device)
         initial["composition_error"] = composition_error
         log.info("before fine-tuning: val accuracy %.4f, loss %.4f", initial["val_accuracy"], initial["val_loss"])
+        # Epoch 0, the linear probe itself, is a candidate: fine-tuning never returns worse on val.
         best = {"epoch": 0, "val_accuracy": initial["val_accuracy"], "val_loss": initial["val_loss"]}
-        _atomic_torch_save({"epoch": 0, "model": model.state_dict()}, best_path)
+        best_state = _cpu_state(model)
 
-    step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         # Reseeding per epoch makes shuffling and augmentation the same with or without a resume.
         torch.manual_seed(seed * 100_003 + epoch)
-        random.seed(seed * 100_003 + epoch)
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=False,
-                                                   generator=generator, **loader_args)
+        train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator, **loader_args)
         set_train_mode(model, trainable)
         epoch_started = time.perf_counter()
-        loss_sum, seen, correct = 0.0, 0, 0
-        for batch in train_loader:
-            if batch is None:
-                continue
-            images, labels = batch
-            images = images.to(torch_device, non_blocking=True)
-            if torch_device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(torch_device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
+
+        def report(done: int, info: dict[str, Any], epoch: int = epoch) -> None:
             if progress is not None:
-                progress(step, total_steps, {"epoch": epoch + 1, "loss": loss_sum / seen,
-                                             "acc": correct / seen})
+                progress(epoch * steps_per_epoch + done, total_steps, {"epoch": epoch + 1, **info})
+
+        train = _train_epoch(model, train_loader, optimizer, scheduler, scaler, autocast, torch_device, report)
         metrics = evaluate_model(model, val_loader, torch_device)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - epoch_started,
-            **metrics,
-        }
+        record = {"epoch": epoch + 1, **train, "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - epoch_started, **metrics}
         history.append(record)
         log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f",
                  epoch + 1, epochs, record["train_loss"], record["val_loss"], record["val_accuracy"])
-        if progress is not None:
-            progress(step, total_steps, {"epoch": epoch + 1, "loss": record["train_loss"],
-                                         "val_acc": record["val_accuracy"]})
+        report(steps_per_epoch, {"loss": record["train_loss"], "val_acc": record["val_accuracy"]})
         if (metrics["val_accuracy"], -metrics["val_loss"]) > (best["val_accuracy"], -best["val_loss"]):
             best = {"epoch": epoch + 1, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]}
-            _atomic_torch_save({"epoch": epoch + 1, "model": model.state_dict()}, best_path)
+            best_state = _cpu_state(model)
+        # One file, replaced atomically: a kill at any moment leaves the previous epoch's whole state.
         _atomic_torch_save(
             {
                 "version": CHECKPOINT_VERSION,
                 "config": config.to_dict(),
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
+                "best_model": best_state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -780,9 +747,8 @@ def finetune(
             checkpoint_path,
         )
 
-    best_state = torch.load(best_path, map_location="cpu", weights_only=True)
     model.to("cpu")
-    model.load_state_dict(best_state["model"])
+    model.load_state_dict(best_state)
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     record = {
@@ -817,6 +783,41 @@ def finetune(
              "n/a" if initial is None else f"{initial['val_accuracy']:.4f}", best["val_accuracy"], best["epoch"],
              result.seconds)
     return result
+
+
+def _train_epoch(model, loader, optimizer, scheduler, scaler, autocast, device, report) -> dict[str, float]:
+    """One pass over ``loader``: AdamW steps (scaled under fp16), the schedule per step."""
+    loss_sum, seen, correct, done = 0.0, 0, 0, 0
+    for batch in loader:
+        done += 1
+        if batch is None:
+            continue
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        report(done, {"loss": loss_sum / seen, "acc": correct / seen})
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
 
 
 def _head_identity(head_dir: Path) -> str:

@@ -202,7 +202,7 @@ def test_one_epoch_writes_a_head_dir_on_the_fine_tuned_backbone(finetuned):
     out = result.output_dir
     assert out == head_dir.with_name("head-ft")
     for name in ("head.json", "weights.safetensors", "backbone.onnx", "backbone.safetensors", "finetune.json",
-                 "train/checkpoint.pt", "train/best.pt", "confusion_matrix.png", "reliability.png"):
+                 "train/checkpoint.pt", "confusion_matrix.png", "reliability.png"):
         assert (out / name).is_file(), name
     head = load_head(out)
     info = head.info_
