@@ -582,6 +582,10 @@ def _prune(graph: Any) -> None:
     infos = [info for info in graph.value_info if info.name in needed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
+    # older files list initializers as graph inputs too; a pruned one would become required
+    inputs = [info for info in graph.input if info.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
 def _load_onnx(path: Path) -> Any:
