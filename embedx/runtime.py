@@ -51,6 +51,8 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 
 #: Samples per batch when calibrating int8 and when comparing int8 with fp32.
 CALIBRATION_BATCH = 8
+#: Part of the int8 cache key: bump when the quantization recipe changes.
+QUANTIZATION_SETTINGS = "qdq-u8s8-pc-minmax"
 
 _preload_lock = threading.Lock()
 _preloaded = False
@@ -125,6 +127,24 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(allowed, len(cores) or allowed))
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cpu_has_vnni() -> bool:
+    """x86 VNNI (AVX512-VNNI or AVX-VNNI): u8*s8 dot products without saturation."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def _preload_gpu_libraries() -> None:
@@ -293,8 +313,10 @@ def quantize_int8(
 ) -> tuple[Path, float]:
     """Static QDQ int8 quantization of ``path`` calibrated on ``calibration`` (NCHW float32).
 
-    Per-channel weights, int8 activations and weights (S8S8, ORT's recommended QDQ
-    setting on x86 CPUs), MinMax calibration.  Returns ``(int8_path, mean_cosine)``
+    Per-channel int8 weights, uint8 activations (U8S8: ORT fuses every Conv into a
+    QLinearConv on x86; S8S8 left a third of resnet50's convolutions in fp32 and ran
+    slower than fp32), MinMax calibration.  Without VNNI, weights use 7 bits
+    (``reduce_range``) to avoid the AVX2 u8*s8 saturation.  Returns ``(int8_path, mean_cosine)``
     where ``mean_cosine`` is the mean over the calibration images of the cosine
     similarity between int8 and fp32 features; raises ``QuantizationError`` when it is
     below ``min_cosine``.  The result is cached on disk keyed by (model sha256,
@@ -309,7 +331,8 @@ def quantize_int8(
             f"int8 calibration needs a non-empty NCHW float32 batch of preprocessed images, "
             f"got an array of shape {calibration.shape}"
         )
-    key = f"{file_sha256(path)[:16]}-{array_sha256(calibration)[:16]}"
+    settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if _cpu_has_vnni() else 'r7'}"
+    key = f"{file_sha256(path)[:16]}-{array_sha256(calibration)[:12]}-{settings}"
     target = _derived_dir() / f"{path.stem}-{key}-int8.onnx"
     report_path = target.with_suffix(".json")
     if target.exists() and report_path.exists():
@@ -358,7 +381,8 @@ def _quantize(path: Path, calibration: np.ndarray, target: Path) -> dict:
                 _Calibration(input_name, calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                reduce_range=not _cpu_has_vnni(),
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 calibration_providers=[CPU],
@@ -416,12 +440,61 @@ def _provider_options(provider: str, precision: str) -> dict[str, str]:
     return {}
 
 
+def _optimized_cache_path(path: Path) -> Path:
+    """Where the ORT-optimized copy of ``path`` lives for this machine and ORT version.
+
+    Keyed by the file's identity (absolute path, size, mtime) rather than its sha256,
+    which would cost as much as the optimization saves; the CPU flags are in the key
+    because ORT's layout choices (NCHWc blocks) depend on them.
+    """
+    import onnxruntime as ort
+
+    stat = path.stat()
+    flags = ",".join(sorted(_cpu_flags()))
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{flags}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    folder = _derived_dir() / "optimized"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{path.stem}-{digest}.ort.onnx"
+
+
+def _cpu_session_cached(path: Path, threads: int | None) -> Any:
+    """A CPU session from the cached optimized graph, writing it on the first use."""
+    import onnxruntime as ort
+
+    cached = _optimized_cache_path(path)
+    if cached.exists():
+        options = _session_options(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), sess_options=options, providers=[CPU])
+        except Exception as e:  # noqa: BLE001 - a stale or damaged cache entry is rebuilt
+            log.warning("ignoring unusable optimized model %s: %s", cached, e)
+            cached.unlink(missing_ok=True)
+    options = _session_options(threads)
+    handle, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".tmp")
+    os.close(handle)
+    options.optimized_model_filepath = tmp
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
+        if os.path.getsize(tmp):
+            os.replace(tmp, cached)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return session
+
+
 class OrtModel:
     """An ONNX backbone (or bundle) ready to run: ``run(float32 NCHW) -> float32 (N, D)``.
 
     ``precision="int8"`` runs a model already quantized by ``quantize_int8``, or
     quantizes ``path`` first when a ``calibration`` batch is given (gated at
     ``min_cosine``; the figure is in ``.int8_cosine``).
+
+    On the CPU the graph ORT optimizes is kept on disk (``cache_optimized``) and
+    loaded without re-optimizing next time: resnet50's session starts in 0.3 s
+    instead of 0.7 s.
     """
 
     def __init__(
@@ -433,6 +506,7 @@ class OrtModel:
         threads: int | None = None,
         calibration: np.ndarray | None = None,
         min_cosine: float = 0.99,
+        cache_optimized: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -461,9 +535,12 @@ class OrtModel:
             _preload_gpu_libraries()
         providers = [(p, _provider_options(p, precision)) for p in requested]
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), sess_options=_session_options(threads), providers=providers
-            )
+            if requested == [CPU] and cache_optimized:
+                self.session = _cpu_session_cached(model_path, threads)
+            else:
+                self.session = ort.InferenceSession(
+                    str(model_path), sess_options=_session_options(threads), providers=providers
+                )
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise OnnxModelError(f"ONNX Runtime cannot load {model_path}: {e}") from e
         self.path = model_path

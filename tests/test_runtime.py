@@ -273,3 +273,29 @@ def test_gpu_providers_and_fp16(tiny, device, precision):
         np.testing.assert_allclose(got, reference, atol=1e-3, rtol=1e-3)
     else:
         assert runtime.cosine_similarity_rows(got, reference).min() > 0.999
+
+
+def test_optimized_graph_is_cached_and_equivalent(tiny):
+    net, path = tiny
+    batch = np.random.default_rng(3).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    first = runtime.OrtModel(path, device="cpu")
+    cached = runtime._optimized_cache_path(path)
+    assert cached.exists()
+    stamp = cached.stat().st_mtime_ns
+    second = runtime.OrtModel(path, device="cpu")
+    assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
+    np.testing.assert_array_equal(second.run(batch), first.run(batch))
+    assert second.meta == first.meta == {"backbone": "tiny", "feature_dim": "16"}
+    assert (second.input_name, second.output_name) == ("input", "features")
+    plain = runtime.OrtModel(path, device="cpu", cache_optimized=False)
+    np.testing.assert_allclose(plain.run(batch), first.run(batch), atol=1e-6)
+
+
+def test_a_damaged_optimized_cache_is_rebuilt(tiny):
+    path = tiny[1]
+    runtime.OrtModel(path, device="cpu")
+    cached = runtime._optimized_cache_path(path)
+    cached.write_bytes(b"garbage")
+    model = runtime.OrtModel(path, device="cpu")
+    assert model.run(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 16)
+    assert cached.stat().st_size > 100
