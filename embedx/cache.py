@@ -429,6 +429,8 @@ class CacheWriter:
         self._pending_errors: list[tuple[str, str, str]] = []
         self._next_shard = 0
         self.reused_from_journal = 0
+        #: The previous cache's ``extra`` attribute (what the caller stored at finalize), or {}.
+        self.base_extra: dict[str, Any] = {}
 
     # -- lifecycle
 
@@ -489,6 +491,10 @@ class CacheWriter:
             for row, key in enumerate(keys.tolist()):
                 self._sources.setdefault(key, ("", row))
             self._base_rows = len(keys)
+            try:
+                self.base_extra = json.loads(attrs.get("extra") or "{}")
+            except ValueError:
+                self.base_extra = {}
             for _path, reason, key in _read_errors(handle):
                 if key:
                     self._known_errors[key] = reason
@@ -560,6 +566,33 @@ class CacheWriter:
     def known_errors(self) -> dict[str, str]:
         """key -> reason for images that failed before (not retried while their bytes are the same)."""
         return dict(self._known_errors)
+
+    @property
+    def journal_notes(self) -> dict[str, Any]:
+        """What the caller noted in the journal (``note``), e.g. how it calibrated int8."""
+        try:
+            return json.loads((self.journal / "notes.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def note(self, values: dict[str, Any]) -> None:
+        """Merge ``values`` into the journal's notes (atomically), for a resumed run to read."""
+        notes = {**self.journal_notes, **values}
+        _fsync_write(self.journal / "notes.json", lambda fh: fh.write(json.dumps(notes).encode("utf-8")))
+
+    def discard_previous(self) -> None:
+        """Forget the previous cache's rows and the journal: everything is computed again.
+
+        For when the earlier rows cannot match this run's model (an int8 model whose
+        calibration images are gone).  The previous cache stays on disk until finalize.
+        """
+        self._sources.clear()
+        self._known_errors.clear()
+        self._base_rows = 0
+        self.base_extra = {}
+        for shard in self.journal.glob("shard-*.npz"):
+            shard.unlink()
+        (self.journal / "notes.json").unlink(missing_ok=True)
 
     # -- writing
 

@@ -287,22 +287,50 @@ def _hash_all(paths: Sequence[Path], threads: int) -> list[tuple[str, str]]:
         return list(pool.map(one, paths, chunksize=32))
 
 
-def _calibration_batch(items, keys, errors_by_key, spec) -> np.ndarray:
-    """The first decodable train images, in data set order (deterministic)."""
+def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec,
+                 keys: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """int8 calibration images: those of ``keys`` (an earlier run's), else the first
+    ``CALIBRATION_IMAGES`` decodable train images in data set order (deterministic)."""
+    first_index: dict[str, int] = {}
+    for index, key in enumerate(run.keys):
+        if key:
+            first_index.setdefault(key, index)
+    if keys:
+        candidates = [first_index[key] for key in keys]
+    else:
+        candidates = [i for i, item in enumerate(items) if item.split == "train"] or list(range(len(items)))
     chosen: list[np.ndarray] = []
-    ordered = [i for i, item in enumerate(items) if item.split == "train"] or list(range(len(items)))
-    for index in ordered:
-        if not keys[index] or keys[index] in errors_by_key:
+    chosen_keys: list[str] = []
+    for index in candidates:
+        if not run.keys[index] or index in run.read_errors:
             continue
         try:
             chosen.append(preprocess.load(items[index].path, spec))
         except ImageDecodeError:
             continue
+        chosen_keys.append(run.keys[index])
         if len(chosen) >= CALIBRATION_IMAGES:
             break
     if not chosen:
         raise ConfigError("int8 needs decodable images to calibrate on, and none of the data decodes")
-    return np.stack(chosen)
+    return np.stack(chosen), chosen_keys
+
+
+def _recorded_calibration(run: Any, writer: Any) -> tuple[list[str] | None, bool]:
+    """The calibration keys of the run this one continues, if all those images are still
+    here, and whether the earlier rows had to be discarded because they are not."""
+    recorded = writer.journal_notes.get("int8_calibration_keys") or writer.base_extra.get("int8_calibration_keys")
+    if not recorded:
+        return None, False
+    present = set(run.keys)
+    if all(key in present for key in recorded):
+        return list(recorded), False
+    log.warning(
+        "images the earlier int8 run calibrated on are gone, so its int8 model cannot be rebuilt; "
+        "every image is computed again with a newly calibrated model"
+    )
+    writer.discard_previous()
+    return None, True
 
 
 def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.ndarray:
@@ -343,6 +371,7 @@ class _Run:
     new: int = 0
     workers: int = 0
     model: Any = None
+    calibration_keys: list[str] | None = None
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("hash", "session", "decode", "wait", "inference", "write"), 0.0)
     )
@@ -380,7 +409,8 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
         tick = time.perf_counter()  # the workers are already decoding the first batches
         calibration = None
         if precision == "int8":
-            calibration = _calibration_batch(items, run.keys, writer.known_errors, spec)
+            calibration, run.calibration_keys = _calibration(run, items, spec, run.calibration_keys)
+            writer.note({"int8_calibration_keys": run.calibration_keys})
         run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
                              calibration=calibration)
         run.seconds["session"] = time.perf_counter() - tick
@@ -499,15 +529,22 @@ def extract(
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
         run = _plan(dataset.items, writer, default_workers() if workers is None else workers)
+        if precision == "int8":
+            # an int8 model depends on its calibration images: keep the earlier run's
+            calibration_keys, discarded = _recorded_calibration(run, writer)
+            if discarded:
+                run = _plan(dataset.items, writer, default_workers() if workers is None else workers)
+            run.calibration_keys = calibration_keys
         if run.todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
                      threads=threads, device=device, precision=precision, progress=progress)
         rows, errors = _assemble(run, dataset, writer, val_fraction)
         tick = time.perf_counter()
         model = run.model
-        int8_cosine = model.int8_cosine if model is not None else None
+        int8_cosine = model.int8_cosine if model is not None else writer.base_extra.get("int8_cosine")
         extra = {"data": str(Path(data).resolve()), "layout": dataset.layout, "val_fraction": val_fraction,
-                 "providers": list(model.providers) if model else [], "int8_cosine": int8_cosine}
+                 "providers": list(model.providers) if model else writer.base_extra.get("providers", []),
+                 "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
         writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
         run.seconds["write"] += time.perf_counter() - tick
 

@@ -321,3 +321,22 @@ def test_append_checks_the_feature_shape(tmp_path):
 def test_cache_module_is_torch_free():
     code = "import sys, embedx.cache; assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_notes_base_extra_and_discard_previous(tmp_path):
+    path = tmp_path / "feats.h5"
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append([key(1)], features_for([key(1)]))
+        writer.finalize(keys=[key(1)], paths=["a.jpg"], labels=[0], splits=["train"], classes=["c0"],
+                        errors=[], attrs={"int8_calibration_keys": [key(1)]})
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.base_extra == {"int8_calibration_keys": [key(1)]}
+        writer.note({"calibration": [1, 2]})
+        writer.append([key(2)], features_for([key(2)]))
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.journal_notes == {"calibration": [1, 2]} and writer.done_keys == {key(1), key(2)}
+        writer.discard_previous()
+        assert writer.done_keys == set() and writer.journal_notes == {} and writer.base_extra == {}
+        writer.append([key(3)], features_for([key(3)]))
+        finalize(writer, [key(3)])
+    assert read_cache(path).keys.tolist() == [key(3)]

@@ -383,3 +383,24 @@ def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, mon
     cache = read_cache(tmp_path / "f.h5")
     assert summary.images == 15 and "beta/beta_2.jpg" not in cache.paths
     assert dict(cache.errors) == {"beta/beta_2.jpg": "the decoder process crashed on this file"}
+
+
+def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):
+    from embedx import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "CALIBRATION_IMAGES", 3)
+    data = class_folders(tmp_path / "data", per_class=4)
+    out = tmp_path / "f.h5"
+    first = run(data, backbone, out, precision="int8", dtype="float32")
+    calibrated = json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"]
+    assert first.new == 8 and len(calibrated) == 3
+    # a new image that would now be among the first train images: the old calibration stays
+    write_image(data / "alpha" / "aaa_first.jpg", "alpha", 77)
+    second = run(data, backbone, out, precision="int8", dtype="float32")
+    assert second.new == 1
+    assert json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"] == calibrated
+    # a calibration image is gone: the int8 model cannot be rebuilt, so every row is recomputed
+    (data / "alpha" / "alpha_1.jpg").unlink()
+    third = run(data, backbone, out, precision="int8", dtype="float32")
+    assert third.new == third.images == 8
+    assert json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"] != calibrated
