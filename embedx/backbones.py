@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 from embedx import paths
 from embedx.errors import ConfigError, UnknownBackboneError, WeightsNotFoundError
 from embedx.preprocess import PreprocessSpec
+from embedx.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -315,14 +315,6 @@ def _missing_weights(spec: BackboneSpec, status: dict[str, Any]) -> WeightsNotFo
         f"Either {where}, or use --weights none (random init) or --weights PATH to a state dict; "
         "embedx never downloads and never falls back to random weights"
     )
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from embedx import __version__, onnxmeta, paths
-from embedx.backbones import file_sha256, get_spec, resolve_weights
+from embedx.backbones import get_spec, resolve_weights
 from embedx.errors import ConfigError, ExportError, OnnxModelError, ParityError
 from embedx.preprocess import PreprocessSpec
+from embedx.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
