@@ -431,6 +431,8 @@ class CacheWriter:
         self.reused_from_journal = 0
         #: The previous cache's ``extra`` attribute (what the caller stored at finalize), or {}.
         self.base_extra: dict[str, Any] = {}
+        #: relpath -> (size, mtime_ns, key) of the previous cache's rows (when it recorded stats).
+        self.base_stats: dict[str, tuple[int, int, str]] = {}
 
     # -- lifecycle
 
@@ -491,6 +493,13 @@ class CacheWriter:
             for row, key in enumerate(keys.tolist()):
                 self._sources.setdefault(key, ("", row))
             self._base_rows = len(keys)
+            if "sizes" in handle and "mtimes" in handle:
+                sizes, mtimes = handle["sizes"][()].tolist(), handle["mtimes"][()].tolist()
+                self.base_stats = {
+                    path: (size, mtime, key)
+                    for path, size, mtime, key in zip(_strings(handle["paths"]).tolist(), sizes, mtimes,
+                                                      keys.tolist(), strict=True)
+                }
             try:
                 self.base_extra = json.loads(attrs.get("extra") or "{}")
             except ValueError:
@@ -590,6 +599,7 @@ class CacheWriter:
         self._known_errors.clear()
         self._base_rows = 0
         self.base_extra = {}
+        self.base_stats = {}
         for shard in self.journal.glob("shard-*.npz"):
             shard.unlink()
         (self.journal / "notes.json").unlink(missing_ok=True)
@@ -640,16 +650,19 @@ class CacheWriter:
         classes: Sequence[str],
         errors: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]],
         attrs: dict[str, Any] | None = None,
+        stats: Sequence[tuple[int, int]] | None = None,
     ) -> Path:
         """Write the finished cache with these rows, in this order, then drop the journal.
 
         Every key must have features (appended or reused).  ``errors`` are
         ``(path, reason)`` or ``(path, reason, key)``.  ``attrs`` go into the file's
-        ``extra`` attribute as JSON.
+        ``extra`` attribute as JSON.  ``stats`` are ``(size, mtime_ns)`` per row, as seen
+        when the key was computed; the next writer trusts a row's key for a file whose
+        path, size and mtime are unchanged (``base_stats``) instead of reading it again.
         """
         rows = len(keys)
-        if not (len(paths) == len(labels) == len(splits) == rows):
-            raise CacheError("finalize needs keys, paths, labels and splits of the same length")
+        if not (len(paths) == len(labels) == len(splits) == rows) or (stats is not None and len(stats) != rows):
+            raise CacheError("finalize needs keys, paths, labels, splits (and stats) of the same length")
         missing = [k for k in keys if k not in self._sources]
         if missing:
             raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); this is a bug in the caller")
@@ -677,6 +690,10 @@ class CacheWriter:
                 out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
                 out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
                 out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
+                if stats is not None:
+                    table = np.asarray(stats, dtype=np.int64).reshape(rows, 2)
+                    out.create_dataset("sizes", data=table[:, 0])
+                    out.create_dataset("mtimes", data=table[:, 1])
                 group = out.create_group("errors")
                 errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
                 group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())

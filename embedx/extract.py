@@ -55,6 +55,7 @@ class ExtractSummary:
     output: str
     images: int  # rows in the finished cache
     new: int  # rows computed by this run
+    hashed: int  # files read to compute their key (unchanged files of the previous cache are not)
     reused: int  # rows taken from the existing cache or the resume journal
     errors: int  # entries in the cache's errors table
     seconds: float  # the whole call, including backbone export
@@ -367,6 +368,8 @@ class _Run:
     keys: list[str]
     read_errors: dict[int, str]
     todo: list[int]
+    stats: list[tuple[int, int] | None] = field(default_factory=list)
+    hashed: int = 0
     decode_errors: dict[int, str] = field(default_factory=dict)
     new: int = 0
     workers: int = 0
@@ -377,11 +380,36 @@ class _Run:
     )
 
 
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
 def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
-    """Hash every file and list the items to compute: one per key not done and not known bad."""
+    """Key every file and list the items to compute: one per key not done and not known bad.
+
+    A file whose relative path, size and mtime match a row of the previous cache keeps
+    that row's key without being read (like rsync and make); every other file is hashed.
+    """
     tick = time.perf_counter()
-    hashed = _hash_all([item.path for item in items], threads=min(4, max(2, workers)))
-    keys = [key for key, _ in hashed]
+    stats = [_stat(item.path) for item in items]
+    keys = [""] * len(items)
+    to_hash: list[int] = []
+    for index, item in enumerate(items):
+        known = writer.base_stats.get(item.relpath)
+        if known is not None and stats[index] == known[:2] and writer.has(known[2]):
+            keys[index] = known[2]
+        else:
+            to_hash.append(index)
+    hashed = _hash_all([items[i].path for i in to_hash], threads=min(4, max(2, workers)))
+    read_errors: dict[int, str] = {}
+    for index, (key, reason) in zip(to_hash, hashed, strict=True):
+        keys[index] = key
+        if not key:
+            read_errors[index] = reason
     known_errors = writer.known_errors
     todo: list[int] = []
     seen: set[str] = set()
@@ -389,7 +417,7 @@ def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
         if key and key not in seen and not writer.has(key) and key not in known_errors:
             todo.append(index)
         seen.add(key)
-    run = _Run(keys=keys, read_errors={i: reason for i, (key, reason) in enumerate(hashed) if not key}, todo=todo)
+    run = _Run(keys=keys, read_errors=read_errors, todo=todo, stats=stats, hashed=len(to_hash))
     run.seconds["hash"] = time.perf_counter() - tick
     return run
 
@@ -453,7 +481,7 @@ def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):
 
     known_errors = writer.known_errors
     errors: list[tuple[str, str, str]] = [(relpath, reason, "") for relpath, reason in dataset.skipped]
-    rows: dict[str, list] = {"keys": [], "paths": [], "labels": [], "splits": []}
+    rows: dict[str, list] = {"keys": [], "paths": [], "labels": [], "splits": [], "stats": []}
     for index, item in enumerate(dataset.items):
         key = run.keys[index]
         if not key:
@@ -465,6 +493,7 @@ def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):
             rows["paths"].append(item.relpath)
             rows["labels"].append(item.label)
             rows["splits"].append(split_for_key(key, val_fraction) if val_fraction else item.split)
+            rows["stats"].append(run.stats[index] or (-1, -1))
         elif key in known_errors:
             errors.append((item.relpath, known_errors[key], key))
         else:  # its bytes changed between hashing and decoding; the next run picks it up
@@ -554,6 +583,7 @@ def extract(
         output=str(output),
         images=len(rows["keys"]),
         new=run.new,
+        hashed=run.hashed,
         reused=len(rows["keys"]) - run.new,
         errors=len(errors),
         seconds=finished - started,

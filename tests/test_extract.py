@@ -404,3 +404,24 @@ def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):
     third = run(data, backbone, out, precision="int8", dtype="float32")
     assert third.new == third.images == 8
     assert json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"] != calibrated
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, backbone):
+    import os
+
+    data = class_folders(tmp_path / "data", per_class=3)
+    out = tmp_path / "f.h5"
+    assert run(data, backbone, out).hashed == 6
+    again = run(data, backbone, out)
+    assert (again.hashed, again.new, again.images) == (0, 0, 6)
+    # touched (same bytes, new mtime): read and hashed again, but not recomputed
+    target = data / "alpha" / "alpha_0.jpg"
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    touched = run(data, backbone, out)
+    assert (touched.hashed, touched.new) == (1, 0)
+    # rewritten with other content: hashed, a new key, computed
+    before = set(read_cache(out).keys.tolist())
+    write_image(data / "beta" / "beta_0.jpg", "alpha", 50)
+    changed = run(data, backbone, out)
+    assert (changed.hashed, changed.new) == (1, 1)
+    assert len(set(read_cache(out).keys.tolist()) - before) == 1
