@@ -171,11 +171,12 @@ class _Server:
             self.ort_pool.shutdown(wait=True)
 
     async def _warm_up(self) -> None:
-        """One inference at batch 1 and one at max_batch, so the first user waits for neither."""
+        """One inference at max_batch and one at batch 1, so the first user waits for neither
+        (the largest first: onnxruntime's arena then has room for every smaller batch)."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            for size in sorted({1, self.config.max_batch}):
+            for size in sorted({1, self.config.max_batch}, reverse=True):
                 await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
         except Exception as e:  # a model that cannot run stays not-ready, with the reason
             self.warmup_error = f"{type(e).__name__}: {e}"
