@@ -137,14 +137,6 @@ class CacheData:
         return len(self.keys)
 
 
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def journal_dir(path: str | Path) -> Path:
     """Where the resume journal of cache ``path`` lives."""
     path = Path(path)

@@ -345,14 +345,15 @@ def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.n
 
 
 def _cache_meta(exported: Any, *, weights: str, dtype: str, precision: str) -> Any:
-    from embedx.cache import CacheMeta, sha256_file
+    from embedx.cache import CacheMeta
+    from embedx.data import hash_file
 
     return CacheMeta(
         backbone=exported.backbone,
         weights_tag=exported.weights_tag,
         weights_arg=str(getattr(exported, "weights_arg", "") or weights),
         onnx_path=str(Path(exported.path).resolve()),
-        onnx_sha256=getattr(exported, "sha256", "") or sha256_file(exported.path),
+        onnx_sha256=getattr(exported, "sha256", "") or hash_file(exported.path),
         feature_layer=str(exported.feature_layer),
         feature_dim=int(exported.feature_dim),
         preprocess=exported.preprocess.to_dict(),
