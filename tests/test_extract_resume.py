@@ -129,3 +129,31 @@ def test_sigkill_many_times_then_resume_equals_uninterrupted(setup, tmp_path, wo
     assert {p for p, _ in resumed.errors} == {"alpha/broken.jpg", "beta/empty.png"}
     np.testing.assert_array_equal(resumed.features, expected.features)
     assert not list(output.parent.glob(f".{output.name}.tmp-*"))
+
+
+def test_second_writer_refused_while_first_runs_and_info_on_a_killed_run(setup, tmp_path):
+    data, onnx, _ = setup
+    env = dict(os.environ, EMBEDX_CACHE_DIR=str(tmp_path / "cachedir"))
+    output = tmp_path / "f.h5"
+    first = subprocess.Popen(command(data, onnx, output, 0), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while shard_count(output) < 2 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert first.poll() is None, "the first run ended before it could be paused"
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, holding the lock
+        second = subprocess.run(command(data, onnx, output, 0), env=env, capture_output=True, text=True)
+        assert second.returncode == 1
+        assert "another process is writing" in second.stderr
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    info = subprocess.run([sys.executable, "-m", "embedx", "info", str(output)], env=env, capture_output=True,
+                          text=True)
+    assert info.returncode == 0, info.stderr
+    assert "not finished" in info.stdout and "rerun the same" in info.stdout
+    finished = subprocess.run(command(data, onnx, output, 0), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert len(read_cache(output)) == N_IMAGES
