@@ -172,7 +172,8 @@ class _Server:
 
     async def _warm_up(self) -> None:
         """One inference at max_batch and one at batch 1, so the first user waits for neither
-        (the largest first: onnxruntime's arena then has room for every smaller batch)."""
+        (the largest first: onnxruntime's arena then has room for every smaller batch, and
+        TensorRT's engine covers the whole 1..max_batch range before the first request)."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
