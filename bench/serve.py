@@ -251,6 +251,7 @@ def main() -> None:
     good = [{"content": image, "headers": {"content-type": "image/jpeg"}} for image in images]
     print(f"model {model}; {len(images)} images, mean {statistics.mean(map(len, images)) / 1024:.0f} KiB", file=sys.stderr)
 
+    load_before = os.getloadavg()
     rows, memory = [], []
     soak = None
     for mode, options in MODES.items():
@@ -309,6 +310,8 @@ def main() -> None:
         "quick": args.quick, "model": str(model), "backbone": args.backbone, "weights": args.weights,
         "modes": MODES, "server_args": args.server_args, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
         "speedup_32": ratio, "table": table,
+        # a shared machine makes the ratio move: CPU contention hurts the 2-thread batched runs most
+        "loadavg_before_after": [load_before, os.getloadavg()],
     }, args.out)
     print(f"wrote {path}", file=sys.stderr)
     if soak["5xx"] or soak["malformed_not_4xx"]:
