@@ -3,13 +3,17 @@
 Stages (see docs/cache-format.md for what lands on disk):
 
 1. ``data.discover`` lists the images; ``export.resolve_backbone`` gives the ONNX.
-2. Every file is hashed (sha256 of its bytes = the cache key) in a few threads;
-   keys already in the cache or its resume journal are not decoded again, nor are
-   keys that failed to decode before.
-3. Worker *processes* read, decode, resize and crop one batch each
-   (``preprocess.to_pixels``, the same code predict and serve use) and send back
-   uint8 pixels (a quarter of the bytes of float32); a bounded number of batches
-   is in flight, so memory stays flat and the backbone does not wait.
+2. Every file gets its key, the sha256 of its bytes, hashed in a few threads (a
+   file whose path, size and mtime match a row of the previous cache keeps that
+   row's key unread).  Keys already in the cache or its resume journal are not
+   decoded again, nor are keys that failed to decode before.
+3. Worker *processes* (spawned: the parent holds ORT/torch threads) read, decode,
+   resize and crop one batch each (``preprocess.to_pixels``, the same code predict
+   and serve use) and send back uint8 pixels, a quarter of the bytes of float32.
+   At most two batches per worker are in flight, so memory stays flat; the first
+   batch is decoded in the main process while the workers start, and the ORT
+   session is created while they decode.  A worker that dies costs only the file
+   it died on.
 4. The main process normalizes (``preprocess.normalize``, one multiply-add), runs
    ONNX Runtime on the batch and journals the features (``CacheWriter.append``).
 5. ``CacheWriter.finalize`` writes the cache in the data set's order and drops
