@@ -3,6 +3,7 @@ checkpoint/resume, and the artifacts (ONNX parity, predict, bundle)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +348,44 @@ def test_cli_finetune_bad_unfreeze_is_a_usage_error(tmp_path):
 
     result = CliRunner().invoke(cli, ["finetune", "--head", str(tmp_path), str(tmp_path), "--unfreeze", "top"])
     assert result.exit_code == 2 and "unfreeze" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unfreeze", ["all", 2])
+def test_finetune_on_the_gpu_with_amp_and_channels_last(request, tmp_path, unfreeze):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    data, head_dir = request.getfixturevalue("start")
+    result = ft.finetune(head_dir, data, epochs=2, device="cuda", output=tmp_path / "out",
+                         **{**FAST, "unfreeze": unfreeze})
+    assert result.device.startswith("cuda")
+    assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
+    # the artifacts are CPU/fp32 whatever the training device
+    assert result.parity["trained_model"]["max_rel_error"] <= 1e-4
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_lpft_on_hymenoptera_with_efficientnet_lite0(hymenoptera, tmp_path):
+    """The whole loop on real data: extract -> fit-head -> finetune -> extract with the new weights -> evaluate."""
+    from embedx.backbones import get_spec, weights_status
+    from embedx.extract import extract
+    from embedx.heads import evaluate, fit_head
+
+    if not weights_status(get_spec("efficientnet_lite0"))["available"]:
+        pytest.skip("efficientnet_lite0 weights are not installed")
+    extract(hymenoptera, backbone="efficientnet_lite0", output=tmp_path / "feats.h5", workers=1)
+    fitted = fit_head(tmp_path / "feats.h5", head="logreg", output=tmp_path / "head", plots=False)
+    cached_accuracy = fitted.metrics["val"]["accuracy"]
+    result = ft.finetune(tmp_path / "head", hymenoptera, epochs=1, unfreeze=1, batch_size=16, num_workers=1)
+    val_count = result.history[0]["val_count"]
+    # the torch composition reproduces the cached head on the same val images (float16 cache aside)
+    assert result.initial_val_accuracy == pytest.approx(cached_accuracy, abs=1.5 / val_count)
+    assert result.initial_val_accuracy > 0.85
+    # a cache extracted with the fine-tuned weights is one the new head accepts, at its accuracy
+    extract(hymenoptera, backbone="efficientnet_lite0", weights=str(result.backbone_weights),
+            output=tmp_path / "ft.h5", workers=1)
+    metrics = evaluate(result.output_dir, tmp_path / "ft.h5", splits=["val"])
+    assert metrics["all"]["accuracy"] == pytest.approx(result.best_val_accuracy, abs=1.5 / val_count)

@@ -50,7 +50,7 @@ class UnfreezeType(click.ParamType):
 @click.option("--workers", default=None, type=click.IntRange(min=0, max=2),
               help="Data-loading worker processes [default: up to 2].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def finetune_command(head_dir, data, unfreeze, epochs, batch_size, lr, backbone_lr_mult, warmup_epochs,
                      weight_decay, augment, no_flip, manifest, output, resume, device, seed, workers,
                      as_json, quiet):
