@@ -7,8 +7,10 @@ On the ants/bees data with efficientnet_lite0 (real weights):
 3. plain fine-tuning: the same run from a freshly initialized linear head
    (``reinit_head=True``), same epochs, learning rates, augmentation and seed.
 
-Reported: val accuracy of each, wall seconds of each, and the ratios.  The goal
-is LP-FT >= cached head and LP-FT >= plain fine-tuning.
+Reported: val accuracy of each (for the fine-tuned runs both the best epoch, which
+is what ``finetune`` keeps and is chosen on this same val split, so optimistic, and
+the last epoch, which is not selected), wall seconds of each.  The goal is
+LP-FT >= cached head and LP-FT >= plain fine-tuning.
 
     python bench/finetune.py [--quick] [--data DIR] [--epochs 3] [--unfreeze 2] [--out ...]
 """
@@ -51,9 +53,11 @@ def run(data: Path, *, backbone: str, epochs: int, unfreeze: str, batch_size: in
         {"method": "cached head (extract + fit-head)", "val_accuracy": cached_val,
          "seconds": extract_seconds + fit_seconds},
         {"method": f"LP-FT ({epochs} epochs, unfreeze {unfreeze})", "val_accuracy": lpft.best_val_accuracy,
-         "seconds": lpft.seconds, "best_epoch": lpft.best_epoch},
+         "last_epoch_val_accuracy": lpft.history[-1]["val_accuracy"], "seconds": lpft.seconds,
+         "best_epoch": lpft.best_epoch},
         {"method": "plain fine-tuning (random head, same budget)", "val_accuracy": plain.best_val_accuracy,
-         "seconds": plain.seconds, "best_epoch": plain.best_epoch},
+         "last_epoch_val_accuracy": plain.history[-1]["val_accuracy"], "seconds": plain.seconds,
+         "best_epoch": plain.best_epoch},
     ]
     return {
         "data": str(data),
@@ -95,7 +99,8 @@ def main() -> None:
                       workdir=workdir, seed=args.seed)
     payload["quick"] = args.quick
     path = write_result("finetune", payload, args.out)
-    print(markdown_table(payload["rows"], ["method", "val_accuracy", "seconds"]))
+    print(markdown_table(payload["rows"], ["method", "val_accuracy", "last_epoch_val_accuracy", "best_epoch",
+                                           "seconds"]))
     print(f"wrote {path}", file=sys.stderr)
 
 
