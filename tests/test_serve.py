@@ -497,7 +497,7 @@ def test_serve_imports_no_torch(bundles, tmp_path):
     code = (
         "import sys; from embedx.serve import create_app; "
         f"app = create_app({str(bundles['float'])!r}, device='cpu'); "
-        "bad = [m for m in ('torch', 'torchvision', 'h5py', 'sklearn') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'torchvision', 'h5py', 'sklearn', 'onnx', 'matplotlib') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
