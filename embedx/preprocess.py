@@ -88,11 +88,13 @@ class PreprocessSpec:
         return cls.from_dict(json.loads(text))
 
 
-#: A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only when the reduced
-#: image keeps a shorter side >= this many times ``resize_size``.  1.0 is the
-#: fastest; the DCT scaling then acts as most of the antialiasing and the result
-#: differs from a full decode by a few grey levels at sharp edges.
-JPEG_DRAFT_GAP = 1.0
+#: A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only while the reduced
+#: image keeps a shorter side >= this many times ``resize_size``, so the antialiased
+#: resize still does at least a 2x reduction (the idea of Pillow's ``reducing_gap``).
+#: Measured on the real photos of hymenoptera_data that get drafted: 2.0 differs from
+#: the full decode by 0.001 on average (max 0.09) in normalized units; 1.0 (draft
+#: down to the target) was 3x faster on big photos but 0.033 off on average, up to 1.5.
+JPEG_DRAFT_GAP = 2.0
 
 _ORIENTATION = 0x0112
 
