@@ -311,3 +311,16 @@ def test_unlistable_folder_is_skipped_even_as_root(tmp_path, monkeypatch):
     dataset = data.discover(tmp_path)
     assert [i.relpath for i in dataset.items] == ["cls/b.jpg"]
     assert dict(dataset.skipped) == {"cls/locked": "permission denied: cannot list this folder"}
+
+
+def test_symlinks_to_files_and_folders_are_followed_and_broken_ones_skipped(tmp_path):
+    outside = touch(tmp_path / "elsewhere" / "real.jpg")
+    touch(tmp_path / "elsewhere" / "more" / "b.png")
+    data_dir = tmp_path / "data"
+    touch(data_dir / "cls" / "a.jpg")
+    (data_dir / "cls" / "link.jpg").symlink_to(outside)
+    (data_dir / "cls" / "linked_folder").symlink_to(tmp_path / "elsewhere" / "more")
+    (data_dir / "cls" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    dataset = data.discover(data_dir)
+    assert [i.relpath for i in dataset.items] == ["cls/a.jpg", "cls/link.jpg", "cls/linked_folder/b.png"]
+    assert dict(dataset.skipped) == {"cls/dangling.jpg": "broken symlink"}
