@@ -39,6 +39,7 @@ from embedx import __version__, onnxmeta, paths
 from embedx.backbones import get_spec, resolve_weights
 from embedx.errors import ConfigError, ExportError, OnnxModelError, ParityError
 from embedx.preprocess import PreprocessSpec
+from embedx.progress import ProgressCallback
 from embedx.runtime import file_sha256
 
 log = logging.getLogger(__name__)
@@ -333,13 +334,23 @@ def _check(model: Any, name: str) -> None:
         raise ExportError(f"{name}: the exported ONNX model fails onnx.checker: {e}") from e
 
 
+#: The stages a torch export reports through ``progress`` (done counts them).
+EXPORT_STAGES = ("build", "trace", "check", "parity", "write")
+
+
+def _report(progress: ProgressCallback | None, stage: str) -> None:
+    if progress is not None:
+        progress(EXPORT_STAGES.index(stage), len(EXPORT_STAGES), {"stage": stage})
+
+
 def _export_torch(module: Any, *, path: Path, name: str, weights_tag: str, weights_arg: str,
                   feature_layer: str, preprocess: PreprocessSpec, fingerprint: str,
-                  opset: int) -> ExportResult:
+                  opset: int, progress: ProgressCallback | None = None) -> ExportResult:
     import onnx
     import torch
 
     module = module.eval()
+    _report(progress, "trace")
     with torch.no_grad():
         probe = module(torch.zeros(1, 3, preprocess.input_size, preprocess.input_size))
     if probe.ndim != 2:
@@ -347,9 +358,12 @@ def _export_torch(module: Any, *, path: Path, name: str, weights_tag: str, weigh
     feature_dim = int(probe.shape[1])
     log.info("exporting %s (%s, layer %s) to ONNX opset %d", name, weights_tag, feature_layer, opset)
     model_bytes, exporter = _torch_to_onnx(module, preprocess.input_size, opset)
+    _report(progress, "check")
     model = onnx.load_from_string(model_bytes)
     _check(model, name)
+    _report(progress, "parity")
     parity = check_parity(module, model_bytes, input_size=preprocess.input_size, name=name)
+    _report(progress, "write")
     onnxmeta.write(model, {
         "version": __version__,
         "kind": "backbone",
@@ -369,17 +383,21 @@ def _export_torch(module: Any, *, path: Path, name: str, weights_tag: str, weigh
         feature_layer=feature_layer, feature_dim=feature_dim, preprocess=preprocess,
         parity=parity, weights_arg=weights_arg, opset=opset,
     )
-    return _publish(model, path, result)
+    result = _publish(model, path, result)
+    if progress is not None:
+        progress(len(EXPORT_STAGES), len(EXPORT_STAGES), {"stage": "done"})
+    return result
 
 
 def export_backbone(backbone: str, *, weights: str | Path | None = "DEFAULT", layer: str | None = None,
                     output: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                    force: bool = False) -> ExportResult:
+                    force: bool = False, progress: ProgressCallback | None = None) -> ExportResult:
     """Export registry backbone ``backbone`` to a verified ONNX feature extractor.
 
     Cached under ``paths.onnx_dir()``: a second call with the same arguments returns at
     once with ``cached=True``.  ``output`` also writes the file there.  ``force``
-    rebuilds even when a valid cached export exists.
+    rebuilds even when a valid cached export exists.  ``progress`` is called once per
+    stage of ``EXPORT_STAGES`` (not at all for a cached export).
     """
     from embedx.backbones import build_feature_extractor
 
@@ -393,10 +411,11 @@ def export_backbone(backbone: str, *, weights: str | Path | None = "DEFAULT", la
     })
 
     def build(path: Path) -> ExportResult:
+        _report(progress, "build")
         module = build_feature_extractor(spec.name, weights=choice.arg, layer=layer)
         return _export_torch(module, path=path, name=spec.name, weights_tag=choice.tag,
                              weights_arg=choice.arg, feature_layer=layer, preprocess=spec.preprocess,
-                             fingerprint=fingerprint, opset=opset)
+                             fingerprint=fingerprint, opset=opset, progress=progress)
 
     return _cached_or_build(spec.name, fingerprint, build, output=output, force=force)
 
@@ -411,7 +430,8 @@ def _state_digest(module: Any) -> str:
 
 def export_module(module: Any, *, name: str, weights_tag: str, feature_layer: str,
                   preprocess: PreprocessSpec | dict, output: str | Path | None = None,
-                  weights_arg: str = "", opset: int = DEFAULT_OPSET) -> ExportResult:
+                  weights_arg: str = "", opset: int = DEFAULT_OPSET,
+                  progress: ProgressCallback | None = None) -> ExportResult:
     """Export a torch module built elsewhere (e.g. a fine-tuned backbone), verified and cached.
 
     The module must map NCHW float32 to (N, D); it is copied to the CPU in eval mode,
@@ -429,7 +449,7 @@ def export_module(module: Any, *, name: str, weights_tag: str, feature_layer: st
     def build(path: Path) -> ExportResult:
         return _export_torch(module, path=path, name=name, weights_tag=weights_tag, weights_arg=weights_arg,
                              feature_layer=feature_layer, preprocess=preprocess,
-                             fingerprint=fingerprint, opset=opset)
+                             fingerprint=fingerprint, opset=opset, progress=progress)
 
     return _cached_or_build(name, fingerprint, build, output=output, force=False)
 

@@ -92,7 +92,11 @@ def test_output_copy_and_force(tmp_path):
     result = export.export_backbone("squeezenet1_1", weights="none", output=target)
     assert result.path == target and target.is_file()
     assert export.file_sha256(target) == result.sha256
-    assert not export.export_backbone("squeezenet1_1", weights="none", force=True).cached
+    stages = []
+    rebuilt = export.export_backbone("squeezenet1_1", weights="none", force=True,
+                                     progress=lambda done, total, info: stages.append(info["stage"]))
+    assert not rebuilt.cached
+    assert stages == [*export.EXPORT_STAGES, "done"]
 
 
 def test_fingerprint_changes_with_weights_and_opset(tmp_path):

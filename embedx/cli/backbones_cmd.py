@@ -48,8 +48,9 @@ def backbones_command(as_json: bool) -> None:
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="DEFAULT (pretrained, offline only), none (random init) or a state-dict path.")
 @click.option("--layer", default=None,
-              help="Feature layer: a registry layer (e.g. fc7, pool) or, for an .onnx file, a tensor "
-                   "name or 'auto' (the global-pool output, e.g. 1280-d for mobilenetv2-12-int8.onnx).")
+              help="Feature layer: a registry layer (e.g. fc7, pool; 'auto' = the default) or, for an "
+                   ".onnx file, a tensor name or 'auto' (the global-pool output, e.g. "
+                   "'464_quantized', 1280-d, in mobilenetv2-12-int8.onnx).")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), default=None,
               help="Also write the ONNX file here (it stays cached under cache/onnx/).")
 @click.option("--opset", type=click.IntRange(13, 21), default=None,
@@ -65,6 +66,7 @@ def export_command(backbone: str, weights: str, layer: str | None, output: str |
     (max relative error <= 1e-4), all stored in the file's metadata.
     """
     from embedx import export
+    from embedx.cli.progressbar import progress_bar
 
     if export.is_onnx_path(backbone):
         if weights not in ("DEFAULT", "default"):
@@ -74,9 +76,10 @@ def export_command(backbone: str, weights: str, layer: str | None, output: str |
         click.echo(f"preparing {backbone} ...", err=True)
         result = export.prepare_onnx(backbone, layer=layer, output=output, force=force)
     else:
-        click.echo(f"exporting {backbone} (weights {weights}) ...", err=True)
-        result = export.export_backbone(backbone, weights=weights, layer=layer, output=output,
-                                        opset=opset or export.DEFAULT_OPSET, force=force)
+        with progress_bar(f"export {backbone}", unit="step", enabled=not as_json) as progress:
+            result = export.export_backbone(backbone, weights=weights, layer=layer, output=output,
+                                            opset=opset or export.DEFAULT_OPSET, force=force,
+                                            progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
