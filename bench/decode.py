@@ -38,6 +38,7 @@ from bench.common import HYMENOPTERA, markdown_table, write_result  # noqa: E402
 
 
 def tutorial_transform(spec):
+    """torchvision's Resize -> CenterCrop -> ToTensor -> Normalize for a ``PreprocessSpec``."""
     from torchvision import transforms
 
     mode = transforms.InterpolationMode(spec.interpolation)

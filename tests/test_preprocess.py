@@ -28,17 +28,14 @@ SIZES = [(500, 375), (375, 500), (224, 224), (257, 1000), (1000, 257), (301, 299
 
 
 def torchvision_transform(spec: PreprocessSpec):
-    transforms = pytest.importorskip("torchvision.transforms")
+    """The tutorial's eval transform (one definition, shared with bench/decode.py)."""
+    pytest.importorskip("torchvision")
     import torch
 
+    from bench.decode import tutorial_transform
+
     torch.set_num_threads(1)
-    mode = transforms.InterpolationMode(spec.interpolation)
-    return transforms.Compose([
-        transforms.Resize(spec.resize_size, interpolation=mode),
-        transforms.CenterCrop(spec.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
-    ])
+    return tutorial_transform(spec)
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
