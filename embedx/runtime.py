@@ -221,7 +221,7 @@ def array_sha256(array: np.ndarray) -> str:
 
 def _derived_dir() -> Path:
     folder = paths.cache_dir() / "runtime"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # OSError for a read-only cache: callers decide
     return folder
 
 
@@ -333,7 +333,13 @@ def quantize_int8(
         )
     settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if _cpu_has_vnni() else 'r7'}"
     key = f"{file_sha256(path)[:16]}-{array_sha256(calibration)[:12]}-{settings}"
-    target = _derived_dir() / f"{path.stem}-{key}-int8.onnx"
+    try:
+        target = _derived_dir() / f"{path.stem}-{key}-int8.onnx"
+    except OSError as e:
+        raise QuantizationError(
+            f"int8 quantization writes its model under {paths.cache_dir()}, which is not "
+            f"writable ({e.strerror or e}); set EMBEDX_CACHE_DIR to a writable folder"
+        ) from e
     report_path = target.with_suffix(".json")
     if target.exists() and report_path.exists():
         report = json.loads(report_path.read_text())
@@ -462,7 +468,11 @@ def _cpu_session_cached(path: Path, threads: int | None) -> Any:
     """A CPU session from the cached optimized graph, writing it on the first use."""
     import onnxruntime as ort
 
-    cached = _optimized_cache_path(path)
+    try:
+        cached = _optimized_cache_path(path)
+    except OSError as e:  # a read-only cache: optimize in memory, as ORT does by default
+        log.debug("not caching the optimized graph of %s: %s", path, e)
+        return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=[CPU])
     if cached.exists():
         options = _session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -299,3 +299,13 @@ def test_a_damaged_optimized_cache_is_rebuilt(tiny):
     model = runtime.OrtModel(path, device="cpu")
     assert model.run(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 16)
     assert cached.stat().st_size > 100
+
+
+def test_read_only_cache_still_runs(tiny, tmp_path, monkeypatch, calibration):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(blocker))
+    model = runtime.OrtModel(tiny[1], device="cpu")
+    assert model.run(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 16)
+    with pytest.raises(QuantizationError, match="not writable"):
+        runtime.quantize_int8(tiny[1], calibration)
