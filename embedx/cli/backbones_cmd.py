@@ -46,7 +46,8 @@ def backbones_command(as_json: bool) -> None:
 @click.option("--backbone", "-b", required=True,
               help="Registry name (see `embedx backbones`) or path to an .onnx file.")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT (pretrained, offline only), none (random init) or a state-dict path.")
+              help="DEFAULT (pretrained, offline only), another torchvision weights name "
+                   "(e.g. IMAGENET1K_V1), none (random init) or a state-dict path.")
 @click.option("--layer", default=None,
               help="Feature layer: a registry layer (e.g. fc7, pool; 'auto' = the default) or, for an "
                    ".onnx file, a tensor name or 'auto' (the global-pool output, e.g. "
