@@ -54,10 +54,17 @@ def measure(name: str, weights: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet18 and efficientnet_lite0 only")
+    parser.add_argument("--backbones", default=None,
+                        help="comma-separated names instead of the default list (weights none, "
+                             "DEFAULT for EfficientNet-Lite)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    cases = QUICK if args.quick else FULL
+    if args.backbones:
+        cases = [(name, "DEFAULT" if name.startswith("efficientnet_lite") else "none")
+                 for name in args.backbones.split(",")]
     rows = []
-    for name, weights in QUICK if args.quick else FULL:
+    for name, weights in cases:
         rows.append(measure(name, weights))
         print(rows[-1], file=sys.stderr, flush=True)
     columns = ["backbone", "weights", "feature_dim", "first_export_s", "cached_s", "size_mb", "max_rel_error"]
