@@ -157,7 +157,10 @@ class _Walker:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
     def skip(self, path: str, reason: str) -> None:
-        self.skipped.append((self.rel(path), reason))
+        relpath = self.rel(path)
+        if not _utf8_ok(relpath):  # keep the record storable: undecodable bytes as \xNN
+            relpath = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        self.skipped.append((relpath, reason))
 
     def entries(self, folder: str) -> list[os.DirEntry] | None:
         try:
@@ -265,6 +268,10 @@ def _from_folders(root: Path) -> ImageDataset:
             )
     else:
         groups = [("train", e) for e in top_dirs]
+    for split, entry in list(groups):
+        if not _utf8_ok(entry.name):  # a class name must be storable as text
+            walker.skip(entry.path, "folder name is not valid UTF-8")
+            groups.remove((split, entry))
     for entry in top:
         if walker.kind(entry) != "dir":
             walker.skip(entry.path, "a file at the top of the data folder, not in a class folder")
@@ -346,6 +353,8 @@ def _from_manifest(manifest: Path, *, root: Path) -> ImageDataset:
     first_line: dict[str, int] = {}
     for line, raw, label, split in parsed:
         path = Path(raw) if os.path.isabs(raw) else root / raw
+        if "\\" in raw and not path.exists():  # a manifest written on Windows
+            path = root / raw.replace("\\", "/")
         relpath = _relpath_under(path, root)
         if relpath in first_line:
             skipped.append((relpath, f"manifest line {line} repeats line {first_line[relpath]}"))

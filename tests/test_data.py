@@ -324,3 +324,38 @@ def test_symlinks_to_files_and_folders_are_followed_and_broken_ones_skipped(tmp_
     dataset = data.discover(data_dir)
     assert [i.relpath for i in dataset.items] == ["cls/a.jpg", "cls/link.jpg", "cls/linked_folder/b.png"]
     assert dict(dataset.skipped) == {"cls/dangling.jpg": "broken symlink"}
+
+
+def test_files_directly_in_a_split_folder_are_skipped(tmp_path):
+    touch(tmp_path / "train" / "cls" / "a.jpg")
+    touch(tmp_path / "train" / "stray.jpg")
+    dataset = data.discover(tmp_path)
+    assert [i.relpath for i in dataset.items] == ["train/cls/a.jpg"]
+    assert [p for p, _ in dataset.skipped] == ["train/stray.jpg"]
+
+
+def test_manifest_with_windows_separators(tmp_path):
+    touch(tmp_path / "imgs" / "sub" / "a.jpg")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("imgs\\\\sub\\\\a.jpg,cat\n")
+    assert [i.relpath for i in data.discover(manifest).items] == ["imgs/sub/a.jpg"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that stores raw bytes")
+def test_names_that_are_not_utf8_are_skipped(tmp_path):
+    root = os.fsencode(tmp_path)
+    os.makedirs(os.path.join(root, b"good"))
+    os.makedirs(os.path.join(root, b"bad\xff"))
+    for folder, name in [(b"good", b"ok.jpg"), (b"good", b"x\xfe.jpg"), (b"bad\xff", b"a.jpg")]:
+        with open(os.path.join(root, folder, name), "wb") as handle:
+            handle.write(b"x")
+    try:
+        dataset = data.discover(tmp_path)
+    except UnicodeEncodeError as e:  # pragma: no cover - a file system that refuses the names
+        pytest.skip(f"cannot create such names here: {e}")
+    assert dataset.classes == ("good",)
+    assert [i.relpath for i in dataset.items] == ["good/ok.jpg"]
+    assert dict(dataset.skipped) == {
+        "bad\\xff": "folder name is not valid UTF-8",
+        "good/x\\xfe.jpg": "file name is not valid UTF-8",
+    }
