@@ -118,7 +118,7 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
     path, "" when unreadable), ``pixels`` for the decoded rows, ``errors`` as
     ``(index, reason)`` and the CPU seconds spent.
     """
-    start = time.process_time()
+    start = time.thread_time()
     spec = _SPECS.get(spec_json)
     if spec is None:
         spec = _SPECS[spec_json] = preprocess.PreprocessSpec.from_json(spec_json)
@@ -153,7 +153,7 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
         "keys": keys,
         "pixels": pixels[: len(rows)],
         "errors": errors,
-        "seconds": time.process_time() - start,
+        "seconds": time.thread_time() - start,
     }
 
 
@@ -173,12 +173,17 @@ class _Decoder:
         self.workers = workers
         self._batches = iter(batches)
         self._pending: deque = deque()  # (paths, future)
-        self._first: Sequence[str] | None = None
+        self._first = None  # future of the first batch, decoded in a thread of this process
+        self._thread = None
         self.pool = None
         if workers > 0:
-            # The first batch is decoded here, in the caller's process, while the
-            # workers start (a fresh interpreter each): the backbone gets going at once.
-            self._first = next(self._batches, None)
+            # The first batch is decoded here, in a thread (Pillow releases the GIL),
+            # while the workers start (a fresh interpreter each) and the caller
+            # creates its ORT session: the backbone gets going at once.
+            first = next(self._batches, None)
+            if first is not None:
+                self._thread = ThreadPoolExecutor(max_workers=1)
+                self._first = self._thread.submit(_decode_batch, self.spec_json, first)
             self._start_pool()
             self._fill()
 
@@ -238,7 +243,7 @@ class _Decoder:
                 yield _decode_batch(self.spec_json, paths)
             return
         if self._first is not None:
-            yield _decode_batch(self.spec_json, self._first)
+            yield self._first.result()
         while self._pending:
             paths, future = self._pending.popleft()
             try:
@@ -250,6 +255,9 @@ class _Decoder:
             yield result
 
     def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
+            self._thread = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
