@@ -6,7 +6,16 @@ same pixels at training and at serving time.  Only Pillow and numpy are used her
 
 The geometry follows torchvision's classic eval transform
 ``Resize(resize_size) -> CenterCrop(input_size) -> ToTensor -> Normalize``, computed
-with Pillow's antialiased resize exactly as torchvision does on PIL images.
+with Pillow's antialiased resize exactly as torchvision does on PIL images: the
+uint8 pixels are bit-identical and the float output agrees to ~5e-7.  The two
+liberties, both on purpose: large JPEGs are decoded at a reduced DCT scale (see
+``JPEG_DRAFT_GAP``), and EXIF rotation / transparency are applied (torchvision's
+``convert("RGB")`` ignores both).
+
+Speed, per CPU-second on hymenoptera_data (mostly ~500x375 JPEGs, nothing to draft):
+1.3x the tutorial transform, all of it from resizing only the rows that survive the
+crop and normalizing in one multiply-add; decode (55%) and Pillow's resize (38%) are
+the floor while staying exact.  On 2000x1500 JPEGs, with draft: 2-3x.
 """
 
 from __future__ import annotations
