@@ -13,9 +13,10 @@ liberties, both on purpose: large JPEGs are decoded at a reduced DCT scale (see
 ``convert("RGB")`` ignores both).
 
 Speed, per CPU-second on hymenoptera_data (mostly ~500x375 JPEGs, nothing to draft):
-1.3x the tutorial transform, all of it from resizing only the rows that survive the
-crop and normalizing in one multiply-add; decode (55%) and Pillow's resize (38%) are
-the floor while staying exact.  On 2000x1500 JPEGs, with draft: 2-3x.
+1.3x the tutorial transform, from no extra RGB copy, no torch tensors, resizing only
+the rows that survive the crop, and one multiply-add to normalize.  Decode (55%) and
+Pillow's resize (38%) are the floor while staying exact.  On 2000x1500 JPEGs, with
+draft: 2-3x.
 """
 
 from __future__ import annotations
