@@ -89,6 +89,27 @@ class CacheMeta:
         # JSON round trip: tuples become lists, so a meta read back compares equal.
         object.__setattr__(self, "preprocess", json.loads(json.dumps(dict(self.preprocess))))
 
+    @classmethod
+    def from_export(cls, exported: Any, *, dtype: str = "float16", precision: str = "fp32") -> CacheMeta:
+        """The identity of features made by an ``export.ExportResult`` (duck-typed)."""
+        sha256 = getattr(exported, "sha256", "")
+        if not sha256:
+            from embedx.data import hash_file
+
+            sha256 = hash_file(exported.path)
+        return cls(
+            backbone=exported.backbone,
+            weights_tag=exported.weights_tag,
+            weights_arg=str(getattr(exported, "weights_arg", "")),
+            onnx_path=str(Path(exported.path).resolve()),
+            onnx_sha256=sha256,
+            feature_layer=str(exported.feature_layer),
+            feature_dim=int(exported.feature_dim),
+            preprocess=exported.preprocess.to_dict(),
+            dtype=dtype,
+            precision=precision,
+        )
+
     def identity(self) -> dict[str, Any]:
         """The fields the fingerprint covers (all but ``onnx_path``: a moved file is the same model)."""
         data = self.to_dict()

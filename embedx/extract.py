@@ -356,24 +356,6 @@ def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.n
 # --------------------------------------------------------------------------- extract
 
 
-def _cache_meta(exported: Any, *, weights: str, dtype: str, precision: str) -> Any:
-    from embedx.cache import CacheMeta
-    from embedx.data import hash_file
-
-    return CacheMeta(
-        backbone=exported.backbone,
-        weights_tag=exported.weights_tag,
-        weights_arg=str(getattr(exported, "weights_arg", "") or weights),
-        onnx_path=str(Path(exported.path).resolve()),
-        onnx_sha256=getattr(exported, "sha256", "") or hash_file(exported.path),
-        feature_layer=str(exported.feature_layer),
-        feature_dim=int(exported.feature_dim),
-        preprocess=exported.preprocess.to_dict(),
-        dtype=dtype,
-        precision=precision,
-    )
-
-
 @dataclass
 class _Run:
     """Mutable state of one extraction (keys by item index, errors, clocks)."""
@@ -541,7 +523,7 @@ def extract(
     0 decodes in this process); ``threads`` for ONNX Runtime (default: physical cores).
     ``progress(done, total, info)`` is called once per batch.
     """
-    from embedx.cache import CacheWriter
+    from embedx.cache import CacheMeta, CacheWriter
     from embedx.data import discover
 
     if batch_size < 1:
@@ -565,7 +547,7 @@ def extract(
     from embedx.export import resolve_backbone
 
     exported = resolve_backbone(backbone, weights=weights, layer=layer)
-    meta = _cache_meta(exported, weights=weights, dtype=dtype, precision=precision)
+    meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:

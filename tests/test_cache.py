@@ -340,3 +340,20 @@ def test_notes_base_extra_and_discard_previous(tmp_path):
         writer.append([key(3)], features_for([key(3)]))
         finalize(writer, [key(3)])
     assert read_cache(path).keys.tolist() == [key(3)]
+
+
+def test_meta_from_export(tmp_path):
+    from types import SimpleNamespace
+
+    from embedx.preprocess import PreprocessSpec
+
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not really onnx")
+    exported = SimpleNamespace(path=onnx_file, backbone="tiny", weights_tag="none", weights_arg="none",
+                               feature_layer="pool", feature_dim=DIM, preprocess=PreprocessSpec(), sha256="")
+    meta = CacheMeta.from_export(exported, dtype="float32", precision="int8")
+    import hashlib
+
+    assert meta.onnx_sha256 == hashlib.sha256(b"not really onnx").hexdigest()
+    assert meta.onnx_path == str(onnx_file.resolve()) and meta.preprocess["input_size"] == 224
+    assert (meta.dtype, meta.precision, meta.feature_dim) == ("float32", "int8", DIM)
