@@ -221,7 +221,8 @@ def decode(source: ImageSource, *, min_size: int | None = None) -> Image.Image:
         raise _fail(name, "file not found", e) from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # Pillow reports truncated and malformed data as OSError/SyntaxError/ValueError.
-        raise _fail(name, f"truncated or corrupt image data ({type(e).__name__}: {e})", e) from e
+        kind = "truncated image data" if "truncated" in str(e).lower() else "corrupt or unsupported image"
+        raise _fail(name, f"{kind} ({type(e).__name__}: {e})", e) from e
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -243,7 +243,7 @@ def test_odd_names(corpus, case):
     ("case", "reason"),
     [
         ("zero_byte", "empty file (0 bytes)"),
-        ("truncated_jpeg", "truncated or corrupt image data"),
+        ("truncated_jpeg", "truncated image data"),
         ("text_as_jpg", "a text file, not an image"),
         ("html_as_png", "an HTML/XML document"),
         ("bomb", "decompression bomb"),
@@ -267,6 +267,16 @@ def test_bomb_is_refused_before_decoding(corpus):
     assert path.stat().st_size < 200
     with pytest.raises(ImageDecodeError, match="20000x20000|400000000"):
         preprocess.decode(path)
+
+
+def test_corrupt_data_after_a_valid_header():
+    buffer = io.BytesIO()
+    noise_image(64, 64).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[60:80] = b"\x00" * 20  # inside the compressed pixels (IDAT), after a valid header
+    with pytest.raises(ImageDecodeError) as info:
+        preprocess.decode(bytes(data))
+    assert "image" in info.value.reason and "Error" in info.value.reason
 
 
 def test_over_our_limit_but_under_pillows(monkeypatch):
