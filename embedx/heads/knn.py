@@ -59,18 +59,21 @@ class KNNHead(Head):
         self.chosen_params_ = {"k": int(min(self.k_, len(y)))}
 
     def _choose_k(self, X_val: np.ndarray, y_val: np.ndarray) -> int:
-        from embedx.heads.sweep import pick_best
+        from embedx.heads.sweep import calibrated_nll, pick_best
         from embedx.metrics import log_loss, softmax
 
+        calibrated = []
         for k in K_GRID:
             if k > len(self.bank_labels_) and k != K_GRID[0]:
                 break
             self.k_ = k
             logits = self._logits(X_val)
             acc = float(np.mean(logits.argmax(1) == y_val))
-            self.sweep_.append({"k": k, "val_accuracy": acc, "val_loss": log_loss(y_val, softmax(logits))})
+            calibrated.append(calibrated_nll(logits, y_val))
+            self.sweep_.append({"k": k, "val_accuracy": acc, "val_loss": log_loss(y_val, softmax(logits)),
+                                "val_loss_calibrated": calibrated[-1]})
         accuracy = [row["val_accuracy"] for row in self.sweep_]
-        best = pick_best(np.asarray(accuracy), np.asarray([row["val_loss"] for row in self.sweep_]), len(y_val))
+        best = pick_best(np.asarray(accuracy), np.asarray(calibrated), len(y_val))
         return int(self.sweep_[best]["k"])
 
     @property

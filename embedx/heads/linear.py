@@ -31,7 +31,6 @@ from embedx.heads.sweep import (
     REFINE_FACTORS,
     WORK_BUDGET,
     best_member,
-    pick_best,
     plan_steps,
     sweep_table,
     train_members,
@@ -42,8 +41,12 @@ logger = logging.getLogger(__name__)
 #: AdamW's decoupled decay per step is lr * wd, so its useful range sits higher than an L2 coefficient's.
 ADAMW_GRID = tuple(float(v) for v in np.logspace(-3, 2.5, 8))
 HOLDOUT_FRACTION = 0.2
-#: Full-batch L-BFGS iterations for the logreg sweep when the whole problem fits the work budget.
+#: Full-batch L-BFGS iterations for the logreg sweep, used when they cost at most LBFGS_BUDGET multiply-adds.
 LBFGS_ITERATIONS = 200
+LBFGS_BUDGET = 2.0e10
+#: Above this many multiply-adds per pass (rows x dims x classes), logreg keeps the sweep's torch solution
+#: instead of polishing it with scikit-learn (whose L-BFGS would then cost more than the whole sweep).
+SKLEARN_FINAL_LIMIT = 2.0e8
 
 
 def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -72,45 +75,45 @@ def sweep(
     hidden: int = 0,
     dropout: float = 0.0,
     label_smoothing: float = 0.0,
-    lr: float = 1e-3,
-    epochs: float = 20,
-    batch_size: int = 1024,
+    lr: float = 3e-3,
+    max_epochs: float = 10,
+    batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[float, list[tuple[np.ndarray, np.ndarray]], list[dict], int]:
-    """Coarse grid + refinement; returns (best value, its layers, sweep table, steps of one phase)."""
+    """Coarse grid, then the best value and its neighbours trained on from the best model.
+
+    Returns (chosen value, its layers, the sweep table, optimizer steps of the chosen
+    model).  Full-batch L-BFGS when the L2 objective is small enough to solve exactly
+    200 times over, minibatch Adam within ``WORK_BUDGET`` otherwise.
+    """
     dim = X.shape[1]
-    members = len(grid)
     outputs = (dim * hidden + hidden * n_classes) if hidden else dim * n_classes
-    lbfgs = not decoupled and not early_stopping and len(X) * outputs * members * LBFGS_ITERATIONS <= WORK_BUDGET
-    if lbfgs:
-        steps, refine_steps = LBFGS_ITERATIONS, LBFGS_ITERATIONS // 2
-    else:
-        steps = plan_steps(len(X), outputs * members, batch_size=batch_size, epochs=epochs, min_steps=300, max_steps=5000)
-        refine_steps = plan_steps(len(X), outputs * len(REFINE_FACTORS), batch_size=batch_size, epochs=epochs / 2,
-                                  min_steps=150, max_steps=2500)
+    lbfgs = not decoupled and not early_stopping and len(X) * outputs * len(grid) * LBFGS_ITERATIONS <= LBFGS_BUDGET
+    phases = []
+    for members, budget, factor in ((len(grid), WORK_BUDGET, 1.0), (len(REFINE_FACTORS), WORK_BUDGET / 2, 0.5)):
+        if lbfgs:
+            phases.append(int(LBFGS_ITERATIONS * factor))
+        else:
+            phases.append(plan_steps(len(X), outputs * members, batch_size=batch_size, budget=budget,
+                                     min_epochs=2 * factor, max_epochs=max_epochs * factor, min_steps=int(300 * factor)))
     common = dict(
         X_val=val[0], y_val=val[1], sample_weight=sample_weight, hidden=hidden, dropout=dropout,
         label_smoothing=label_smoothing, decoupled=decoupled, lr=lr, batch_size=batch_size, seed=seed,
         early_stopping=early_stopping, optimizer="lbfgs" if lbfgs else "adam",
     )
-    coarse = train_members(X, y, n_classes, weight_decays=np.asarray(grid), steps=steps, **common)
+    coarse = train_members(X, y, n_classes, weight_decays=np.asarray(grid), steps=phases[0], **common)
     table = sweep_table(coarse, name, "grid")
-    best = best_member(coarse, len(val[1]))
+    best = best_member(coarse, val[0], val[1])
     center = float(coarse.weight_decays[best])
-    refine_values = np.asarray([center * f for f in REFINE_FACTORS])
+    values = np.asarray([center * f for f in REFINE_FACTORS])
     if decoupled:  # the decay factor 1 - lr * wd must stay positive
-        refine_values = refine_values[refine_values * lr < 0.5]
-    if len(refine_values):
-        refined = train_members(X, y, n_classes, weight_decays=refine_values, steps=refine_steps,
-                                init=coarse.member(best), **common)
-        table += sweep_table(refined, name, "refine")
-        accuracy = np.append(refined.val_accuracy, coarse.val_accuracy[best])
-        loss = np.append(refined.val_loss, coarse.val_loss[best])
-        candidate = pick_best(accuracy, loss, len(val[1]))
-        if candidate < len(refine_values):
-            logger.debug("refinement improved %s: %g -> %g", name, center, refine_values[candidate])
-            return float(refine_values[candidate]), refined.member(candidate), table, steps
-    return center, coarse.member(best), table, steps
+        values = values[values * lr < 0.5]
+    refined = train_members(X, y, n_classes, weight_decays=values, steps=phases[1], init=coarse.member(best), **common)
+    table += sweep_table(refined, name, "refine")
+    chosen = best_member(refined, val[0], val[1])
+    logger.debug("%s sweep: coarse best %g, refined %g", name, center, values[chosen])
+    steps = int(coarse.best_step[best]) + int(refined.best_step[chosen])
+    return float(values[chosen]), refined.member(chosen), table, steps
 
 
 class _Standardized(Head):
@@ -152,17 +155,18 @@ class LogRegHead(_LinearModel):
     head_type = "logreg"
 
     def __init__(self, *, C: float | str = "auto", class_weight: str | None = None, seed: int = 0,
-                 max_iter: int = 300, tol: float = 1e-4) -> None:
+                 max_iter: int = 300, tol: float = 1e-4, solver: str = "auto") -> None:
         self.C = C
         self.class_weight = class_weight
         self.seed = seed
         self.max_iter = max_iter
         self.tol = tol
+        self.solver = solver
 
     def _fit(self, X, y, val, sample_weight) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         n_classes = len(self.classes_)
+        if self.solver not in ("auto", "sklearn", "torch"):
+            raise HeadError(f"solver must be 'auto', 'sklearn' or 'torch', got {self.solver!r}")
         X_sweep, y_sweep, val_s, sw_sweep, Xs = self._prepare(X, y, val, sample_weight)
         total_weight = float(len(X) if sample_weight is None else np.sum(sample_weight))
         per_c = 2.0 if n_classes == 2 else 1.0  # scikit-learn's binary model has one weight vector
@@ -170,7 +174,7 @@ class LogRegHead(_LinearModel):
         if self.C == "auto":
             lam, layers, self.sweep_, _ = sweep(
                 X_sweep, y_sweep, n_classes, val_s, sw_sweep, grid=DEFAULT_GRID, name="l2",
-                decoupled=False, early_stopping=False, lr=1e-3, epochs=10, seed=int(self.seed),
+                decoupled=False, early_stopping=False, seed=int(self.seed),
             )
             for row in self.sweep_:
                 row["C"] = per_c / (row["l2"] * total_weight)
@@ -180,34 +184,50 @@ class LogRegHead(_LinearModel):
             C = float(self.C)
             if not C > 0:
                 raise HeadError(f"C must be a positive number or 'auto', got {self.C!r}")
-        model = LogisticRegression(C=C, solver="lbfgs", max_iter=int(self.max_iter), tol=float(self.tol),
-                                   warm_start=warm is not None)
-        if warm is not None:
-            W, b = warm
-            if n_classes == 2:
-                model.coef_ = (W[:, 1] - W[:, 0])[None, :].astype(np.float64)
-                model.intercept_ = np.asarray([b[1] - b[0]], dtype=np.float64)
-            else:
-                model.coef_ = W.T.astype(np.float64)
-                model.intercept_ = b.astype(np.float64)
-        import warnings
-
-        from sklearn.exceptions import ConvergenceWarning
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            model.fit(Xs, y, sample_weight=sample_weight)
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        if not converged:
-            logger.warning("LogisticRegression(C=%g) did not converge in %d iterations", C, self.max_iter)
-        coef, intercept = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
+        solver = self.solver
+        if solver == "auto":
+            too_big = warm is not None and len(X) * X.shape[1] * n_classes > SKLEARN_FINAL_LIMIT
+            solver = "torch" if too_big else "sklearn"
+        if solver == "torch" and warm is None:
+            raise HeadError("solver='torch' keeps the sweep's model, so it needs C='auto'")
+        self.chosen_params_ = {"C": float(C), "val_source": self.val_source_, "solver": solver}
+        if solver == "torch":
+            # The sweep's model at the chosen C (trained on the sweep's rows) is the head.
+            self.weight_, self.bias_ = (np.ascontiguousarray(a, dtype=np.float32) for a in warm)
+            return
+        coef, intercept, iterations, converged = _sklearn_logreg(Xs, y, sample_weight, C=C, warm=warm,
+                                                                 max_iter=int(self.max_iter), tol=float(self.tol))
         if n_classes == 2:
             self.weight_ = np.stack([-coef[0] / 2, coef[0] / 2], axis=1)
             self.bias_ = np.asarray([-intercept[0] / 2, intercept[0] / 2], dtype=np.float32)
         else:
             self.weight_, self.bias_ = np.ascontiguousarray(coef.T), intercept
-        self.chosen_params_ = {"C": float(C), "val_source": self.val_source_,
-                               "lbfgs_iterations": int(np.max(model.n_iter_)), "converged": converged}
+        self.chosen_params_.update({"lbfgs_iterations": iterations, "converged": converged})
+
+
+def _sklearn_logreg(X, y, sample_weight, *, C: float, warm, max_iter: int, tol: float):
+    """scikit-learn's LogisticRegression(C, lbfgs), warm-started from ``warm`` = (W (D, C), b) if given."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, warm_start=warm is not None)
+    if warm is not None:
+        W, b = warm
+        if W.shape[1] == 2:
+            model.coef_ = (W[:, 1] - W[:, 0])[None, :].astype(np.float64)
+            model.intercept_ = np.asarray([b[1] - b[0]], dtype=np.float64)
+        else:
+            model.coef_ = W.T.astype(np.float64)
+            model.intercept_ = b.astype(np.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X, y, sample_weight=sample_weight)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if not converged:
+        logger.warning("LogisticRegression(C=%g) did not converge in %d iterations", C, max_iter)
+    return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), int(np.max(model.n_iter_)), converged
 
 
 @register
@@ -216,8 +236,8 @@ class LinearHead(_LinearModel):
 
     head_type = "linear"
 
-    def __init__(self, *, weight_decay: float | str = "auto", lr: float = 1e-3, epochs: float = 20,
-                 batch_size: int = 1024, label_smoothing: float = 0.0, class_weight: str | None = None,
+    def __init__(self, *, weight_decay: float | str = "auto", lr: float = 1e-3, epochs: float = 30,
+                 batch_size: int = 256, label_smoothing: float = 0.0, class_weight: str | None = None,
                  seed: int = 0, steps: int | None = None) -> None:
         self.weight_decay = weight_decay
         self.lr = lr
@@ -240,13 +260,13 @@ class LinearHead(_LinearModel):
         if self.weight_decay == "auto":
             wd, layers, self.sweep_, steps = sweep(
                 X_tr, y_tr, n_classes, val_s, sw, grid=ADAMW_GRID, name="weight_decay", decoupled=True,
-                early_stopping=True, epochs=float(self.epochs), **settings,
+                early_stopping=True, max_epochs=float(self.epochs), **settings,
             )
         else:
             wd = float(self.weight_decay)
             outputs = (X.shape[1] * hidden + hidden * n_classes) if hidden else X.shape[1] * n_classes
             steps = int(self.steps) if self.steps else plan_steps(
-                len(X_tr), outputs, batch_size=int(self.batch_size), epochs=float(self.epochs), min_steps=300, max_steps=5000)
+                len(X_tr), outputs, batch_size=int(self.batch_size), max_epochs=float(self.epochs), min_steps=300)
             if self.steps and val is None:
                 # fixed weight decay and step count (a refit): train on every row, no early stopping
                 X_tr, y_tr, sw, val_s = Xs, y, sample_weight, None
@@ -270,7 +290,7 @@ class MLPHead(LinearHead):
     head_type = "mlp"
 
     def __init__(self, *, hidden: int = 512, dropout: float = 0.5, weight_decay: float | str = "auto",
-                 lr: float = 1e-3, epochs: float = 20, batch_size: int = 1024, label_smoothing: float = 0.0,
+                 lr: float = 1e-3, epochs: float = 30, batch_size: int = 256, label_smoothing: float = 0.0,
                  class_weight: str | None = None, seed: int = 0, steps: int | None = None) -> None:
         super().__init__(weight_decay=weight_decay, lr=lr, epochs=epochs, batch_size=batch_size,
                          label_smoothing=label_smoothing, class_weight=class_weight, seed=seed, steps=steps)

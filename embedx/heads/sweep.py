@@ -29,12 +29,15 @@ logger = logging.getLogger(__name__)
 
 #: The coarse grid of regularization strengths (mean-loss L2 coefficient / weight decay).
 DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 1, 8))
-#: Multipliers tried around the best coarse value.
-REFINE_FACTORS = tuple(float(v) for v in 10.0 ** np.array([-0.5, -0.25, 0.25, 0.5]))
-#: Upper bound on samples x dims x outputs processed per sweep phase (keeps 50k x 2048 x 100 in seconds).
+#: Multipliers of the refinement around the best coarse value (1.0: the best itself, trained on equally).
+REFINE_FACTORS = tuple(float(v) for v in 10.0 ** np.array([-0.5, -0.25, 0.0, 0.25, 0.5]))
+#: Forward multiply-adds (rows x dims x outputs x members x epochs) the coarse phase may spend; the
+#: refinement gets half.  On 50k x 2048 x 100 this is ~2.4 coarse epochs: seconds, not minutes.
 WORK_BUDGET = 2.0e11
 #: Below this many multiply-adds per full pass (rows x dims x members x outputs), torch runs on one thread.
 SMALL_WORK = 2.0e8
+#: Validation rows used to fit each candidate's temperature when comparing candidates.
+CALIBRATION_ROWS = 4096
 
 
 @dataclass
@@ -54,12 +57,12 @@ class MemberFit:
         return [(W[index], b[index]) for W, b in self.layers]
 
 
-def plan_steps(n: int, work_per_sample: float, *, batch_size: int, epochs: float, min_steps: int, max_steps: int) -> int:
-    """Optimizer steps for a run: ``epochs`` passes, at least ``min_steps``, capped by the work budget."""
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    wanted = max(min_steps, math.ceil(epochs * steps_per_epoch))
-    affordable = int(WORK_BUDGET / max(work_per_sample * min(batch_size, n), 1.0))
-    return int(max(min(wanted, max_steps, max(affordable, 2 * steps_per_epoch, 50)), 1))
+def plan_steps(n: int, work_per_sample: float, *, batch_size: int, budget: float = WORK_BUDGET,
+               min_epochs: float = 1.0, max_epochs: float = 30.0, min_steps: int = 0) -> int:
+    """Optimizer steps for one phase: as many epochs as ``budget`` affords, within
+    [min_epochs, max_epochs], and at least ``min_steps`` (small data sets)."""
+    epochs = min(max(budget / max(n * work_per_sample, 1.0), min_epochs), max_epochs)
+    return int(max(min_steps, math.ceil(epochs * math.ceil(n / min(batch_size, n))), 1))
 
 
 def train_members(
@@ -118,7 +121,6 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
                    label_smoothing, decoupled, lr, steps, batch_size, seed, early_stopping, evaluations,
                    patience, init, optimizer) -> MemberFit:
     import torch
-    import torch.nn.functional as F
 
     n, dim = X.shape
     decays = np.asarray(weight_decays, dtype=np.float64)
@@ -164,7 +166,9 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
             return out
         out = torch.relu(out)
         if train and dropout > 0:
-            out = F.dropout(out, p=dropout, training=True)
+            # One mask per (row, unit), shared by the members: 1/G of the random numbers (the costly part).
+            keep = torch.rand(len(xb), 1, hidden, generator=generator) >= dropout
+            out = out * keep.to(out.dtype) * (1.0 / (1.0 - dropout))
         return torch.einsum("bgh,ghc->bgc", out, params[2]) + params[3]
 
     def member_penalty() -> torch.Tensor:
@@ -206,24 +210,12 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
     if optimizer == "lbfgs":
         if decoupled or early_stopping or dropout:
             raise ValueError("L-BFGS runs the deterministic L2 objective only")
-        lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-6, tolerance_change=1e-10)
+        return _lbfgs(params, member_loss, member_penalty, evaluate if has_val else None, X_t, y_t, w_t,
+                      steps=steps, decays=decays, dim=dim, first_out=first_out, hidden=hidden)
 
-        def closure() -> torch.Tensor:
-            lbfgs.zero_grad(set_to_none=True)
-            objective = (member_loss(X_t, y_t, w_t) + member_penalty()).sum()
-            objective.backward()
-            return objective
-
-        lbfgs.step(closure)
-        final = [p.detach() for p in params]
-        iterations = int(lbfgs.state[lbfgs._params[0]].get("n_iter", steps))
-        val_loss, val_acc = evaluate() if has_val else (np.full(members, np.nan), np.zeros(members))
-        return MemberFit(weight_decays=decays, layers=_layers(final, dim, members, first_out, hidden),
-                         val_loss=val_loss, val_accuracy=val_acc, best_step=np.full(members, iterations),
-                         steps=iterations, batch_size=n)
-
-    optimizer = torch.optim.Adam(params, lr=lr)
+    # Adam by hand: torch.optim's first step imports torch._dynamo, seconds of a "fit in seconds".
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
     eval_every = max(1, steps // max(evaluations, 1))
     best_loss = np.full(members, np.inf)
     best_acc = np.zeros(members)
@@ -242,14 +234,17 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
         per_member = member_loss(X_t[index], y_t[index], None if w_t is None else w_t[index])
         objective = per_member if decoupled else per_member + member_penalty()
         step_lr = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         objective.sum().backward()
-        if decoupled:
-            with torch.no_grad():
+        with torch.no_grad():
+            if decoupled:
                 decay_(step_lr)
-        optimizer.step()
+            correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+            for p, (m, v) in zip(params, moments, strict=True):
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(m, (v / correction2).sqrt_().add_(adam_eps), value=-step_lr / correction1)
         last_train_loss = per_member.detach().double().numpy()
         if early_stopping and (step % eval_every == 0 or step == steps):
             val_loss, val_acc = evaluate()
@@ -288,6 +283,43 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
     )
 
 
+def _lbfgs(params, member_loss, member_penalty, evaluate, X_t, y_t, w_t, *, steps, decays, dim, first_out,
+           hidden) -> MemberFit:
+    """Full-batch L-BFGS (scipy) on the summed members' L2 objectives, in float64 for an exact optimum."""
+    import torch
+    from scipy.optimize import minimize
+
+    members = len(decays)
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    X64, w64 = X_t.double(), None if w_t is None else w_t.double()
+
+    def unpack(x: np.ndarray) -> list:
+        out, offset = [], 0
+        for shape, size in zip(shapes, sizes, strict=True):
+            out.append(torch.from_numpy(x[offset : offset + size]).view(shape).requires_grad_())
+            offset += size
+        return out
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        params[:] = unpack(x)
+        value = (member_loss(X64, y_t, w64) + member_penalty().double()).sum()
+        value.backward()
+        return float(value.detach()), np.concatenate([p.grad.numpy().ravel() for p in params])
+
+    x0 = np.concatenate([p.detach().double().numpy().ravel() for p in params])
+    result = minimize(objective, x0, jac=True, method="L-BFGS-B",
+                      options={"maxiter": int(steps), "maxcor": 20, "gtol": 1e-6, "ftol": 1e-12})
+    final = [t.detach().float() for t in unpack(result.x)]
+    params[:] = final
+    with torch.no_grad():
+        val_loss, val_acc = evaluate() if evaluate is not None else (np.full(members, np.nan), np.zeros(members))
+    iterations = int(result.nit)
+    return MemberFit(weight_decays=decays, layers=_layers(final, dim, members, first_out, hidden),
+                     val_loss=val_loss, val_accuracy=val_acc, best_step=np.full(members, iterations),
+                     steps=iterations, batch_size=len(y_t))
+
+
 def _layers(final, dim: int, members: int, first_out: int, hidden: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Torch parameters -> per-layer numpy (W (G, in, out), b (G, out))."""
     layers = [(final[0].view(dim, members, first_out).permute(1, 0, 2).contiguous().numpy(), final[1].numpy().copy())]
@@ -296,18 +328,45 @@ def _layers(final, dim: int, members: int, first_out: int, hidden: int) -> list[
     return layers
 
 
-def best_member(fit: MemberFit, n_val: int) -> int:
-    """Lowest validation loss among the members whose accuracy is within one standard
-    error of the best (accuracy on a small val set is too noisy to pick by alone)."""
-    return pick_best(fit.val_accuracy, fit.val_loss, n_val)
+def member_logits(layers: list[tuple[np.ndarray, np.ndarray]], X: np.ndarray) -> np.ndarray:
+    """One member's logits in numpy (linear, or ReLU MLP with one hidden layer)."""
+    out = X @ layers[0][0] + layers[0][1]
+    for W, b in layers[1:]:
+        out = np.maximum(out, 0.0) @ W + b
+    return out
 
 
-def pick_best(accuracy: np.ndarray, loss: np.ndarray, n_val: int) -> int:
-    accuracy, loss = np.asarray(accuracy, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+def calibrated_nll(logits: np.ndarray, y: np.ndarray, max_rows: int = CALIBRATION_ROWS) -> float:
+    """Validation NLL after the temperature scaling the head will get anyway.
+
+    Raw NLL would favour weak regularization (strongly regularized softmax models are
+    underconfident, which temperature scaling fixes for free).
+    """
+    from embedx.metrics import fit_temperature, log_loss, softmax
+
+    if len(y) > max_rows:  # the temperature is one number: a few thousand rows pin it down
+        rows = np.random.default_rng(0).choice(len(y), max_rows, replace=False)
+        logits, y = logits[rows], y[rows]
+    return log_loss(y, softmax(logits, fit_temperature(logits, y)))
+
+
+def best_member(fit: MemberFit, X_val: np.ndarray, y_val: np.ndarray) -> int:
+    """Among members whose val accuracy is within one standard error of the best (accuracy on
+    a small val set is too noisy to pick by alone), the lowest temperature-calibrated val NLL."""
+    return pick_best(fit.val_accuracy, lambda i: calibrated_nll(member_logits(fit.member(i), X_val), y_val), len(y_val))
+
+
+def pick_best(accuracy: np.ndarray, loss, n_val: int) -> int:
+    """Index with the lowest ``loss`` (an array, or a function of the index computed only for
+    the candidates) among those within one standard error of the best accuracy."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
     top = float(accuracy.max())
     standard_error = math.sqrt(max(top * (1 - top), 0.0) / max(n_val, 1))
     candidates = np.flatnonzero(accuracy >= top - standard_error - 1e-12)
-    return int(candidates[np.argmin(np.nan_to_num(loss[candidates], nan=np.inf))])
+    if len(candidates) == 1:
+        return int(candidates[0])
+    values = [float(loss(i)) if callable(loss) else float(np.asarray(loss)[i]) for i in candidates]
+    return int(candidates[int(np.argmin(np.nan_to_num(values, nan=np.inf)))])
 
 
 def sweep_table(fit: MemberFit, name: str, phase: str) -> list[dict]:
