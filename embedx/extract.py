@@ -97,7 +97,7 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-#: Tests name a file here to simulate a decoder process that dies on it (a native crash).
+#: Tests name files here (comma-separated) to simulate a decoder process that dies on them.
 CRASH_TEST_VARIABLE = "EMBEDX_TEST_DECODER_CRASH_ON"
 _in_worker = False
 
@@ -127,9 +127,9 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
     rows: list[int] = []
     keys: list[str] = []
     errors: list[tuple[int, str]] = []
-    crash_on = os.environ.get(CRASH_TEST_VARIABLE) if _in_worker else None
+    crash_on = os.environ.get(CRASH_TEST_VARIABLE, "").split(",") if _in_worker else ()
     for index, path in enumerate(paths):
-        if crash_on and os.path.basename(path) == crash_on:
+        if os.path.basename(path) in crash_on:
             os._exit(70)
         try:
             with open(path, "rb") as handle:
@@ -187,17 +187,21 @@ class _Decoder:
             self._start_pool()
             self._fill()
 
-    def _start_pool(self) -> None:
+    @staticmethod
+    def _new_pool(workers: int):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: the parent has ORT (and maybe torch) threads, which fork does not survive
-        self.pool = ProcessPoolExecutor(
-            max_workers=self.workers,
+        return ProcessPoolExecutor(
+            max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(os.getpid(),),
         )
+
+    def _start_pool(self) -> None:
+        self.pool = self._new_pool(self.workers)
 
     def _restart_pool(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -218,14 +222,20 @@ class _Decoder:
         from concurrent.futures.process import BrokenProcessPool
 
         parts = []
-        for path in paths:
-            try:
-                parts.append(self.pool.submit(_decode_batch, self.spec_json, [path]).result())
-            except BrokenProcessPool:
-                log.warning("a decoder process died on %s; recording it as an error", path)
-                self._restart_pool()
-                parts.append({"rows": [], "keys": [""], "pixels": None, "seconds": 0.0,
-                              "errors": [(0, "the decoder process crashed on this file")]})
+        # a pool of its own: another batch that kills a worker must not count against these files
+        pool = self._new_pool(1)
+        try:
+            for path in paths:
+                try:
+                    parts.append(pool.submit(_decode_batch, self.spec_json, [path]).result())
+                except BrokenProcessPool:
+                    log.warning("a decoder process died on %s; recording it as an error", path)
+                    pool.shutdown(wait=False)
+                    pool = self._new_pool(1)
+                    parts.append({"rows": [], "keys": [""], "pixels": None, "seconds": 0.0,
+                                  "errors": [(0, "the decoder process crashed on this file")]})
+        finally:
+            pool.shutdown(wait=True)
         pixels = [part["pixels"] for part in parts if part["rows"]]
         return {
             "rows": [i for i, part in enumerate(parts) if part["rows"]],

@@ -378,11 +378,13 @@ def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, mon
     from embedx.extract import CRASH_TEST_VARIABLE
 
     data = class_folders(tmp_path / "data", per_class=8)
-    monkeypatch.setenv(CRASH_TEST_VARIABLE, "beta_2.jpg")
+    # two files in two batches that two workers decode at the same time
+    monkeypatch.setenv(CRASH_TEST_VARIABLE, "beta_2.jpg,alpha_5.jpg")
     summary = run(data, backbone, tmp_path / "f.h5", workers=2)
     cache = read_cache(tmp_path / "f.h5")
-    assert summary.images == 15 and "beta/beta_2.jpg" not in cache.paths
-    assert dict(cache.errors) == {"beta/beta_2.jpg": "the decoder process crashed on this file"}
+    assert summary.images == 14 and "beta/beta_2.jpg" not in cache.paths
+    assert dict(cache.errors) == {"beta/beta_2.jpg": "the decoder process crashed on this file",
+                                  "alpha/alpha_5.jpg": "the decoder process crashed on this file"}
 
 
 def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):
