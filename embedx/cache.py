@@ -541,7 +541,8 @@ class CacheWriter:
                         )
                     shutil.rmtree(self.journal)
                 elif journal_meta.fingerprint != self.meta.fingerprint:
-                    if not self.overwrite:
+                    # a journal without a shard holds nothing to lose (a run that failed at its start)
+                    if not self.overwrite and any(self.journal.glob("shard-*.npz")):
                         raise self._mismatch(f"the unfinished extraction in {self.journal}", journal_meta)
                     shutil.rmtree(self.journal)
                 elif self.overwrite and not state.get("overwrite"):

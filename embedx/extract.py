@@ -356,11 +356,17 @@ def _recorded_calibration(run: Any, writer: Any) -> tuple[list[str] | None, bool
     return None, True
 
 
-def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.ndarray:
-    batch = np.empty((len(pixels), 3, spec.input_size, spec.input_size), dtype=np.float32)
+def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec, rows: int | None = None) -> np.ndarray:
+    """float32 NCHW of ``pixels``; with ``rows`` > len(pixels), zero rows pad the batch."""
+    batch = np.zeros((max(rows or 0, len(pixels)), 3, spec.input_size, spec.input_size), dtype=np.float32)
     for i in range(len(pixels)):
         preprocess.normalize(pixels[i], spec, out=batch[i])
     return batch
+
+
+def _fixed_shape(model: Any) -> bool:
+    """TensorRT builds an engine per input shape: keep every batch the same size there."""
+    return bool(model.providers) and model.providers[0] == "TensorrtExecutionProvider"
 
 
 # --------------------------------------------------------------------------- extract
@@ -463,7 +469,9 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
                 writer.record_error(items[index].relpath, reason, key=run.keys[index])
             rows = [batch[position] for position in result["rows"]]
             tick = time.perf_counter()
-            features = run.model.run(_normalize_into(result["pixels"], spec)) if rows else None
+            if rows:
+                pad_to = batch_size if _fixed_shape(run.model) else None
+                features = run.model.run(_normalize_into(result["pixels"], spec, pad_to))[: len(rows)]
             run.seconds["inference"] += time.perf_counter() - tick
             tick = time.perf_counter()
             if rows:

@@ -357,3 +357,10 @@ def test_meta_from_export(tmp_path):
     assert meta.onnx_sha256 == hashlib.sha256(b"not really onnx").hexdigest()
     assert meta.onnx_path == str(onnx_file.resolve()) and meta.preprocess["input_size"] == 224
     assert (meta.dtype, meta.precision, meta.feature_dim) == ("float32", "int8", DIM)
+
+
+def test_an_empty_journal_of_other_settings_is_dropped(tmp_path):
+    path = tmp_path / "feats.h5"
+    CacheWriter(path, make_meta()).open().close()  # started, failed before the first batch
+    with CacheWriter(path, make_meta(dtype="float32")) as writer:
+        assert writer.done_keys == set()

@@ -427,3 +427,25 @@ def test_unchanged_files_are_not_read_again(tmp_path, backbone):
     changed = run(data, backbone, out)
     assert (changed.hashed, changed.new) == (1, 1)
     assert len(set(read_cache(out).keys.tolist()) - before) == 1
+
+
+def test_padded_batches_give_the_same_features(tmp_path, backbone, monkeypatch):
+    """TensorRT gets fixed-size batches (zero rows padded); the padding never reaches the cache."""
+    from embedx import extract as extract_module
+
+    data = class_folders(tmp_path / "data", per_class=3)  # 6 images, batch 4: the last batch has 2
+    plain = run(data, backbone, tmp_path / "a.h5", dtype="float32")
+    monkeypatch.setattr(extract_module, "_fixed_shape", lambda model: True)
+    padded = run(data, backbone, tmp_path / "b.h5", dtype="float32")
+    assert plain.images == padded.images == 6
+    np.testing.assert_allclose(read_cache(tmp_path / "a.h5").features, read_cache(tmp_path / "b.h5").features,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_on_cpu_is_refused_clearly(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=1)
+    result = cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--device", "cpu",
+                     "--precision", "fp16", "--workers", 0, "-q")
+    assert result.exit_code == 1 and "fp16" in result.stderr and "GPU" in result.stderr
+    # the failed start left nothing that blocks the same command in fp32
+    assert run(data, backbone, tmp_path / "f.h5").images == 2
