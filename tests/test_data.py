@@ -147,6 +147,7 @@ def test_split_folders_without_class_folders_is_an_error(tmp_path):
         data.discover(tmp_path)
 
 
+@pytest.mark.slow
 def test_hymenoptera(hymenoptera):
     dataset = data.discover(hymenoptera)
     assert dataset.layout == "split_folders"
