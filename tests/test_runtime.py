@@ -309,3 +309,18 @@ def test_read_only_cache_still_runs(tiny, tmp_path, monkeypatch, calibration):
     assert model.run(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 16)
     with pytest.raises(QuantizationError, match="not writable"):
         runtime.quantize_int8(tiny[1], calibration)
+
+
+def test_fp16_copy_for_cuda_keeps_float32_io(tiny):
+    """The CUDA fp16 model is built on any machine; only running it needs the GPU."""
+    import onnx
+
+    converted = runtime._fp16_model(tiny[1])
+    assert converted == runtime._fp16_model(tiny[1])  # cached by the source's sha256
+    model = onnx.load(str(converted))
+    float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert model.graph.input[0].type.tensor_type.elem_type == float32
+    assert model.graph.output[0].type.tensor_type.elem_type == float32
+    assert {t.data_type for t in model.graph.initializer} == {float16}
+    meta = onnxmeta.from_proto(model)
+    assert meta["precision"] == "fp16" and meta["backbone"] == "tiny"
