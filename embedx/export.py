@@ -4,8 +4,9 @@ Every export is cached as ``paths.onnx_dir()/<name>-<fingerprint[:16]>.onnx`` wh
 fingerprint covers everything that changes the file: backbone, weights identity,
 feature layer, opset, preprocessing, the torch/torchvision/onnx versions and
 ``EXPORT_CODE_VERSION``.  A sidecar ``<file>.json`` written *after* the ONNX file was
-atomically renamed into place records its sha256 and size; a cached file is used only
-when both match, so a partial or corrupt file is rebuilt.
+atomically renamed into place records its sha256, size and modification time; a cached
+file is used only when it is untouched since (same size and mtime) or its sha256 still
+matches, so a partial or corrupt file is rebuilt.
 
 Parity: ONNX Runtime (CPUExecutionProvider) against torch on the same seeded random
 input at batch 1 and batch 3.  ``max_abs_error`` is max |ort - torch| over all outputs;
@@ -127,8 +128,13 @@ def _lookup(path: Path, fingerprint: str) -> ExportResult | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable export record %s (%s); rebuilding", sidecar, e)
         return None
-    size = path.stat().st_size
-    if record.get("fingerprint") != fingerprint or size != result.size_bytes or file_sha256(path) != result.sha256:
+    if record.get("fingerprint") != fingerprint:
+        return None
+    stat = path.stat()
+    # Unchanged size and modification time since the record was written mean an
+    # untouched file (git's index makes the same bet); anything else is hashed.
+    untouched = stat.st_size == result.size_bytes and stat.st_mtime_ns == record.get("mtime_ns")
+    if not untouched and (stat.st_size != result.size_bytes or file_sha256(path) != result.sha256):
         log.warning("cached export %s is corrupt or partial (size/sha256 differ from its record); rebuilding", path)
         return None
     return replace(result, path=path)
@@ -149,7 +155,8 @@ def _publish(model: Any, path: Path, result: ExportResult) -> ExportResult:
         if os.path.exists(tmp):
             os.unlink(tmp)
     result = replace(result, path=path, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    _write_text_atomic(_sidecar(path), json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    record = {**result.to_dict(), "mtime_ns": path.stat().st_mtime_ns}
+    _write_text_atomic(_sidecar(path), json.dumps(record, indent=2, sort_keys=True))
     return result
 
 

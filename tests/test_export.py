@@ -82,6 +82,14 @@ def test_truncated_cache_file_is_rebuilt():
     assert not rebuilt.cached and rebuilt.path == first.path
     assert rebuilt.path.read_bytes() == data or rebuilt.sha256 == export.file_sha256(rebuilt.path)
     assert export.export_backbone("squeezenet1_1", weights="none").cached
+    # same size, other bytes (bit rot, a bad copy): caught by the hash, as the mtime moved
+    data = first.path.read_bytes()
+    middle = len(data) // 2
+    first.path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:])
+    assert not export.export_backbone("squeezenet1_1", weights="none").cached
+    # rewritten with the same bytes: the mtime moved but the hash matches, so it is kept
+    first.path.write_bytes(first.path.read_bytes())
+    assert export.export_backbone("squeezenet1_1", weights="none").cached
     # an ONNX file without its completion record (a crash between the two) is rebuilt too
     export._sidecar(first.path).unlink()
     assert not export.export_backbone("squeezenet1_1", weights="none").cached
