@@ -364,3 +364,20 @@ def test_an_empty_journal_of_other_settings_is_dropped(tmp_path):
     CacheWriter(path, make_meta()).open().close()  # started, failed before the first batch
     with CacheWriter(path, make_meta(dtype="float32")) as writer:
         assert writer.done_keys == set()
+
+
+def test_incremental_reuse_of_sparse_and_dense_base_rows(tmp_path):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(300)]
+    with CacheWriter(path, make_meta(dtype="float32")) as writer:
+        writer.append(keys, features_for(keys))
+        finalize(writer, keys)
+    sparse = [keys[299], keys[0], keys[150]]  # few rows far apart: a point selection
+    dense = keys[100:200][::-1]  # a run of rows: read as one slice
+    for wanted in (sparse, dense):
+        with CacheWriter(path, make_meta(dtype="float32")) as writer:
+            finalize(writer, wanted)
+        np.testing.assert_array_equal(read_cache(path).features, features_for(wanted))
+        with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
+            writer.append(keys, features_for(keys))
+            finalize(writer, keys)
