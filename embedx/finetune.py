@@ -34,7 +34,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,32 +422,25 @@ def collect_logits(model: FinetuneModel, loader, device: torch.device) -> tuple[
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _replace_atomically(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(temp name)`` next to ``path``, then rename: a kill leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(handle)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -496,21 +489,12 @@ class _Start:
     blocks: list[nn.Module]
 
 
-def _read_head_json(head_dir: Path) -> dict[str, Any]:
-    path = head_dir / "head.json"
-    if not path.is_file():
-        raise HeadError(f"{head_dir} is not a head directory (no head.json); run `embedx fit-head` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HeadError(f"{path} is not valid JSON ({e}); refit the head") from e
-
-
 def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     from embedx.backbones import build_feature_extractor, feature_blocks
     from embedx.heads import load_head
 
-    head_json = _read_head_json(head_dir)
+    head = load_head(head_dir)
+    head_json = head.info_  # head.json as load_head read it
     cache = head_json.get("cache") or {}
     backbone_name = cache.get("backbone")
     if not backbone_name or str(backbone_name).startswith("onnx:") or str(backbone_name).endswith(".onnx"):
@@ -521,7 +505,6 @@ def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     weights_arg = cache.get("weights_arg") or "DEFAULT"
     feature_layer = cache.get("feature_layer")
     preprocess = pp.PreprocessSpec.from_dict(cache["preprocess"])
-    head = load_head(head_dir)
     backbone = build_feature_extractor(backbone_name, weights=weights_arg, layer=feature_layer)
     torch.manual_seed(seed)
     module = TorchHead.from_head(head)
@@ -822,11 +805,13 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _head_identity(head_dir: Path) -> str:
     """sha256 over head.json and the weights file: which head a checkpoint started from."""
+    from embedx.data import hash_file
+
     digest = hashlib.sha256()
     for path in sorted(head_dir.iterdir()):
         if path.name == "head.json" or path.suffix == ".safetensors":
             digest.update(path.name.encode())
-            digest.update(_sha256_file(path).encode())
+            digest.update(hash_file(path).encode())
     return digest.hexdigest()
 
 
@@ -862,16 +847,8 @@ def _save_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "embedx": "finetuned backbone"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _replace_atomically(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
 def _export(start: _Start, model: FinetuneModel, weights_path: Path, output_dir: Path):
