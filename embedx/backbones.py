@@ -436,7 +436,8 @@ def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
-    missing = [k for k in own if k not in state]
+    # BatchNorm's num_batches_tracked is absent from older checkpoints and unused in eval
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     foreign = [k for k in state if k not in own and k not in head_keys]
     if mismatched or missing or foreign:
         details = []
@@ -454,7 +455,7 @@ def _load_weights(net: Any, state: dict[str, Any], *, spec: BackboneSpec, origin
     if ignored:
         log.debug("ignoring %d classifier keys not used by the %s feature extractor (e.g. %s)",
                   len(ignored), spec.name, ignored[:3])
-    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)  # checked above
 
 
 # --------------------------------------------------------------------- feature models

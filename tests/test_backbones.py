@@ -240,3 +240,47 @@ def test_vit_swag_weights_build_at_their_image_size():
     assert tuple(net.encoder.pos_embedding.shape) == (1, (384 // 16) ** 2 + 1, 768)
     swag = backbones._preprocess_of(backbones._torchvision_members(spec)["IMAGENET1K_SWAG_E2E_V1"])
     assert swag.input_size == 384 and swag.interpolation == "bicubic"
+
+
+def _place_default(tmp_path, monkeypatch, name, state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(state, checkpoints / backbones.get_spec(name).weights_file)
+
+
+def test_densenet_checkpoint_with_old_key_names(tmp_path, monkeypatch):
+    """torchvision's DenseNet files use "norm.1"-style keys; DEFAULT must remap them."""
+    import re
+
+    import torchvision
+
+    torch.manual_seed(3)
+    full = torchvision.models.densenet121().eval()
+    # as in the 2017 files: "norm.1" keys and no num_batches_tracked buffers
+    old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])", r"\1.\2", k): v
+                 for k, v in full.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert any(".norm.1." in k for k in old_style)
+    _place_default(tmp_path, monkeypatch, "densenet121", old_style)
+    model = backbones.build_feature_extractor("densenet121")
+    full.classifier = torch.nn.Identity()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), full(x))
+
+
+def test_googlenet_checkpoint_with_aux_heads(tmp_path, monkeypatch):
+    """Pretrained GoogLeNet/Inception files carry aux classifiers; they are dropped, and
+    transform_input is on as in torchvision's pretrained config."""
+    import torchvision
+
+    torch.manual_seed(4)
+    full = torchvision.models.googlenet(aux_logits=True, transform_input=True, init_weights=True).eval()
+    assert any(k.startswith("aux1.") for k in full.state_dict())
+    _place_default(tmp_path, monkeypatch, "googlenet", full.state_dict())
+    model = backbones.build_feature_extractor("googlenet")
+    assert model.net.transform_input and model.net.aux1 is None
+    full.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), full(x))
