@@ -717,8 +717,10 @@ def prepare_onnx(path: str | Path, *, layer: str | None = None,
             "weights_arg": str(source.resolve()), "feature_layer": target, "feature_dim": str(feature_dim),
             "preprocess": preprocess.to_dict(), "parity": parity, "fingerprint": fingerprint,
         }
-        for stale in ("classes", "head", "temperature", "input_format"):
-            meta.pop(stale, None)
+        # the source's own embedx keys described the source (e.g. a bundle's classes)
+        kept = [p for p in model.metadata_props if not p.key.startswith(onnxmeta.PREFIX)]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
         onnxmeta.write(model, meta)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         result = ExportResult(

@@ -223,6 +223,8 @@ def test_prepare_onnx_accepts_an_embedx_export(shared_cache):
     exported = export.export_backbone("resnet18", weights="none")
     again = export.prepare_onnx(exported.path)
     assert again.feature_dim == 512 and again.preprocess == exported.preprocess
+    meta = onnxmeta.read(again.path)
+    assert meta["backbone"] == f"onnx:{exported.path.name}" and "exporter" not in meta
 
 
 @pytest.mark.slow
