@@ -43,10 +43,10 @@ def finalize(writer: CacheWriter, keys: list[str], *, errors=()) -> None:
     )
 
 
-def build(path, keys, **meta_changes) -> None:
-    with CacheWriter(path, make_meta(**meta_changes)) as writer:
-        for start in range(0, len(keys), 4):
-            writer.append(keys[start : start + 4], features_for(keys[start : start + 4]))
+def build(path, keys, *, batch: int = 4, overwrite: bool = False, **meta_changes) -> None:
+    with CacheWriter(path, make_meta(**meta_changes), overwrite=overwrite) as writer:
+        for start in range(0, len(keys), batch):
+            writer.append(keys[start : start + batch], features_for(keys[start : start + batch]))
         finalize(writer, keys, errors=[("bad.jpg", "not an image", key(999)), ("locked.jpg", "cannot read")])
 
 
@@ -107,9 +107,7 @@ def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)  # chunks of 3 rows
     path = tmp_path / "feats.h5"
     keys = [key(i) for i in range(2500)]
-    with CacheWriter(path, make_meta(dtype="float32")) as writer:
-        writer.append(keys, features_for(keys))
-        finalize(writer, keys)
+    build(path, keys, batch=len(keys), dtype="float32")
     everything = read_cache(path)
     np.testing.assert_array_equal(everything.features, features_for(keys))
     val = read_cache(path, splits="val")
@@ -369,15 +367,11 @@ def test_an_empty_journal_of_other_settings_is_dropped(tmp_path):
 def test_incremental_reuse_of_sparse_and_dense_base_rows(tmp_path):
     path = tmp_path / "feats.h5"
     keys = [key(i) for i in range(300)]
-    with CacheWriter(path, make_meta(dtype="float32")) as writer:
-        writer.append(keys, features_for(keys))
-        finalize(writer, keys)
+    build(path, keys, batch=len(keys), dtype="float32")
     sparse = [keys[299], keys[0], keys[150]]  # few rows far apart: a point selection
     dense = keys[100:200][::-1]  # a run of rows: read as one slice
     for wanted in (sparse, dense):
         with CacheWriter(path, make_meta(dtype="float32")) as writer:
             finalize(writer, wanted)
         np.testing.assert_array_equal(read_cache(path).features, features_for(wanted))
-        with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
-            writer.append(keys, features_for(keys))
-            finalize(writer, keys)
+        build(path, keys, batch=len(keys), overwrite=True, dtype="float32")
