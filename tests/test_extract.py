@@ -273,6 +273,8 @@ def test_int8_records_the_cosine(tmp_path, backbone):
     cache = read_cache(tmp_path / "f.h5")
     assert cache.meta.precision == "int8"
     assert json.loads(cache.attrs["extra"])["int8_cosine"] == pytest.approx(summary.int8_cosine)
+    shown = cli_run("info", tmp_path / "f.h5")
+    assert shown.exit_code == 0 and "int8: mean cosine" in shown.stdout
     run(data, backbone, tmp_path / "fp32.h5", dtype="float32")
     fp32 = read_cache(tmp_path / "fp32.h5").features
     cosine = (cache.features * fp32).sum(1) / np.linalg.norm(cache.features, axis=1) / np.linalg.norm(fp32, axis=1)

@@ -107,6 +107,10 @@ def _info_lines(info: dict) -> list[str]:
         f"{info['precision']}), made by embedx {info['embedx_version']} on {info['created']}",
         f"classes ({len(info['classes'])}): {', '.join(info['classes'])}",
     ]
+    extra = info.get("extra") or {}
+    if extra.get("int8_cosine") is not None:
+        lines.append(f"int8: mean cosine {extra['int8_cosine']:.4f} to fp32 on "
+                     f"{len(extra.get('int8_calibration_keys') or [])} calibration images")
     for split, counts in info["counts"].items():
         lines.append(f"  {split}: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     lines.append(f"errors: {info['errors']}")
