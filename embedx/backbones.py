@@ -492,6 +492,9 @@ def _feature_extractor_class():
                 return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
             return torch.flatten(self.net(x), 1)
 
+    # a module-level name (served by __getattr__ below) so that pickle finds the class
+    FeatureExtractor.__qualname__ = "FeatureExtractor"
+    FeatureExtractor.__module__ = __name__
     return FeatureExtractor
 
 
@@ -499,6 +502,12 @@ def _feature_extractor_class():
 def feature_extractor_class():
     """The ``FeatureExtractor`` nn.Module class (built lazily so that torch loads on use)."""
     return _feature_extractor_class()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FeatureExtractor":
+        return feature_extractor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _build_net(spec: BackboneSpec, *, random_init: bool, member: str | None = None) -> Any:

@@ -138,6 +138,17 @@ def test_default_weights_load_from_torch_home(tmp_path, monkeypatch):
         torch.testing.assert_close(model(x), full.eval()(x))
 
 
+def test_feature_extractor_pickles():
+    import pickle
+
+    model = backbones.build_feature_extractor("squeezenet1_1", weights="none")
+    clone = pickle.loads(pickle.dumps(model))
+    assert isinstance(clone, backbones.FeatureExtractor)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+
+
 def test_random_init_is_deterministic_and_not_training():
     a = backbones.build_feature_extractor("squeezenet1_1", weights="none")
     b = backbones.build_feature_extractor("squeezenet1_1", weights="none")
