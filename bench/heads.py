@@ -109,17 +109,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--classes", type=int, default=None)
-    parser.add_argument("--separation", type=float, default=0.1, help="scale of the class means (noise std is 1)")
+    parser.add_argument("--separation", type=float, default=None,
+                        help="scale of the class means (noise std is 1); default 0.1 * sqrt(512 / dim), which keeps "
+                             "the distance between class means at 3.2 noise std at every dim")
     parser.add_argument("--sklearn-budget", type=float, default=None, help="seconds before sklearn stops starting fits")
     parser.add_argument("--sklearn-max-iter", type=int, default=100, help="scikit-learn's default")
     args = parser.parse_args()
     rows = args.rows or (10_000 if args.quick else 50_000)
     dim = args.dim or (512 if args.quick else 2048)
     classes = args.classes or (20 if args.quick else 100)
+    separation = args.separation if args.separation is not None else 0.1 * (512 / dim) ** 0.5
     budget = args.sklearn_budget if args.sklearn_budget is not None else (30.0 if args.quick else 300.0)
 
     start = time.perf_counter()
-    X, y = generated_features(rows + rows // 5, dim, classes, separation=args.separation)
+    X, y = generated_features(rows + rows // 5, dim, classes, separation=separation)
     X, y, Xv, yv = X[:rows], y[:rows], X[rows:], y[rows:]
     print(f"generated {rows}+{len(yv)} x {dim}, {classes} classes in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
@@ -149,7 +152,7 @@ def main() -> None:
     extrapolated = " (partly extrapolated)" if sk["fits_extrapolated"] else ""
     payload = {
         "config": {"rows": rows, "val_rows": int(len(yv)), "dim": dim, "classes": classes,
-                   "separation": args.separation, "quick": args.quick, "sklearn_budget": budget},
+                   "separation": separation, "quick": args.quick, "sklearn_budget": budget},
         "embedx_sweep": embedx,
         "logreg_head": head,
         "sklearn_grid": sk,

@@ -211,6 +211,7 @@ def _sklearn_logreg(X, y, sample_weight, *, C: float, warm, max_iter: int, tol: 
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, warm_start=warm is not None)
     if warm is not None:
@@ -221,7 +222,8 @@ def _sklearn_logreg(X, y, sample_weight, *, C: float, warm, max_iter: int, tol: 
         else:
             model.coef_ = W.T.astype(np.float64)
             model.intercept_ = b.astype(np.float64)
-    with warnings.catch_warnings(record=True) as caught:
+    # one BLAS thread: this polish only runs on problems small enough that threads cost more than they bring
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(1, user_api="blas"):
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(X, y, sample_weight=sample_weight)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
@@ -289,7 +291,7 @@ class MLPHead(LinearHead):
 
     head_type = "mlp"
 
-    def __init__(self, *, hidden: int = 512, dropout: float = 0.5, weight_decay: float | str = "auto",
+    def __init__(self, *, hidden: int = 256, dropout: float = 0.5, weight_decay: float | str = "auto",
                  lr: float = 1e-3, epochs: float = 30, batch_size: int = 256, label_smoothing: float = 0.0,
                  class_weight: str | None = None, seed: int = 0, steps: int | None = None) -> None:
         super().__init__(weight_decay=weight_decay, lr=lr, epochs=epochs, batch_size=batch_size,

@@ -32,8 +32,8 @@ DEFAULT_GRID = tuple(float(v) for v in np.logspace(-6, 1, 8))
 #: Multipliers of the refinement around the best coarse value (1.0: the best itself, trained on equally).
 REFINE_FACTORS = tuple(float(v) for v in 10.0 ** np.array([-0.5, -0.25, 0.0, 0.25, 0.5]))
 #: Forward multiply-adds (rows x dims x outputs x members x epochs) the coarse phase may spend; the
-#: refinement gets half.  On 50k x 2048 x 100 this is ~2.4 coarse epochs: seconds, not minutes.
-WORK_BUDGET = 2.0e11
+#: refinement gets half.  50k x 2048 x 100 gets the minimum, 2 coarse epochs: seconds, not minutes.
+WORK_BUDGET = 1.0e11
 #: Below this many multiply-adds per full pass (rows x dims x members x outputs), torch runs on one thread.
 SMALL_WORK = 2.0e8
 #: Validation rows used to fit each candidate's temperature when comparing candidates.
@@ -60,9 +60,12 @@ class MemberFit:
 def plan_steps(n: int, work_per_sample: float, *, batch_size: int, budget: float = WORK_BUDGET,
                min_epochs: float = 1.0, max_epochs: float = 30.0, min_steps: int = 0) -> int:
     """Optimizer steps for one phase: as many epochs as ``budget`` affords, within
-    [min_epochs, max_epochs], and at least ``min_steps`` (small data sets)."""
+    [min_epochs, max_epochs], and at least ``min_steps`` where the budget allows (small data)."""
+    batch_size = min(batch_size, n)
     epochs = min(max(budget / max(n * work_per_sample, 1.0), min_epochs), max_epochs)
-    return int(max(min_steps, math.ceil(epochs * math.ceil(n / min(batch_size, n))), 1))
+    steps = math.ceil(epochs * math.ceil(n / batch_size))
+    affordable = int(budget / max(batch_size * work_per_sample, 1.0))
+    return int(max(steps, min(min_steps, affordable), 1))
 
 
 def train_members(
@@ -101,12 +104,15 @@ def train_members(
     every tiny op cost more than they bring.
     """
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    if X.shape[0] * X.shape[1] * len(weight_decays) * (hidden or n_classes) < SMALL_WORK:
+    small = X.shape[0] * X.shape[1] * len(weight_decays) * (hidden or n_classes) < SMALL_WORK
+    if small:
         torch.set_num_threads(1)
     try:
-        with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it, privately
+        # numpy's BLAS (the L-BFGS vector algebra) likewise: one thread for small problems
+        with threadpool_limits(1 if small else None, user_api="blas"), torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seed it, privately
             torch.manual_seed(int(seed))
             return _train_members(X, y, n_classes, weight_decays=weight_decays, X_val=X_val, y_val=y_val,
                                   sample_weight=sample_weight, hidden=hidden, dropout=dropout,
@@ -285,9 +291,8 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
 
 def _lbfgs(params, member_loss, member_penalty, evaluate, X_t, y_t, w_t, *, steps, decays, dim, first_out,
            hidden) -> MemberFit:
-    """Full-batch L-BFGS (scipy) on the summed members' L2 objectives, in float64 for an exact optimum."""
+    """Full-batch L-BFGS on the summed members' L2 objectives, in float64 for an exact optimum."""
     import torch
-    from scipy.optimize import minimize
 
     members = len(decays)
     shapes = [p.shape for p in params]
@@ -308,16 +313,65 @@ def _lbfgs(params, member_loss, member_penalty, evaluate, X_t, y_t, w_t, *, step
         return float(value.detach()), np.concatenate([p.grad.numpy().ravel() for p in params])
 
     x0 = np.concatenate([p.detach().double().numpy().ravel() for p in params])
-    result = minimize(objective, x0, jac=True, method="L-BFGS-B",
-                      options={"maxiter": int(steps), "maxcor": 20, "gtol": 1e-6, "ftol": 1e-12})
-    final = [t.detach().float() for t in unpack(result.x)]
+    x, iterations = lbfgs_minimize(objective, x0, max_iter=int(steps))
+    final = [t.detach().float() for t in unpack(x)]
     params[:] = final
     with torch.no_grad():
         val_loss, val_acc = evaluate() if evaluate is not None else (np.full(members, np.nan), np.zeros(members))
-    iterations = int(result.nit)
     return MemberFit(weight_decays=decays, layers=_layers(final, dim, members, first_out, hidden),
                      val_loss=val_loss, val_accuracy=val_acc, best_step=np.full(members, iterations),
                      steps=iterations, batch_size=len(y_t))
+
+
+def lbfgs_minimize(objective, x0: np.ndarray, *, max_iter: int, history: int = 20, gtol: float = 1e-6,
+                   ftol: float = 1e-10) -> tuple[np.ndarray, int]:
+    """Minimize a smooth function given as ``objective(x) -> (value, gradient)``: L-BFGS
+    (two-loop recursion) with a backtracking Armijo line search.  Returns (x, iterations).
+
+    A few lines of numpy instead of scipy's L-BFGS-B (whose bound handling costs ~20 ms
+    per iteration on these vectors) or torch.optim (which imports torch._dynamo).
+    """
+    x = np.asarray(x0, dtype=np.float64).copy()
+    value, grad = objective(x)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
+    iterations = 0
+    while iterations < max_iter and np.max(np.abs(grad)) >= gtol:
+        iterations += 1
+        direction = -grad
+        if pairs:
+            alphas = []
+            for s_vec, y_vec, rho in reversed(pairs):
+                alpha = rho * float(s_vec @ direction)
+                direction = direction - alpha * y_vec
+                alphas.append(alpha)
+            s_vec, y_vec, _ = pairs[-1]
+            direction = direction * (float(s_vec @ y_vec) / float(y_vec @ y_vec))
+            for (s_vec, y_vec, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+                direction = direction + s_vec * (alpha - rho * float(y_vec @ direction))
+        else:
+            direction = direction / max(1.0, float(np.linalg.norm(grad)))
+        slope = float(grad @ direction)
+        if slope >= 0:  # not a descent direction: restart from the gradient
+            pairs.clear()
+            direction = -grad / max(1.0, float(np.linalg.norm(grad)))
+            slope = float(grad @ direction)
+        step = 1.0
+        while True:
+            candidate = x + step * direction
+            new_value, new_grad = objective(candidate)
+            if new_value <= value + 1e-4 * step * slope or step < 1e-12:
+                break
+            step *= 0.5
+        s_vec, y_vec = candidate - x, new_grad - grad
+        curvature = float(s_vec @ y_vec)
+        if curvature > 1e-12:
+            pairs.append((s_vec, y_vec, 1.0 / curvature))
+            del pairs[:-history]
+        converged = abs(value - new_value) <= ftol * max(1.0, abs(value))
+        x, value, grad = candidate, new_value, new_grad
+        if converged:
+            break
+    return x, iterations
 
 
 def _layers(final, dim: int, members: int, first_out: int, hidden: int) -> list[tuple[np.ndarray, np.ndarray]]:
