@@ -28,11 +28,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,9 @@ _in_worker = False
 def _init_worker(parent: int) -> None:
     global _in_worker
     _in_worker = True
+    # Ctrl-C reaches the whole process group: the main process handles it and shuts
+    # the pool down; a worker dying of it mid-batch would only add tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
@@ -184,8 +189,23 @@ class _Decoder:
             if first is not None:
                 self._thread = ThreadPoolExecutor(max_workers=1)
                 self._first = self._thread.submit(_decode_batch, self.spec_json, first)
-            self._start_pool()
-            self._fill()
+            with self._sigint_ignored():  # the first submits start the processes
+                self._start_pool()
+                self._fill()
+
+    @staticmethod
+    @contextmanager
+    def _sigint_ignored():
+        """Start workers with SIGINT ignored from their first instruction (the disposition
+        survives exec), so a Ctrl-C while they import does not print their tracebacks."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     @staticmethod
     def _new_pool(workers: int):
@@ -205,9 +225,11 @@ class _Decoder:
 
     def _restart_pool(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self._start_pool()
         again = [paths for paths, _ in self._pending]
-        self._pending = deque((paths, self.pool.submit(_decode_batch, self.spec_json, paths)) for paths in again)
+        with self._sigint_ignored():
+            self._start_pool()
+            self._pending = deque((paths, self.pool.submit(_decode_batch, self.spec_json, paths))
+                                  for paths in again)
 
     def _fill(self) -> None:
         ahead = max(2, PREFETCH_PER_WORKER * self.workers)
@@ -227,7 +249,9 @@ class _Decoder:
         try:
             for path in paths:
                 try:
-                    parts.append(pool.submit(_decode_batch, self.spec_json, [path]).result())
+                    with self._sigint_ignored():
+                        future = pool.submit(_decode_batch, self.spec_json, [path])
+                    parts.append(future.result())
                 except BrokenProcessPool:
                     log.warning("a decoder process died on %s; recording it as an error", path)
                     pool.shutdown(wait=False)

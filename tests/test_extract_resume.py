@@ -157,3 +157,23 @@ def test_second_writer_refused_while_first_runs_and_info_on_a_killed_run(setup, 
     finished = subprocess.run(command(data, onnx, output, 0), env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     assert len(read_cache(output)) == N_IMAGES
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(setup, tmp_path):
+    data, onnx, _ = setup
+    env = dict(os.environ, EMBEDX_CACHE_DIR=str(tmp_path / "cachedir"))
+    output = tmp_path / "f.h5"
+    process = subprocess.Popen(command(data, onnx, output, 2), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while shard_count(output) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr
+    assert not output.exists() and shard_count(output) >= 2
+    finished = subprocess.run(command(data, onnx, output, 1), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert len(read_cache(output)) == N_IMAGES
