@@ -95,7 +95,7 @@ def sweep(
             phases.append(int(LBFGS_ITERATIONS * factor))
         else:
             phases.append(plan_steps(len(X), outputs * members, batch_size=batch_size, budget=budget,
-                                     min_epochs=2 * factor, max_epochs=max_epochs * factor, min_steps=int(300 * factor)))
+                                     min_epochs=2 * factor, max_epochs=max_epochs * factor, min_steps=int(200 * factor)))
     common = dict(
         X_val=val[0], y_val=val[1], sample_weight=sample_weight, hidden=hidden, dropout=dropout,
         label_smoothing=label_smoothing, decoupled=decoupled, lr=lr, batch_size=batch_size, seed=seed,

@@ -86,8 +86,8 @@ def train_members(
     batch_size: int = 1024,
     seed: int = 0,
     early_stopping: bool = False,
-    evaluations: int = 10,
-    patience: int = 3,
+    evaluations: int = 20,
+    patience: int = 4,
     init: list[tuple[np.ndarray, np.ndarray]] | None = None,
     optimizer: str = "adam",
 ) -> MemberFit:
