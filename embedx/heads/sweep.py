@@ -34,7 +34,8 @@ REFINE_FACTORS = tuple(float(v) for v in 10.0 ** np.array([-0.5, -0.25, 0.0, 0.2
 #: Forward multiply-adds (rows x dims x outputs x members x epochs) the coarse phase may spend; the
 #: refinement gets half.  50k x 2048 x 100 gets the minimum, 2 coarse epochs: seconds, not minutes.
 WORK_BUDGET = 1.0e11
-#: Below this many multiply-adds per full pass (rows x dims x members x outputs), torch runs on one thread.
+#: Below this many multiply-adds per optimizer step (rows x dims x members x outputs), torch and BLAS
+#: run on one thread: on a shared CPU, two threads synchronizing every small op cost more than they bring.
 SMALL_WORK = 2.0e8
 #: Validation rows used to fit each candidate's temperature when comparing candidates.
 CALIBRATION_ROWS = 4096
@@ -107,7 +108,8 @@ def train_members(
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    small = X.shape[0] * X.shape[1] * len(weight_decays) * (hidden or n_classes) < SMALL_WORK
+    rows_per_step = X.shape[0] if optimizer == "lbfgs" else min(batch_size, X.shape[0])
+    small = rows_per_step * X.shape[1] * len(weight_decays) * (hidden or n_classes) < SMALL_WORK
     if small:
         torch.set_num_threads(1)
     try:
