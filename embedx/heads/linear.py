@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 #: AdamW's decoupled decay per step is lr * wd, so its useful range sits higher than an L2 coefficient's.
 ADAMW_GRID = tuple(float(v) for v in np.logspace(-3, 2.5, 8))
 HOLDOUT_FRACTION = 0.2
+#: Learning-rate factor of the refinement phase of early-stopped heads (warm-started from the best).
+REFINE_LR_FACTOR = 0.3
 #: Full-batch L-BFGS iterations for the logreg sweep, used when they cost at most LBFGS_BUDGET multiply-adds.
 LBFGS_ITERATIONS = 200
 LBFGS_BUDGET = 2.0e10
@@ -108,6 +110,8 @@ def sweep(
     values = np.asarray([center * f for f in REFINE_FACTORS])
     if decoupled:  # the decay factor 1 - lr * wd must stay positive
         values = values[values * lr < 0.5]
+    if early_stopping:  # fine-tune around an early-stopped model rather than shake it with the full lr
+        common["lr"] = lr * REFINE_LR_FACTOR
     refined = train_members(X, y, n_classes, weight_decays=values, steps=phases[1], init=coarse.member(best), **common)
     table += sweep_table(refined, name, "refine")
     chosen = best_member(refined, val[0], val[1])

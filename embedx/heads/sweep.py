@@ -229,6 +229,10 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
     best_acc = np.zeros(members)
     best_step = np.full(members, steps)
     best_params = [p.detach().clone() for p in params] if early_stopping else None
+    if early_stopping and init is not None:
+        # a warm start is a candidate too: training on from it must beat it to replace it
+        best_loss, best_acc = evaluate()
+        best_step = np.zeros(members, dtype=np.int64)
     stale = 0
     last_train_loss = np.zeros(members)
     order = torch.randperm(n, generator=generator)
@@ -257,8 +261,8 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
         if early_stopping and (step % eval_every == 0 or step == steps):
             val_loss, val_acc = evaluate()
             improved = val_loss < best_loss - 1e-6
+            leader_improved = bool(np.min(val_loss) < np.min(best_loss) - 1e-6)
             if improved.any():
-                stale = 0
                 mask = torch.from_numpy(improved)
                 with torch.no_grad():
                     # the first weight is column-stacked (D, G*out); the rest are member-first
@@ -268,11 +272,12 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
                 best_loss = np.where(improved, val_loss, best_loss)
                 best_acc = np.where(improved, val_acc, best_acc)
                 best_step = np.where(improved, step, best_step)
-            else:
-                stale += 1
-                if stale >= patience:
-                    logger.debug("early stop at step %d of %d", step, steps)
-                    break
+            # Stop when the best member has not improved for `patience` evaluations: members
+            # still improving behind it cannot become the choice in time to matter.
+            stale = 0 if leader_improved else stale + 1
+            if stale >= patience:
+                logger.debug("early stop at step %d of %d", step, steps)
+                break
     final = best_params if early_stopping else [p.detach() for p in params]
     if not early_stopping and has_val:
         with torch.no_grad():
