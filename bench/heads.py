@@ -111,15 +111,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--classes", type=int, default=None)
     parser.add_argument("--separation", type=float, default=None,
-                        help="scale of the class means (noise std is 1); default 0.1 * sqrt(512 / dim), which keeps "
-                             "the distance between class means at 3.2 noise std at every dim")
+                        help="scale of the class means (noise std is 1); default 0.1")
     parser.add_argument("--sklearn-budget", type=float, default=None, help="seconds before sklearn stops starting fits")
     parser.add_argument("--sklearn-max-iter", type=int, default=100, help="scikit-learn's default")
     args = parser.parse_args()
     rows = args.rows or (10_000 if args.quick else 50_000)
     dim = args.dim or (512 if args.quick else 2048)
     classes = args.classes or (20 if args.quick else 100)
-    separation = args.separation if args.separation is not None else 0.1 * (512 / dim) ** 0.5
+    separation = args.separation if args.separation is not None else 0.1
     budget = args.sklearn_budget if args.sklearn_budget is not None else (30.0 if args.quick else 300.0)
 
     start = time.perf_counter()

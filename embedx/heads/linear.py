@@ -31,6 +31,9 @@ from embedx.heads.sweep import (
     REFINE_FACTORS,
     WORK_BUDGET,
     best_member,
+    calibrated_nll,
+    member_logits,
+    pick_best,
     plan_steps,
     sweep_table,
     train_members,
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 #: AdamW's decoupled decay per step is lr * wd, so its useful range sits higher than an L2 coefficient's.
 ADAMW_GRID = tuple(float(v) for v in np.logspace(-3, 2.5, 8))
 HOLDOUT_FRACTION = 0.2
-#: Learning-rate factor of the refinement phase of early-stopped heads (warm-started from the best).
+#: Learning-rate factor of the refinement phase (warm-started from the coarse winner).
 REFINE_LR_FACTOR = 0.3
 #: Full-batch L-BFGS iterations for the logreg sweep, used when they cost at most LBFGS_BUDGET multiply-adds.
 LBFGS_ITERATIONS = 200
@@ -110,14 +113,19 @@ def sweep(
     values = np.asarray([center * f for f in REFINE_FACTORS])
     if decoupled:  # the decay factor 1 - lr * wd must stay positive
         values = values[values * lr < 0.5]
-    if early_stopping:  # fine-tune around an early-stopped model rather than shake it with the full lr
-        common["lr"] = lr * REFINE_LR_FACTOR
+    # Fine-tune around the best model rather than shake it with a fresh optimizer at the full lr.
+    common["lr"] = lr * REFINE_LR_FACTOR
     refined = train_members(X, y, n_classes, weight_decays=values, steps=phases[1], init=coarse.member(best), **common)
     table += sweep_table(refined, name, "refine")
-    chosen = best_member(refined, val[0], val[1])
-    logger.debug("%s sweep: coarse best %g, refined %g", name, center, values[chosen])
+    # The coarse winner as it is stays a candidate: refining must beat it to replace it.
+    accuracy = np.append(refined.val_accuracy, coarse.val_accuracy[best])
+    models = [refined.member(i) for i in range(len(values))] + [coarse.member(best)]
+    chosen = pick_best(accuracy, lambda i: calibrated_nll(member_logits(models[i], val[0]), val[1]), len(val[1]))
+    if chosen == len(values):
+        logger.debug("%s sweep: refinement did not beat the coarse best %g", name, center)
+        return center, models[chosen], table, int(coarse.best_step[best])
     steps = int(coarse.best_step[best]) + int(refined.best_step[chosen])
-    return float(values[chosen]), refined.member(chosen), table, steps
+    return float(values[chosen]), models[chosen], table, steps
 
 
 class _Standardized(Head):

@@ -229,10 +229,6 @@ def _train_members(X, y, n_classes, *, weight_decays, X_val, y_val, sample_weigh
     best_acc = np.zeros(members)
     best_step = np.full(members, steps)
     best_params = [p.detach().clone() for p in params] if early_stopping else None
-    if early_stopping and init is not None:
-        # a warm start is a candidate too: training on from it must beat it to replace it
-        best_loss, best_acc = evaluate()
-        best_step = np.zeros(members, dtype=np.int64)
     stale = 0
     last_train_loss = np.zeros(members)
     order = torch.randperm(n, generator=generator)
