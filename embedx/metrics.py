@@ -204,11 +204,15 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[Any], path: 
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title or "confusion matrix")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -233,9 +237,6 @@ def plot_reliability(
         ax.set_ylabel("accuracy")
         ax.set_title(title or f"reliability ({ECE_BINS} bins)")
         ax.legend(loc="upper left")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
