@@ -474,8 +474,9 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
         if precision == "int8":
             calibration, run.calibration_keys = _calibration(run, items, spec, run.calibration_keys)
             writer.note({"int8_calibration_keys": run.calibration_keys})
+        # decode workers share the cores with ORT: its threads must not spin-wait
         run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
-                             calibration=calibration)
+                             calibration=calibration, spinning=run.workers == 0)
         run.seconds["session"] = time.perf_counter() - tick
         if progress is not None:
             progress(0, len(run.todo), {})

@@ -75,11 +75,13 @@ class OnnxClassifier(_Classifier):
     first output, and carry ``embedx.classes`` and ``embedx.preprocess``.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, device: str = "auto", threads: int | None = None, spinning: bool = True
+    ) -> None:
         from embedx.runtime import OrtModel
 
         self.path = Path(path)
-        self.runtime = OrtModel(self.path, device=device, threads=threads)
+        self.runtime = OrtModel(self.path, device=device, threads=threads, spinning=spinning)
         self.session = self.runtime.session
         self.meta = self.runtime.meta
         if self.meta.get("kind") == "backbone":
@@ -204,9 +206,11 @@ def read_head_json(head_dir: str | Path) -> dict[str, Any]:
         raise HeadError(f"cannot read {path}: {e}") from e
 
 
-def load_model(path: str | Path, *, device: str = "auto", threads: int | None = None) -> OnnxClassifier:
-    """Open a bundle for inference (torch-free)."""
-    return OnnxClassifier(path, device=device, threads=threads)
+def load_model(
+    path: str | Path, *, device: str = "auto", threads: int | None = None, spinning: bool = True
+) -> OnnxClassifier:
+    """Open a bundle for inference (torch-free).  ``spinning=False`` when other threads share the cores."""
+    return OnnxClassifier(path, device=device, threads=threads, spinning=spinning)
 
 
 def expand_sources(sources: Iterable[str | Path]) -> list[Path]:

@@ -420,10 +420,15 @@ def _quantize(path: Path, calibration: np.ndarray, target: Path) -> dict:
 # -- sessions ----------------------------------------------------------------------
 
 
-def _session_options(threads: int | None) -> Any:
+def _session_options(threads: int | None, spinning: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        # ORT's intra-op threads spin while waiting for work; when other processes
+        # (decode workers, server threads) share the cores, that spinning steals
+        # their CPU time.  Measured in bench/extract.py and bench/serve.py.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
@@ -465,7 +470,7 @@ def _optimized_cache_path(path: Path) -> Path:
     return folder / f"{path.stem}-{digest}.ort.onnx"
 
 
-def _cpu_session_cached(path: Path, threads: int | None) -> Any:
+def _cpu_session_cached(path: Path, threads: int | None, spinning: bool = True) -> Any:
     """A CPU session from the cached optimized graph, writing it on the first use."""
     import onnxruntime as ort
 
@@ -473,16 +478,16 @@ def _cpu_session_cached(path: Path, threads: int | None) -> Any:
         cached = _optimized_cache_path(path)
     except OSError as e:  # a read-only cache: optimize in memory, as ORT does by default
         log.debug("not caching the optimized graph of %s: %s", path, e)
-        return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=[CPU])
+        return ort.InferenceSession(str(path), sess_options=_session_options(threads, spinning), providers=[CPU])
     if cached.exists():
-        options = _session_options(threads)
+        options = _session_options(threads, spinning)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cached), sess_options=options, providers=[CPU])
         except Exception as e:  # noqa: BLE001 - a stale or damaged cache entry is rebuilt
             log.warning("ignoring unusable optimized model %s: %s", cached, e)
             cached.unlink(missing_ok=True)
-    options = _session_options(threads)
+    options = _session_options(threads, spinning)
     handle, tmp = tempfile.mkstemp(dir=cached.parent, prefix=cached.name, suffix=".tmp")
     os.close(handle)
     options.optimized_model_filepath = tmp
@@ -518,6 +523,7 @@ class OrtModel:
         calibration: np.ndarray | None = None,
         min_cosine: float = 0.99,
         cache_optimized: bool = True,
+        spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -547,10 +553,10 @@ class OrtModel:
         providers = [(p, _provider_options(p, precision)) for p in requested]
         try:
             if requested == [CPU] and cache_optimized:
-                self.session = _cpu_session_cached(model_path, threads)
+                self.session = _cpu_session_cached(model_path, threads, spinning)
             else:
                 self.session = ort.InferenceSession(
-                    str(model_path), sess_options=_session_options(threads), providers=providers
+                    str(model_path), sess_options=_session_options(threads, spinning), providers=providers
                 )
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise OnnxModelError(f"ONNX Runtime cannot load {model_path}: {e}") from e

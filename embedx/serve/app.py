@@ -397,7 +397,8 @@ def create_app(model_path: str | Path | None = None, *, model: Any = None, **opt
     if model is None:
         if model_path is None:
             raise ConfigError("create_app needs model_path (a bundle .onnx) or model=")
-        model = load_model(model_path, device=config.device, threads=config.threads)
+        # decode threads share the cores with ORT, so its threads must not spin-wait
+        model = load_model(model_path, device=config.device, threads=config.threads, spinning=False)
     server = _Server(model, config)
     app = Starlette(
         routes=[
