@@ -581,6 +581,12 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
     started = time.perf_counter()
+    from embedx.export import is_onnx_path
+
+    if not is_onnx_path(backbone):
+        from embedx.backbones import get_spec
+
+        get_spec(backbone)  # an unknown name fails before the data are walked
     dataset = discover(data, manifest=manifest)
     if val_fraction and any(item.split != "train" for item in dataset.items):
         raise ConfigError(
