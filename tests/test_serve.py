@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -220,34 +221,68 @@ def test_metrics_count_requests_latency_batches_and_queue(server):
 # -- batching, limits, shutdown (servers of their own) --------------------------------
 
 
+class StalledUpload:
+    """A client stuck mid-upload: headers and a few bytes of a PNG body, then silence.
+
+    The server counts it as a request on its way, so a batch that is forming waits for
+    it (up to ``--max-delay-ms``); closing the socket ends it (the server answers 400)."""
+
+    def __init__(self, srv: Server) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+        before = srv.metric("embedx_requests_incoming")
+        self.sock.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: embedx\r\ncontent-type: image/png\r\n"
+                          b"content-length: 1000\r\n\r\n" + image_bytes(1)[:100])
+        _wait_for(srv, "embedx_requests_incoming", before + 1)  # its handler runs
+
+    def status(self) -> int:
+        """The status the server answered with (waits for it)."""
+        return int(self.sock.makefile("rb").readline().split()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _wait_for(srv: Server, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.metric(name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
 def test_concurrent_requests_share_one_inference_call(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-delay-ms", "500", "--max-batch", "8", log=tmp_path / "log")
+    srv = Server(bundles["float"], "--max-delay-ms", "30000", "--max-batch", "8", log=tmp_path / "log")
     try:
         srv.wait_ready()
         batches_before = srv.metric("embedx_batch_size_count")
+        # while one upload is still arriving, the others wait for it; max_batch ends the wait
+        staller = StalledUpload(srv)
         responses = asyncio.run(_post_all(srv.url + "/v1/predict", [image_bytes(i) for i in range(8)]))
         assert [r.status_code for r in responses] == [200] * 8
-        batches = srv.metric("embedx_batch_size_count") - batches_before
-        assert 1 <= batches < 8  # 8 concurrent images, fewer ORT calls
-        assert srv.metric("embedx_images_total") >= 8
+        assert srv.metric("embedx_batch_size_count") - batches_before == 1  # 8 images, one ORT call
+        staller.close()
     finally:
         srv.stop()
 
 
-def _wait_for_queue(srv: Server, depth: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while srv.metric("embedx_queue_depth") < depth:
-        assert time.monotonic() < deadline, f"queue never reached {depth}"
-        time.sleep(0.02)
+def test_a_lone_request_does_not_wait_for_the_batch_delay(bundles, tmp_path):
+    srv = Server(bundles["float"], "--max-delay-ms", "30000", log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        start = time.monotonic()
+        assert httpx.post(srv.url + "/v1/predict", content=image_bytes(1), headers=PNG, timeout=60).status_code == 200
+        assert time.monotonic() - start < 20  # nothing else was coming: it ran at once, not after 30 s
+    finally:
+        srv.stop()
 
 
 async def while_queued(srv: Server, count: int, scenario):
-    """Post ``count`` images, wait until all sit in the batcher's queue, run
-    ``scenario(client, tasks)``; return its result and the ``count`` responses."""
+    """Post ``count`` images while a stalled upload holds the batch, wait until all sit in
+    the batcher's queue, run ``scenario(client, tasks)``; return its result and the
+    ``count`` responses."""
     async with httpx.AsyncClient(timeout=60) as client:
         queued = [asyncio.create_task(client.post(srv.url + "/v1/predict", content=image_bytes(i), headers=PNG))
                   for i in range(count)]
-        await asyncio.to_thread(_wait_for_queue, srv, count)
+        await asyncio.to_thread(_wait_for, srv, "embedx_queue_depth", count)
         result = await scenario(client, queued)
         return result, await asyncio.gather(*queued)
 
@@ -257,8 +292,11 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
                  "--timeout-s", "3", log=tmp_path / "log")
     try:
         srv.wait_ready()
+        first = StalledUpload(srv)  # holds the batch; times out (408) before the queued two
+        last = []
 
         async def scenario(client, queued):
+            last.append(StalledUpload(srv))  # holds it past the queued two's deadline
             return await client.post(srv.url + "/v1/predict", content=image_bytes(3), headers=PNG)
 
         refused, timed_out = asyncio.run(while_queued(srv, 2, scenario))
@@ -269,15 +307,12 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
         assert timed_out[0].json()["error"] == "timeout"
         # timed-out requests leave the queue, so the server takes new ones again
         assert srv.metric("embedx_queue_depth") == 0
-        assert srv.metric("embedx_errors_total", reason="timeout") == 2
-
-        def slow_body():  # a client that stalls mid-upload
-            yield image_bytes(1)[:100]
-            time.sleep(4.5)
-            yield image_bytes(1)[100:]
-
-        stalled = httpx.post(srv.url + "/v1/predict", content=slow_body(), headers=PNG, timeout=30)
-        assert stalled.status_code == 408
+        assert srv.metric("embedx_errors_total", reason="timeout") >= 2
+        # the stalled uploads: 408 once --timeout-s has passed
+        assert first.status() == 408 and last[0].status() == 408
+        first.close()
+        last[0].close()
+        assert httpx.post(srv.url + "/v1/predict", content=image_bytes(1), headers=PNG).status_code == 200
     finally:
         srv.stop()
 
@@ -286,12 +321,14 @@ def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
     srv = Server(bundles["float"], "--max-batch", "32", "--max-delay-ms", "3000", log=tmp_path / "log")
     try:
         srv.wait_ready()
+        staller = StalledUpload(srv)  # the 6 below wait for it (up to the 3 s delay)
 
         async def scenario(client, queued):
             srv.process.send_signal(signal.SIGTERM)
 
         _, responses = asyncio.run(while_queued(srv, 6, scenario))
         assert [r.status_code for r in responses] == [200] * 6
+        staller.close()
         # uvicorn re-raises the captured SIGTERM once shut down cleanly
         assert srv.process.wait(timeout=30) in (0, -signal.SIGTERM)
         assert "Traceback" not in srv.log.read_text()
@@ -491,6 +528,38 @@ def test_batcher_close_runs_what_is_queued_without_waiting_for_the_delay():
     (seconds, rows), calls = run_batcher(scenario, max_batch=8, max_delay_s=60.0)
     assert rows[0].tolist() == [2.0, 2.0] and calls == [1]
     assert seconds < 30  # did not wait out the 60 s delay
+
+
+def test_batcher_runs_at_once_when_nothing_else_is_coming():
+    async def scenario(batcher):
+        start = time.monotonic()
+        with batcher.incoming():
+            futures = batcher.submit([np.ones(2)])
+        rows = await asyncio.gather(*futures)
+        return time.monotonic() - start, rows
+
+    (seconds, rows), calls = run_batcher(scenario, max_batch=8, max_delay_s=60.0)
+    assert rows[0].tolist() == [2.0, 2.0] and calls == [1]
+    assert seconds < 30  # did not wait out the 60 s delay
+
+
+def test_batcher_waits_for_announced_requests_up_to_the_delay():
+    async def scenario(batcher):
+        with batcher.incoming():
+            first = batcher.submit([np.ones(2)])
+            with batcher.incoming():  # a second request, still decoding
+                await asyncio.sleep(0.05)
+                second = batcher.submit([np.full(2, 3.0)])
+        together = await asyncio.gather(*first, *second)
+        with batcher.incoming():
+            alone = batcher.submit([np.ones(2)])
+            with batcher.incoming():  # one that never submits: the delay bounds the wait
+                return together, await asyncio.gather(*alone)
+
+    (together, alone), calls = run_batcher(scenario, max_batch=8, max_delay_s=0.2)
+    assert [row.tolist() for row in together] == [[2.0, 2.0], [6.0, 6.0]]
+    assert alone[0].tolist() == [2.0, 2.0]
+    assert calls == [2, 1]
 
 
 def test_serve_imports_no_torch(bundles, tmp_path):

@@ -159,6 +159,7 @@ class _Server:
             on_queue=self.metrics.queue_depth.set,
         )
         self.batcher.start()
+        self.metrics.incoming.set_function(lambda: self.batcher.incoming_count)
         warmup = asyncio.get_running_loop().create_task(self._warm_up())
         try:
             yield
@@ -219,15 +220,17 @@ class _Server:
             if not self.ready:
                 raise HttpError(503, "not ready", "the model is still warming up", reason="not_ready", retry_after=1)
             top_k = self._top_k(request)
-            try:
-                images, batched = await asyncio.wait_for(self._read_images(request), self.config.timeout_s)
-            except asyncio.TimeoutError as e:
-                raise HttpError(
-                    408, "request timeout", f"the request body did not arrive within {self.config.timeout_s:g} s",
-                    reason="timeout",
-                ) from e
-            arrays = await self._decode(images, batched, deadline)
-            rows = await self._infer(arrays, deadline)
+            with self.batcher.incoming():  # a batch forming now waits for this request's images
+                try:
+                    images, batched = await asyncio.wait_for(self._read_images(request), self.config.timeout_s)
+                except asyncio.TimeoutError as e:
+                    raise HttpError(
+                        408, "request timeout",
+                        f"the request body did not arrive within {self.config.timeout_s:g} s", reason="timeout",
+                    ) from e
+                arrays = await self._decode(images, batched, deadline)
+                futures = self._submit(arrays)
+            rows = await self._results(futures, deadline)
         except HttpError as e:
             self.metrics.errors.labels(e.reason).inc()
             return e.response()
@@ -363,13 +366,15 @@ class _Server:
                 raise outcome
         return outcomes
 
-    async def _infer(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+    def _submit(self, arrays: list[np.ndarray]) -> list[asyncio.Future]:
         try:
-            futures = self.batcher.submit(arrays)
+            return self.batcher.submit(arrays)
         except QueueFullError as e:
             raise HttpError(503, "queue full", str(e), reason="queue_full", retry_after=1) from e
         except ShuttingDownError as e:
             raise HttpError(503, "shutting down", str(e), reason="shutting_down", retry_after=1) from e
+
+    async def _results(self, futures: list[asyncio.Future], deadline: float) -> list[np.ndarray]:
         try:
             return await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError as e:

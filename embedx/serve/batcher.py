@@ -7,6 +7,12 @@ free and onnxruntime gets all its intra-op threads for one batch at a time).  Wh
 batch runs, new images queue up and form the next batch.  ``max_batch=1`` turns
 batching off.
 
+It waits only while more images are on their way: callers announce a request with
+``with batcher.incoming():`` (from its first byte until it has submitted), and once
+every announced request has submitted or failed the batch runs at once.  A lone client
+therefore never waits ``max_delay_s``; under load the delay bounds the wait for the
+requests still being read and decoded.
+
 A failed batch fails only its own requests (``BatchFailedError``); the loop goes on.
 """
 
@@ -16,8 +22,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,10 +87,16 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._incoming = 0
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def incoming_count(self) -> int:
+        """Requests announced with ``incoming()`` that have not submitted yet."""
+        return self._incoming
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -96,6 +109,18 @@ class DynamicBatcher:
             self._wakeup.set()
         if self._task is not None:
             await self._task
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce one request whose images will be submitted (or fail) inside the block:
+        while any is announced, a batch waits for them (up to ``max_delay_s``)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()
 
     def submit(self, arrays: list[np.ndarray]) -> list[asyncio.Future]:
         """Queue all of ``arrays`` at once (or none: QueueFullError); one future each."""
@@ -136,7 +161,7 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             deadline = self._queue[0].enqueued + self.max_delay_s
-            while len(self._queue) < self.max_batch and not self._closing:
+            while len(self._queue) < self.max_batch and self._incoming > 0 and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -43,6 +43,11 @@ class ServeMetrics:
             "Images waiting for the batcher.",
             registry=self.registry,
         )
+        self.incoming = Gauge(
+            "embedx_requests_incoming",
+            "Predict requests being read or decoded, whose images a forming batch waits for.",
+            registry=self.registry,
+        )
         self.images = Counter(
             "embedx_images",
             "Images classified.",
