@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -16,12 +18,14 @@ from embedx.errors import ConfigError, ImageDecodeError
 from embedx.preprocess import PreprocessSpec
 from tests.corpus import make_corpus
 
+#: exact mode: pixel for pixel torchvision (the fast mode has its own tests below)
 SPECS = {
-    "imagenet": PreprocessSpec(),
+    "imagenet": PreprocessSpec(mode="exact"),
     "bicubic-274": PreprocessSpec(input_size=240, resize_size=274, interpolation="bicubic",
-                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "no-crop": PreprocessSpec(input_size=224, resize_size=224),
+                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mode="exact"),
+    "no-crop": PreprocessSpec(input_size=224, resize_size=224, mode="exact"),
 }
+FAST = PreprocessSpec()
 
 SIZES = [(500, 375), (375, 500), (224, 224), (257, 1000), (1000, 257), (301, 299), (100, 80),
          (640, 480), (333, 777), (256, 256), (255, 300), (1024, 768), (3, 700), (1200, 1199)]
@@ -257,8 +261,10 @@ def test_bad_files_raise_with_a_reason(corpus, case, reason):
         assert reason in str(info.value)
         assert info.value.reason in str(info.value) and str(path) not in info.value.reason
         assert "\n" not in str(info.value)
-    with pytest.raises(ImageDecodeError):
-        preprocess.load(path, SPECS["imagenet"])
+        for spec in (SPECS["imagenet"], FAST):  # the fast decoder hands what it refuses to Pillow
+            with pytest.raises(ImageDecodeError) as info:
+                preprocess.load(source, spec)
+            assert reason in str(info.value)
 
 
 def test_bomb_is_refused_before_decoding(corpus):
@@ -279,12 +285,15 @@ def test_corrupt_data_after_a_valid_header():
     assert "image" in info.value.reason and "Error" in info.value.reason
 
 
-def test_over_our_limit_but_under_pillows(monkeypatch):
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_over_our_limit_but_under_pillows(monkeypatch, image_format):
     monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 100)
     buffer = io.BytesIO()
-    Image.new("RGB", (11, 10)).save(buffer, "PNG")
+    Image.new("RGB", (11, 10)).save(buffer, image_format)
     with pytest.raises(ImageDecodeError, match="11x10 pixels exceeds the limit of 100"):
         preprocess.decode(buffer.getvalue())
+    with pytest.raises(ImageDecodeError, match="11x10 pixels exceeds the limit of 100"):
+        preprocess.load(buffer.getvalue(), FAST)
 
 
 def test_unreadable_file(corpus):
@@ -329,6 +338,9 @@ def test_truncated_images_stay_errors():
 def test_spec_round_trips_and_validates():
     spec = SPECS["bicubic-274"]
     assert PreprocessSpec.from_json(spec.to_json()) == spec
+    assert PreprocessSpec.from_json(FAST.to_json()) == FAST
+    with pytest.raises(ConfigError, match="mode"):
+        PreprocessSpec(mode="turbo")
     assert PreprocessSpec.from_dict({**spec.to_dict(), "unknown": 1}) == spec
     assert PreprocessSpec(mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)
     with pytest.raises(ConfigError, match="interpolation"):
@@ -337,6 +349,132 @@ def test_spec_round_trips_and_validates():
         PreprocessSpec(input_size=300, resize_size=256)
     with pytest.raises(ConfigError, match="three values"):
         PreprocessSpec(mean=(0.5, 0.5))
+
+
+def test_fast_is_the_default_and_a_spec_without_mode_is_exact():
+    """A spec recorded before ``mode`` existed (cache, ONNX metadata) was made the exact way,
+    and fast and exact specs never compare or serialize equal (a cache is never reused
+    across modes)."""
+    assert FAST.mode == "fast"
+    legacy = {k: v for k, v in FAST.to_dict().items() if k != "mode"}
+    assert PreprocessSpec.from_dict(legacy).mode == "exact"
+    assert PreprocessSpec.from_json(json.dumps(legacy)) == SPECS["imagenet"]
+    assert FAST != SPECS["imagenet"] and FAST.to_json() != SPECS["imagenet"].to_json()
+
+
+def test_cache_identity_differs_between_modes():
+    from embedx.cache import CacheMeta
+
+    def meta(spec: dict) -> CacheMeta:
+        return CacheMeta(backbone="b", weights_tag="w", weights_arg="", onnx_path="m.onnx", onnx_sha256="0",
+                         feature_layer="avgpool", feature_dim=8, preprocess=spec)
+
+    fast, exact = meta(FAST.to_dict()), meta(SPECS["imagenet"].to_dict())
+    assert fast.fingerprint != exact.fingerprint
+    assert any(line.startswith("preprocess:") and "'fast'" in line for line in fast.differences(exact))
+    legacy = meta({k: v for k, v in SPECS["imagenet"].to_dict().items() if k != "mode"})
+    assert legacy.fingerprint != fast.fingerprint
+
+
+# -- fast mode: libjpeg-turbo + OpenCV, close to the exact path ----------------------
+
+
+def test_fast_jpeg_is_decoded_by_libjpeg_turbo_and_stays_close():
+    data = photo_jpeg(500, 375, seed=5)
+    turbo = preprocess._turbo_decode(data, FAST.resize_size)
+    assert turbo is not None and turbo.shape == (375, 500, 3) and turbo.dtype == np.uint8
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    # fast DCT and upsampling, 4:2:0 chroma: measured 1.3 grey levels on average
+    assert np.abs(turbo.astype(np.int16) - full).mean() < 2.0
+    fast, exact = preprocess.load(data, FAST), preprocess.load(data, SPECS["imagenet"])
+    assert fast.shape == exact.shape == (3, 224, 224) and fast.dtype == np.float32
+    # measured: mean 0.021 normalized units (one grey level is 0.017), max 0.12
+    assert np.abs(fast - exact).mean() < 0.05
+    np.testing.assert_array_equal(preprocess.load(data, FAST), fast)  # deterministic
+
+
+def test_fast_large_jpeg_decodes_at_the_draft_scale():
+    data = photo_jpeg(2000, 1500, seed=3)
+    assert preprocess._turbo_decode(data, FAST.resize_size).shape == (750, 1000, 3)
+    assert preprocess._turbo_decode(data, None).shape == (1500, 2000, 3)
+    exact = preprocess.load(data, SPECS["imagenet"])
+    assert np.abs(preprocess.load(data, FAST) - exact).mean() < 0.05
+
+
+@pytest.mark.parametrize(("width", "height"), [(500, 375), (375, 500), (257, 1000), (1000, 257), (224, 224),
+                                               (100, 80), (3, 700), (1200, 1199)])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_fast_resize_geometry_and_partial_blur(spec_name, width, height):
+    """Blurring only the region the crop reads (in place) equals blurring the whole image;
+    the output is torchvision's crop of the same scene, close to the exact path."""
+    import cv2
+
+    spec = dataclasses.replace(SPECS[spec_name], mode="fast")
+    image = np.asarray(Image.open(io.BytesIO(photo_jpeg(width, height, seed=width))).convert("RGB"))
+    got = preprocess._fast_resized_view(image.copy(), spec)
+    assert got.shape == (spec.input_size, spec.input_size, 3)
+    new_w, new_h, left, top = preprocess._geometry(width, height, spec)
+    scale_x, scale_y = width / new_w, height / new_h
+    whole = image
+    if max(scale_x, scale_y) > 1:
+        sigmas = [np.sqrt(max(s * s - 1, 0) / 6) for s in (scale_x, scale_y)]
+        radii = [max(1, int(np.ceil(2 * sigma))) for sigma in sigmas]
+        whole = cv2.GaussianBlur(image, (2 * radii[0] + 1, 2 * radii[1] + 1),
+                                 sigmaX=max(sigmas[0], 1e-3), sigmaY=max(sigmas[1], 1e-3))
+    interpolation = preprocess._CV2_INTERPOLATIONS[spec.interpolation]
+    expected = cv2.resize(whole, (new_w, new_h), interpolation=interpolation)
+    crop = spec.input_size
+    np.testing.assert_array_equal(got, expected[top : top + crop, left : left + crop])
+    exact = preprocess.to_pixels(Image.fromarray(image), SPECS[spec_name]).astype(np.int16)
+    assert np.abs(got.astype(np.int16) - exact).mean() < 3.0  # grey levels
+
+
+def test_fast_pil_input_is_not_modified():
+    image = noise_image(500, 375)
+    before = np.asarray(image).copy()
+    preprocess.load(image, FAST)
+    np.testing.assert_array_equal(np.asarray(image), before)
+
+
+def test_fast_mode_on_every_awkward_input_matches_exact(corpus):
+    """EXIF rotation, CMYK, palettes, 16-bit, gray, GIF: decoded as the exact path does
+    (Pillow, or libjpeg-turbo for plain JPEGs), then resized close to it."""
+    for relpath in corpus["decode"]:
+        path = corpus["root"] / relpath
+        fast = preprocess.to_pixels(path, FAST).astype(np.int16)
+        exact = preprocess.to_pixels(path, SPECS["imagenet"]).astype(np.int16)
+        assert fast.shape == exact.shape == (224, 224, 3), relpath
+        # tiny noisy JPEGs upscaled 8x magnify the fast DCT: measured up to 4.3 grey levels
+        assert np.abs(fast - exact).mean() < 6.0, relpath
+
+
+def _jpeg_with_orientation(orientation: int | None) -> bytes:
+    image = Image.new("RGB", (48, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (24, 0, 48, 32))
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    exif[0x010F] = "camera"
+    image.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])
+def test_jpeg_orientation_reader_agrees_with_pillow(orientation):
+    data = _jpeg_with_orientation(orientation)
+    assert preprocess._jpeg_orientation(data) == Image.open(io.BytesIO(data)).getexif().get(0x0112, 1)
+    fast = preprocess.to_pixels(data, FAST).astype(np.int16)
+    exact = preprocess.to_pixels(data, SPECS["imagenet"]).astype(np.int16)
+    assert np.abs(fast - exact).mean() < 4.0  # rotated the same way
+
+
+def test_jpeg_orientation_reader_gives_up_on_what_it_cannot_follow():
+    data = _jpeg_with_orientation(6)
+    assert preprocess._jpeg_orientation(b"\xff\xd8" + b"\x00" * 20) is None
+    start = data.index(b"Exif\0\0") + 6
+    broken = data[:start] + b"XX" + data[start + 2 :]  # not II/MM
+    assert preprocess._jpeg_orientation(broken) is None
 
 
 def test_preprocess_is_torch_free():
