@@ -358,3 +358,102 @@ def test_hymenoptera_efficientnet_lite0_default_head_reaches_094(hymenoptera, sh
     result = fit_head(cache, output=shared_cache_dir / "heads" / "hymenoptera-logreg")
     assert result.metrics["val_source"] == "val split of the cache"
     assert result.metrics["val"]["accuracy"] >= 0.94
+
+
+# --------------------------------------------------------------------------- the large-problem L2 sweep
+
+
+def anisotropic_classes(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian classes under a correlated, unevenly scaled noise: the class-mean classifier is
+    not optimal here (it ignores the covariance), logistic regression is close to it."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((classes, dim)) * 0.1
+    mix = rng.standard_normal((dim, dim)) * np.geomspace(3.0, 0.2, dim)
+    y = rng.integers(0, classes, n)
+    X = (means[y] + rng.standard_normal((n, dim)) @ mix / np.sqrt(dim)).astype(np.float32)
+    return X, y
+
+
+def test_class_mean_init_is_the_weighted_class_means():
+    from embedx.heads.sweep import class_mean_init
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 4)).astype(np.float32)
+    y = np.arange(50) % 3
+    w = rng.uniform(0.5, 2.0, 50)
+    W, b = class_mean_init(X, y, 4, w)  # class 3 has no rows
+    for label in range(3):
+        mean = np.average(X[y == label], axis=0, weights=w[y == label])
+        np.testing.assert_allclose(W[:, label], mean, rtol=1e-5, atol=1e-6)
+        prior = w[y == label].sum() / w.sum()
+        assert b[label] == pytest.approx(-0.5 * mean @ mean + np.log(prior), rel=1e-5)
+    assert b[3] < -1e3  # an absent class is never predicted
+
+
+def test_fit_scales_minimizes_each_members_objective():
+    from embedx.heads.sweep import fit_scales
+    from embedx.metrics import log_loss, softmax
+
+    X, y = anisotropic_classes(400, 6, 3, seed=1)
+    logits = X @ np.random.default_rng(2).standard_normal((6, 3)).astype(np.float32) * 0.3
+    decays, norm2 = np.array([1e-4, 1e-2, 1.0]), 4.0
+    scales = fit_scales(logits, y, decays, norm2)
+
+    def objective(a, lam):
+        return log_loss(y, softmax(a * logits)) + 0.5 * lam * a * a * norm2
+
+    for a, lam in zip(scales, decays, strict=True):
+        assert objective(a, lam) <= min(objective(a * 1.05, lam), objective(a / 1.05, lam)) + 1e-9
+    assert scales[0] > scales[1] > scales[2]  # a stronger penalty shrinks the weights more
+
+
+def test_lbfgs_members_reach_scikit_learns_optimum():
+    """Every member converges to its own L2 optimum: curvature pairs and steps are per member."""
+    from sklearn.linear_model import LogisticRegression
+
+    from embedx.heads.sweep import lbfgs_members
+
+    X, y = anisotropic_classes(600, 10, 4, seed=3)
+    X = (X - X.mean(0)) / X.std(0)
+    decays = np.array([1e-3, 1e-1])
+    zeros = (np.zeros((2, 10, 4), np.float32), np.zeros((2, 4), np.float32))
+    fit = lbfgs_members(X, y, 4, weight_decays=decays, init=zeros, X_val=X, y_val=y, iterations=150, keep_best=False)
+    for g, lam in enumerate(decays):
+        reference = LogisticRegression(C=1.0 / (lam * len(X)), max_iter=5000, tol=1e-10).fit(X, y)
+        W, b = fit.member(g)[0]
+        logits = X @ W + b
+        np.testing.assert_allclose(logits - logits.mean(1, keepdims=True),
+                                   reference.decision_function(X) - reference.decision_function(X).mean(1, keepdims=True),
+                                   atol=2e-2)
+
+
+def test_large_l2_sweep_phases_accuracy_and_determinism(monkeypatch):
+    """Past the L-BFGS budget the logreg sweep samples rows, starts from the class means, and its
+    iterations improve on that start where the class means are not optimal."""
+    from sklearn.linear_model import LogisticRegression
+
+    from embedx.heads import linear
+    from embedx.heads.base import standardize, standardizer
+    from embedx.heads.linear import large_l2_sweep
+    from embedx.heads.sweep import DEFAULT_GRID, class_mean_init
+
+    # the sizes of 50,000 x 2048 rows scaled down: 1,500 sampled rows of 5,000, 1,000 of 2,000 val rows
+    monkeypatch.setattr(linear, "LARGE_COARSE_WORK", 64 * 10 * len(DEFAULT_GRID) * 1500)
+    monkeypatch.setattr(linear, "SCORE_ROWS", 1000)
+
+    X, y = anisotropic_classes(7000, 64, 10, seed=4)
+    X, y, Xv, yv = X[:5000], y[:5000], X[5000:], y[5000:]
+    mean, scale = standardizer(X)
+    X, Xv = standardize(X, mean, scale), standardize(Xv, mean, scale)
+    lam, layers, table, steps = large_l2_sweep(X, y, 10, (Xv, yv), None, grid=DEFAULT_GRID, name="l2", seed=0)
+    phases = [row["phase"] for row in table]
+    assert phases.count("grid") == 8 and phases.count("refine") == 3 and phases.count("final") == 1
+    W, b = layers[0]
+    accuracy = np.mean((Xv @ W + b).argmax(1) == yv)
+    W0, b0 = class_mean_init(X, y, 10)
+    assert accuracy > np.mean((Xv @ W0 + b0).argmax(1) == yv) + 0.02
+    best_sklearn = max(LogisticRegression(C=1.0 / (v * len(X)), max_iter=300).fit(X, y).score(Xv, yv)
+                       for v in DEFAULT_GRID[:5])
+    assert accuracy >= best_sklearn - 0.03
+    again = large_l2_sweep(X, y, 10, (Xv, yv), None, grid=DEFAULT_GRID, name="l2", seed=0)
+    assert again[0] == lam and np.array_equal(again[1][0][0], W)

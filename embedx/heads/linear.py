@@ -31,9 +31,10 @@ from embedx.heads.sweep import (
     REFINE_FACTORS,
     WORK_BUDGET,
     best_member,
-    calibrated_nll,
-    member_logits,
-    pick_best,
+    best_model,
+    class_mean_init,
+    fit_scales,
+    lbfgs_members,
     plan_steps,
     sweep_table,
     train_members,
@@ -52,6 +53,19 @@ LBFGS_BUDGET = 2.0e10
 #: Above this many multiply-adds per pass (rows x dims x classes), logreg keeps the sweep's torch solution
 #: instead of polishing it with scikit-learn (whose L-BFGS would then cost more than the whole sweep).
 SKLEARN_FINAL_LIMIT = 2.0e8
+#: Large L2 sweeps (see ``large_l2_sweep``): multiply-adds of one function evaluation of the coarse
+#: grid on its row sample, L-BFGS iterations of the coarse and the refinement phases.
+LARGE_COARSE_WORK = 1.0e10
+LARGE_COARSE_ITERATIONS = 20
+LARGE_REFINE_ITERATIONS = 10
+LARGE_FINAL_ITERATIONS = 20
+#: ...each phase stops earlier once its best validation accuracy has not risen for this many iterations.
+LARGE_PATIENCE = 2
+#: The refinement around the coarse winner: its L2 value times these factors.
+LARGE_REFINE_FACTORS = (10.0**-0.5, 1.0, 10.0**0.5)
+#: Validation rows scoring the coarse grid and the refinement (and training rows fitting the
+#: class-mean classifier's scales): the final model is scored on all of them.
+SCORE_ROWS = 4096
 
 
 def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +108,8 @@ def sweep(
     dim = X.shape[1]
     outputs = (dim * hidden + hidden * n_classes) if hidden else dim * n_classes
     lbfgs = not decoupled and not early_stopping and len(X) * outputs * len(grid) * LBFGS_ITERATIONS <= LBFGS_BUDGET
+    if not lbfgs and not decoupled and not early_stopping and not hidden and not label_smoothing:
+        return large_l2_sweep(X, y, n_classes, val, sample_weight, grid=grid, name=name, seed=seed)
     phases = []
     for members, budget, factor in ((len(grid), WORK_BUDGET, 1.0), (len(REFINE_FACTORS), WORK_BUDGET / 2, 0.5)):
         if lbfgs:
@@ -120,12 +136,83 @@ def sweep(
     # The coarse winner as it is stays a candidate: refining must beat it to replace it.
     accuracy = np.append(refined.val_accuracy, coarse.val_accuracy[best])
     models = [refined.member(i) for i in range(len(values))] + [coarse.member(best)]
-    chosen = pick_best(accuracy, lambda i: calibrated_nll(member_logits(models[i], val[0]), val[1]), len(val[1]))
+    chosen = best_model(models, accuracy, val[0], val[1])
     if chosen == len(values):
         logger.debug("%s sweep: refinement did not beat the coarse best %g", name, center)
         return center, models[chosen], table, int(coarse.best_step[best])
     steps = int(coarse.best_step[best]) + int(refined.best_step[chosen])
     return float(values[chosen]), models[chosen], table, steps
+
+
+def large_l2_sweep(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    val: tuple[np.ndarray, np.ndarray],
+    sample_weight: np.ndarray | None,
+    *,
+    grid: tuple[float, ...],
+    name: str,
+    seed: int = 0,
+) -> tuple[float, list[tuple[np.ndarray, np.ndarray]], list[dict], int]:
+    """The L2 sweep for problems too large to solve to convergence once per grid value.
+
+    Softmax regression costs passes over the data (rows x dims x classes multiply-adds
+    each), so this sweep spends few, and where they count:
+
+    1. every member starts from the nearest-class-mean classifier (one pass over the
+       rows), scaled per member by the factor optimal for its L2 penalty;
+    2. coarse grid and refinement (three values around the winner, warm-started from it)
+       with per-member L-BFGS (``lbfgs_members``) on a seeded sample of rows sized to
+       ``LARGE_COARSE_WORK``, scored on a seeded sample of validation rows;
+    3. the winner, its L2 value rescaled to the full row count (the same scikit-learn
+       ``C``), trained on all rows from where it stands, scored on all validation rows.
+
+    Each member keeps its best validation iterate: the number of iterations is chosen on
+    validation data along with the L2 strength.  Same return as ``sweep``.
+    """
+    n, dim = X.shape
+    y = np.asarray(y)
+    weights = None if sample_weight is None else np.asarray(sample_weight)
+    rng = np.random.default_rng(seed)
+
+    def rows_of(total: int, size: int) -> np.ndarray:
+        return np.sort(rng.choice(total, size, replace=False)) if size < total else np.arange(total)
+
+    rows = rows_of(n, max(int(LARGE_COARSE_WORK / (dim * n_classes * len(grid))), 20 * n_classes))
+    scored = rows_of(len(val[1]), SCORE_ROWS)
+    X_sample, y_sample = X[rows], y[rows]
+    w_sample = None if weights is None else weights[rows]
+    val_sample = (val[0][scored], val[1][scored])
+
+    W, b = class_mean_init(X, y, n_classes, weights)
+    fitted = rows[: min(len(rows), SCORE_ROWS)]
+    scales = fit_scales(X[fitted] @ W + b, y[fitted], np.asarray(grid), float(np.sum(W * W)))
+    common = dict(X_val=val_sample[0], y_val=val_sample[1], sample_weight=w_sample, patience=LARGE_PATIENCE)
+    coarse = lbfgs_members(X_sample, y_sample, n_classes, weight_decays=np.asarray(grid),
+                           init=(scales[:, None, None] * W[None], scales[:, None] * b[None]),
+                           iterations=LARGE_COARSE_ITERATIONS, **common)
+    table = sweep_table(coarse, name, "grid")
+    best = best_member(coarse, *val_sample)
+    values = np.asarray([float(coarse.weight_decays[best]) * f for f in LARGE_REFINE_FACTORS])
+    W_best, b_best = coarse.member(best)[0]
+    refined = lbfgs_members(X_sample, y_sample, n_classes, weight_decays=values,
+                            init=(np.repeat(W_best[None], len(values), 0), np.repeat(b_best[None], len(values), 0)),
+                            iterations=LARGE_REFINE_ITERATIONS, **common)
+    table += sweep_table(refined, name, "refine")
+    # The coarse winner as it is stays a candidate: refining must beat it to replace it.
+    models = [refined.member(i) for i in range(len(values))] + [coarse.member(best)]
+    chosen = best_model(models, np.append(refined.val_accuracy, coarse.val_accuracy[best]), *val_sample)
+    lam = float(np.append(values, coarse.weight_decays[best])[chosen]) * len(rows) / n  # the same C on all rows
+    steps = int(coarse.best_step[best]) + (int(refined.best_step[chosen]) if chosen < len(values) else 0)
+    if len(rows) == n and len(scored) == len(val[1]):
+        return lam, models[chosen], table, steps
+    (W_final, b_final), = models[chosen]
+    final = lbfgs_members(X, y, n_classes, weight_decays=np.asarray([lam]), init=(W_final[None], b_final[None]),
+                          iterations=LARGE_FINAL_ITERATIONS, X_val=val[0], y_val=val[1], sample_weight=weights,
+                          patience=LARGE_PATIENCE)
+    table += sweep_table(final, name, "final")
+    return lam, final.member(0), table, steps + int(final.best_step[0])
 
 
 class _Standardized(Head):

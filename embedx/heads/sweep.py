@@ -401,16 +401,29 @@ def calibrated_nll(logits: np.ndarray, y: np.ndarray, max_rows: int = CALIBRATIO
     """
     from embedx.metrics import fit_temperature, log_loss, softmax
 
-    if len(y) > max_rows:  # the temperature is one number: a few thousand rows pin it down
-        rows = np.random.default_rng(0).choice(len(y), max_rows, replace=False)
-        logits, y = logits[rows], y[rows]
+    rows = calibration_rows(len(y), max_rows)  # the temperature is one number: a few thousand rows pin it down
+    logits, y = logits[rows], y[rows]
     return log_loss(y, softmax(logits, fit_temperature(logits, y)))
 
 
 def best_member(fit: MemberFit, X_val: np.ndarray, y_val: np.ndarray) -> int:
     """Among members whose val accuracy is within one standard error of the best (accuracy on
     a small val set is too noisy to pick by alone), the lowest temperature-calibrated val NLL."""
-    return pick_best(fit.val_accuracy, lambda i: calibrated_nll(member_logits(fit.member(i), X_val), y_val), len(y_val))
+    return best_model([fit.member(i) for i in range(len(fit.weight_decays))], fit.val_accuracy, X_val, y_val)
+
+
+def best_model(models: list[list[tuple[np.ndarray, np.ndarray]]], accuracy: np.ndarray, X_val: np.ndarray,
+               y_val: np.ndarray) -> int:
+    """``pick_best`` over candidate models: accuracy first, then calibrated NLL on the calibration rows."""
+    rows = calibration_rows(len(y_val))
+    return pick_best(accuracy, lambda i: calibrated_nll(member_logits(models[i], X_val[rows]), y_val[rows]), len(y_val))
+
+
+def calibration_rows(n: int, max_rows: int = CALIBRATION_ROWS) -> np.ndarray | slice:
+    """The validation rows that ``calibrated_nll`` fits and scores a temperature on (seeded)."""
+    if n <= max_rows:
+        return slice(None)
+    return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
 
 
 def pick_best(accuracy: np.ndarray, loss, n_val: int) -> int:
@@ -431,3 +444,209 @@ def sweep_table(fit: MemberFit, name: str, phase: str) -> list[dict]:
         {name: float(v), "phase": phase, "val_loss": float(loss), "val_accuracy": float(acc), "steps": int(s)}
         for v, loss, acc, s in zip(fit.weight_decays, fit.val_loss, fit.val_accuracy, fit.best_step, strict=True)
     ]
+
+
+# -- large L2 problems: class-mean warm start, per-member L-BFGS, best validation iterate ------------
+
+
+def class_mean_init(X: np.ndarray, y: np.ndarray, n_classes: int,
+                    sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest-class-mean classifier as a linear layer: ``W = means.T``, ``b = -|mean|^2 / 2
+    + log prior`` (LDA with an identity covariance, on standardized features).
+
+    One pass over the data, and a far better start than zeros for a solver that can only
+    afford a few passes: its argmax is already a sound classifier.
+    """
+    import torch
+
+    weights = np.ones(len(y), dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+    totals = np.bincount(y, weights=weights, minlength=n_classes)
+    onehot = torch.zeros(n_classes, len(y))
+    onehot[torch.from_numpy(np.asarray(y, dtype=np.int64)), torch.arange(len(y))] = torch.from_numpy(weights)
+    means = (onehot @ torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).double().numpy()  # class sums
+    present = totals > 0
+    means[present] /= totals[present, None]
+    prior = np.log(np.where(present, totals, 1.0) / totals.sum())
+    bias = np.where(present, -0.5 * np.sum(means**2, axis=1) + prior, -1e4)
+    return np.ascontiguousarray(means.T, dtype=np.float32), bias.astype(np.float32)
+
+
+def fit_scales(logits: np.ndarray, y: np.ndarray, weight_decays: np.ndarray, weight_norm2: float,
+               iterations: int = 12) -> np.ndarray:
+    """Per member, the factor ``a`` minimizing ``mean CE(a * logits) + lam/2 * a^2 * weight_norm2``.
+
+    Convex in ``a``: a few vectorized Newton steps from 1 (a temperature fit with the
+    member's L2 penalty on the weights it scales).
+    """
+    import torch
+
+    lam = torch.tensor(np.asarray(weight_decays, dtype=np.float64))
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    z = z - z.max(dim=1, keepdim=True).values
+    picked = z[torch.arange(len(y)), torch.from_numpy(np.asarray(y, dtype=np.int64))]
+    a = torch.ones(len(lam), dtype=torch.float64)
+    for _ in range(iterations):
+        p = torch.softmax(a.view(-1, 1, 1) * z, dim=2)  # (G, n, C)
+        expected = (p * z).sum(dim=2)
+        variance = (p * z * z).sum(dim=2) - expected**2
+        grad = (expected - picked).mean(dim=1) + lam * a * weight_norm2
+        hess = variance.mean(dim=1) + lam * weight_norm2 + 1e-12
+        a = torch.minimum(torch.maximum(a - grad / hess, a / 10), a * 10)
+    return a.numpy()
+
+
+def lbfgs_members(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    weight_decays: np.ndarray,
+    init: tuple[np.ndarray, np.ndarray],
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+    iterations: int = 3,
+    history: int = 8,
+    keep_best: bool = True,
+    patience: int | None = None,
+) -> MemberFit:
+    """L-BFGS on ``mean CE + lam/2 * ||W||^2`` for G members at once, float32, each member with
+    its own curvature pairs and its own Armijo step, every function evaluation ONE matmul
+    pair over the data for all members.  ``init``: (W (G, D, C), b (G, C)).
+
+    For problems too large to solve to convergence for every grid value: after each
+    iteration the members are scored on validation data and each keeps its best iterate
+    (validation accuracy, then NLL), so the iteration count is chosen on validation data
+    together with the L2 strength (``keep_best=False``: the last iterate).  ``patience``:
+    stop once the best validation accuracy of any member has not risen for that many
+    iterations (members behind the leader cannot become the choice).  Gradients are written out (no autograd): the softmax
+    cross-entropy gradient is ``X^T (P - Y)``.
+    """
+    import torch
+
+    lam = torch.tensor(np.asarray(weight_decays, dtype=np.float64), dtype=torch.float32)
+    members = len(lam)
+    dim = X.shape[1]
+    X_t = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    if sample_weight is None:
+        row_weight = None
+    else:
+        w = np.asarray(sample_weight, dtype=np.float64)
+        row_weight = torch.from_numpy((w / w.sum()).astype(np.float32)).view(-1, 1, 1)
+    Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
+    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
+    target = y_t.view(-1, 1, 1).expand(-1, members, 1)
+
+    def logits_of(rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(n, D) x (D, G, C) -> (n, G, C)."""
+        return (rows @ W.view(dim, members * n_classes)).view(len(rows), members, n_classes) + b
+
+    def evaluate(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        logp = torch.log_softmax(logits_of(X_t, W, b), dim=2)
+        p = logp.exp()
+        p.scatter_add_(2, target, torch.full(target.shape, -1.0))  # P - Y
+        nll = -logp.gather(2, target).squeeze(2)  # (n, G)
+        if row_weight is None:
+            loss = nll.mean(0)
+            p /= len(y_t)
+        else:
+            loss = (nll * row_weight.view(-1, 1)).sum(0)
+            p *= row_weight
+        grad_W = (X_t.T @ p.view(len(y_t), members * n_classes)).view(dim, members, n_classes)
+        grad_W += lam.view(1, -1, 1) * W
+        loss = loss + 0.5 * lam * (W * W).sum(dim=(0, 2))
+        return loss, (grad_W, p.sum(0))
+
+    def dot(a: tuple, b: tuple) -> torch.Tensor:
+        """Per-member inner product of two (W, b) pairs: (G,)."""
+        return (a[0] * b[0]).sum(dim=(0, 2)) + (a[1] * b[1]).sum(dim=1)
+
+    def axpy(alpha: torch.Tensor, a: tuple, b: tuple) -> tuple:
+        """b + alpha * a, with one alpha per member."""
+        return (b[0] + alpha.view(1, -1, 1) * a[0], b[1] + alpha.view(-1, 1) * a[1])
+
+    def score(W: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        loss = torch.zeros(members, dtype=torch.float64)
+        correct = torch.zeros(members, dtype=torch.float64)
+        for start in range(0, len(yv), 8192):
+            out = logits_of(Xv[start : start + 8192], W, b)
+            truth = yv[start : start + 8192]
+            logp = torch.log_softmax(out, dim=2)
+            loss -= logp.gather(2, truth.view(-1, 1, 1).expand(-1, members, 1)).squeeze(2).sum(0).double()
+            correct += (out.argmax(2) == truth.view(-1, 1)).sum(0).double()
+        return (loss / len(yv)).numpy(), (correct / len(yv)).numpy()
+
+    W0, b0 = init
+    x = (torch.from_numpy(np.ascontiguousarray(np.asarray(W0, np.float32).transpose(1, 0, 2))),
+         torch.from_numpy(np.ascontiguousarray(b0, dtype=np.float32)))
+    best = (x[0].clone(), x[1].clone())
+    best_loss, best_acc = score(*x)
+    best_step = np.zeros(members, dtype=np.int64)
+    with torch.no_grad():
+        value, grad = evaluate(*x)
+        pairs: list[tuple[tuple, tuple, torch.Tensor]] = []
+        iteration = stale = 0
+        for iteration in range(1, iterations + 1):
+            # two-loop recursion, per member
+            direction = (-grad[0], -grad[1])
+            alphas = []
+            for s, yk, rho in reversed(pairs):
+                alpha = rho * dot(s, direction)
+                direction = axpy(-alpha, yk, direction)
+                alphas.append(alpha)
+            if pairs:
+                s, yk, _ = pairs[-1]
+                gamma = dot(s, yk) / dot(yk, yk).clamp_min(1e-30)
+                direction = (direction[0] * gamma.view(1, -1, 1), direction[1] * gamma.view(-1, 1))
+                for (s, yk, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+                    direction = axpy(alpha - rho * dot(yk, direction), s, direction)
+            else:
+                norm = dot(grad, grad).sqrt().clamp_min(1.0)
+                direction = (direction[0] / norm.view(1, -1, 1), direction[1] / norm.view(-1, 1))
+            slope = dot(grad, direction)
+            uphill = slope >= 0  # lost curvature information: that member steps down its gradient
+            if bool(uphill.any()):
+                keep = (~uphill).float()
+                direction = axpy(-uphill.float() / dot(grad, grad).sqrt().clamp_min(1.0), grad,
+                                 (direction[0] * keep.view(1, -1, 1), direction[1] * keep.view(-1, 1)))
+                slope = dot(grad, direction)
+            # backtracking Armijo line search, one step length per member, all members per evaluation
+            step = torch.ones(members)
+            pending = torch.ones(members, dtype=torch.bool)
+            new_x, new_value, new_grad = (x[0].clone(), x[1].clone()), value.clone(), (grad[0].clone(), grad[1].clone())
+            for _ in range(20):
+                candidate = axpy(step, direction, x)
+                cand_value, cand_grad = evaluate(*candidate)
+                accept = pending & (cand_value <= value + 1e-4 * step * slope)
+                if bool(accept.any()):
+                    new_x[0][:, accept], new_x[1][accept] = candidate[0][:, accept], candidate[1][accept]
+                    new_grad[0][:, accept], new_grad[1][accept] = cand_grad[0][:, accept], cand_grad[1][accept]
+                    new_value[accept] = cand_value[accept]
+                pending &= ~accept
+                if not bool(pending.any()):
+                    break
+                step = torch.where(pending, step * 0.5, step)
+            s = (new_x[0] - x[0], new_x[1] - x[1])
+            yk = (new_grad[0] - grad[0], new_grad[1] - grad[1])
+            curvature = dot(s, yk)
+            pairs.append((s, yk, torch.where(curvature > 1e-12, 1.0 / curvature.clamp_min(1e-12), torch.zeros(members))))
+            del pairs[:-history]
+            x, value, grad = new_x, new_value, new_grad
+            val_loss, val_acc = score(*x)
+            stale = 0 if val_acc.max() > best_acc.max() else stale + 1
+            better = (val_acc > best_acc) | ((val_acc == best_acc) & (val_loss < best_loss)) | (not keep_best)
+            if better.any():
+                mask = torch.from_numpy(better)
+                best[0][:, mask], best[1][mask] = x[0][:, mask], x[1][mask]
+                best_loss = np.where(better, val_loss, best_loss)
+                best_acc = np.where(better, val_acc, best_acc)
+                best_step = np.where(better, iteration, best_step)
+            if patience is not None and stale >= patience:
+                break
+    return MemberFit(
+        weight_decays=np.asarray(weight_decays, dtype=np.float64),
+        layers=[(best[0].permute(1, 0, 2).contiguous().numpy(), best[1].numpy().copy())],
+        val_loss=best_loss, val_accuracy=best_acc, best_step=best_step, steps=iteration,
+        batch_size=len(y_t), train_loss=value.double().numpy(),
+    )
