@@ -186,12 +186,14 @@ class _Decoder:
             # while the workers start (a fresh interpreter each) and the caller
             # creates its ORT session: the backbone gets going at once.
             first = next(self._batches, None)
-            if first is not None:
-                self._thread = ThreadPoolExecutor(max_workers=1)
-                self._first = self._thread.submit(_decode_batch, self.spec_json, first)
             with self._sigint_ignored():  # the first submits start the processes
                 self._start_pool()
                 self._fill()
+            # only now: spawning snapshots sys.path, which a decoder library being
+            # imported in that thread may have changed for a moment (OpenCV does)
+            if first is not None:
+                self._thread = ThreadPoolExecutor(max_workers=1)
+                self._first = self._thread.submit(_decode_batch, self.spec_json, first)
 
     @staticmethod
     @contextmanager
@@ -335,9 +337,16 @@ def _hash_all(paths: Sequence[Path], threads: int) -> list[tuple[str, str]]:
 
 
 def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec,
-                 keys: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+                 keys: Sequence[str] | None, known_errors: Any) -> Any:
     """int8 calibration images: those of ``keys`` (an earlier run's), else the first
-    ``CALIBRATION_IMAGES`` decodable train images in data set order (deterministic)."""
+    ``CALIBRATION_IMAGES`` decodable train images in data set order (deterministic).
+
+    A ``CalibrationSource`` keyed by the images' content keys and the preprocessing, so
+    that the images are decoded only when no int8 model for them is cached; it sets
+    ``run.calibration_keys`` to the images used.
+    """
+    from embedx.runtime import CalibrationSource
+
     first_index: dict[str, int] = {}
     for index, key in enumerate(run.keys):
         if key:
@@ -346,21 +355,31 @@ def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec
         candidates = [first_index[key] for key in keys]
     else:
         candidates = [i for i, item in enumerate(items) if item.split == "train"] or list(range(len(items)))
-    chosen: list[np.ndarray] = []
-    chosen_keys: list[str] = []
-    for index in candidates:
-        if not run.keys[index] or index in run.read_errors:
-            continue
-        try:
-            chosen.append(preprocess.load(items[index].path, spec))
-        except ImageDecodeError:
-            continue
-        chosen_keys.append(run.keys[index])
-        if len(chosen) >= CALIBRATION_IMAGES:
-            break
-    if not chosen:
-        raise ConfigError("int8 needs decodable images to calibrate on, and none of the data decodes")
-    return np.stack(chosen), chosen_keys
+    candidates = [i for i in candidates
+                  if run.keys[i] and i not in run.read_errors and run.keys[i] not in known_errors]
+
+    def key_of(chosen_keys: Sequence[str]) -> str:
+        return hashlib.sha256("\n".join([spec.to_json(), *chosen_keys]).encode()).hexdigest()
+
+    def load() -> tuple[np.ndarray, str]:
+        chosen: list[np.ndarray] = []
+        chosen_keys: list[str] = []
+        for index in candidates:
+            try:
+                chosen.append(preprocess.load(items[index].path, spec))
+            except ImageDecodeError:
+                continue
+            chosen_keys.append(run.keys[index])
+            if len(chosen) >= CALIBRATION_IMAGES:
+                break
+        if not chosen:
+            raise ConfigError("int8 needs decodable images to calibrate on, and none of the data decodes")
+        run.calibration_keys = chosen_keys
+        return np.stack(chosen), key_of(chosen_keys)
+
+    # if these images are all cached as calibrated, they are the ones used (the key names them)
+    run.calibration_keys = [run.keys[i] for i in candidates[:CALIBRATION_IMAGES]]
+    return CalibrationSource(key=key_of(run.calibration_keys), load=load)
 
 
 def _recorded_calibration(run: Any, writer: Any) -> tuple[list[str] | None, bool]:
@@ -472,11 +491,12 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
         tick = time.perf_counter()  # the workers are already decoding the first batches
         calibration = None
         if precision == "int8":
-            calibration, run.calibration_keys = _calibration(run, items, spec, run.calibration_keys)
-            writer.note({"int8_calibration_keys": run.calibration_keys})
+            calibration = _calibration(run, items, spec, run.calibration_keys, writer.known_errors)
         # decode workers share the cores with ORT: its threads must not spin-wait
         run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
                              calibration=calibration, spinning=run.workers == 0)
+        if precision == "int8":
+            writer.note({"int8_calibration_keys": run.calibration_keys})
         run.seconds["session"] = time.perf_counter() - tick
         if progress is not None:
             progress(0, len(run.todo), {})

@@ -29,7 +29,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -305,13 +306,29 @@ def cosine_similarity_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
 
 
+@dataclass(frozen=True)
+class CalibrationSource:
+    """An int8 calibration sample named by a key before it is loaded.
+
+    ``key`` must identify the sample's pixels (extract uses the sha256 of the images'
+    bytes and the preprocessing spec); ``load()`` returns the NCHW float32 array and
+    the key of what it really loaded (an image that no longer decodes may have been
+    replaced).  ``quantize_int8`` calls ``load`` only when no int8 model is cached
+    for ``key``, so a rerun does not decode its calibration images again.
+    """
+
+    key: str
+    load: Callable[[], tuple[np.ndarray, str]]
+
+
 def quantize_int8(
     path: str | Path,
-    calibration: np.ndarray,
+    calibration: np.ndarray | CalibrationSource,
     *,
     min_cosine: float = 0.99,
 ) -> tuple[Path, float]:
-    """Static QDQ int8 quantization of ``path`` calibrated on ``calibration`` (NCHW float32).
+    """Static QDQ int8 quantization of ``path`` calibrated on ``calibration`` (NCHW float32,
+    or a ``CalibrationSource`` loaded only when its model is not cached).
 
     Per-channel int8 weights, uint8 activations (U8S8: ORT fuses every Conv into a
     QLinearConv on x86; S8S8 left a third of resnet50's convolutions in fp32 and ran
@@ -320,32 +337,42 @@ def quantize_int8(
     where ``mean_cosine`` is the mean over the calibration images of the cosine
     similarity between int8 and fp32 features; raises ``QuantizationError`` when it is
     below ``min_cosine``.  The result is cached on disk keyed by (model sha256,
-    calibration sha256), next to a JSON file with the figures.
+    calibration: the array's sha256 or the ``CalibrationSource`` key), next to a JSON
+    file with the figures.
     """
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX model {path} does not exist")
-    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-    if calibration.ndim != 4 or len(calibration) == 0:
-        raise QuantizationError(
-            f"int8 calibration needs a non-empty NCHW float32 batch of preprocessed images, "
-            f"got an array of shape {calibration.shape}"
-        )
     settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if _cpu_has_vnni() else 'r7'}"
-    key = f"{file_sha256(path)[:16]}-{array_sha256(calibration)[:12]}-{settings}"
-    try:
-        target = _derived_dir() / f"{path.stem}-{key}-int8.onnx"
-    except OSError as e:
-        raise QuantizationError(
-            f"int8 quantization writes its model under {paths.cache_dir()}, which is not "
-            f"writable ({e.strerror or e}); set EMBEDX_CACHE_DIR to a writable folder"
-        ) from e
-    report_path = target.with_suffix(".json")
-    if target.exists() and report_path.exists():
-        report = json.loads(report_path.read_text())
-        log.info("int8 model from cache: %s (mean cosine %.5f)", target, report["mean_cosine"])
+    model_key = file_sha256(path)[:16]
+
+    def cached(calibration_key: str) -> tuple[Path, dict | None]:
+        try:
+            target = _derived_dir() / f"{path.stem}-{model_key}-{calibration_key[:12]}-{settings}-int8.onnx"
+        except OSError as e:
+            raise QuantizationError(
+                f"int8 quantization writes its model under {paths.cache_dir()}, which is not "
+                f"writable ({e.strerror or e}); set EMBEDX_CACHE_DIR to a writable folder"
+            ) from e
+        report_path = target.with_suffix(".json")
+        if target.exists() and report_path.exists():
+            report = json.loads(report_path.read_text())
+            log.info("int8 model from cache: %s (mean cosine %.5f)", target, report["mean_cosine"])
+            return target, report
+        return target, None
+
+    if isinstance(calibration, CalibrationSource):
+        target, report = cached(calibration.key)
+        if report is None:
+            array, loaded_key = calibration.load()
+            array = _checked_calibration(array)
+            target, report = cached(loaded_key)
     else:
-        report = _quantize(path, calibration, target)
+        array = _checked_calibration(calibration)
+        target, report = cached(array_sha256(array))
+    if report is None:
+        report = _quantize(path, array, target)
+        report_path = target.with_suffix(".json")
         tmp = report_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
         os.replace(tmp, report_path)
@@ -358,6 +385,16 @@ def quantize_int8(
             f"with more and more representative images"
         )
     return target, mean_cosine
+
+
+def _checked_calibration(calibration: np.ndarray) -> np.ndarray:
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise QuantizationError(
+            f"int8 calibration needs a non-empty NCHW float32 batch of preprocessed images, "
+            f"got an array of shape {calibration.shape}"
+        )
+    return calibration
 
 
 def _quantize(path: Path, calibration: np.ndarray, target: Path) -> dict:
@@ -520,7 +557,7 @@ class OrtModel:
         device: str = "auto",
         precision: str = "fp32",
         threads: int | None = None,
-        calibration: np.ndarray | None = None,
+        calibration: np.ndarray | CalibrationSource | None = None,
         min_cosine: float = 0.99,
         cache_optimized: bool = True,
         spinning: bool = True,
@@ -581,7 +618,7 @@ class OrtModel:
         }
         log.info("loaded %s on %s (%s)", model_path.name, self.providers[0], precision)
 
-    def _int8_path(self, calibration: np.ndarray | None, min_cosine: float) -> tuple[Path, float | None]:
+    def _int8_path(self, calibration: np.ndarray | CalibrationSource | None, min_cosine: float) -> tuple[Path, float | None]:
         meta = onnxmeta.read(self.source_path)
         if meta.get("precision") == "int8":
             cosine = meta.get("int8_cosine")

@@ -410,6 +410,23 @@ def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):
     assert json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"] != calibrated
 
 
+def test_int8_rerun_does_not_decode_its_calibration_again(tmp_path, backbone, monkeypatch):
+    from embedx import extract as extract_module
+    from embedx import preprocess
+
+    monkeypatch.setattr(extract_module, "CALIBRATION_IMAGES", 3)
+    data = class_folders(tmp_path / "data", per_class=4)
+    first = run(data, backbone, tmp_path / "a.h5", precision="int8", dtype="float32")
+    calibrated = json.loads(read_cache(tmp_path / "a.h5").attrs["extra"])["int8_calibration_keys"]
+    loads = []
+    real_load = preprocess.load
+    monkeypatch.setattr(preprocess, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    second = run(data, backbone, tmp_path / "b.h5", precision="int8", dtype="float32")
+    assert loads == [] and second.new == 8 and second.int8_cosine == first.int8_cosine
+    assert json.loads(read_cache(tmp_path / "b.h5").attrs["extra"])["int8_calibration_keys"] == calibrated
+    assert np.array_equal(read_cache(tmp_path / "a.h5").features, read_cache(tmp_path / "b.h5").features)
+
+
 def test_unchanged_files_are_not_read_again(tmp_path, backbone):
     import os
 

@@ -194,6 +194,23 @@ def test_int8_is_cached_by_model_and_calibration(tiny, calibration):
     assert other != first
 
 
+def test_int8_calibration_source_is_loaded_only_when_not_cached(tiny, calibration):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return calibration, "what-was-loaded"
+
+    first, cosine = runtime.quantize_int8(tiny[1], runtime.CalibrationSource("asked-for", load), min_cosine=0.9)
+    assert loads == [1]
+    # stored under the key of what was loaded: asking for that key loads nothing
+    never = runtime.CalibrationSource("what-was-loaded", lambda: pytest.fail("loaded a cached calibration"))
+    assert runtime.quantize_int8(tiny[1], never, min_cosine=0.9) == (first, cosine)
+    # the key asked for first named other images, so it is still not cached
+    runtime.quantize_int8(tiny[1], runtime.CalibrationSource("asked-for", load), min_cosine=0.9)
+    assert loads == [1, 1]
+
+
 def test_int8_gate_refuses_with_the_figure(tiny, calibration):
     _, cosine = runtime.quantize_int8(tiny[1], calibration, min_cosine=0.0)
     assert runtime.quantize_int8(tiny[1], calibration, min_cosine=cosine)[1] == cosine
