@@ -11,7 +11,11 @@ the training rows for that choice.
   ``C = 1 / (lam * sum(sample_weight))`` (twice that for 2 classes, where
   scikit-learn fits one weight vector).  The final model is scikit-learn's
   ``LogisticRegression(C, lbfgs)`` on all training rows, warm-started from the
-  sweep's solution so L-BFGS only polishes it.
+  sweep's solution so L-BFGS only polishes it.  Problems too large to solve to
+  convergence once per grid value (50,000 x 2048 x 100 classes) go through
+  ``large_l2_sweep`` instead: class-mean warm start, per-member batched L-BFGS on a
+  row sample for the grid and the refinement, then the winner on all rows; its model
+  is the head (``solver="auto"`` skips scikit-learn's polish at that size).
 * ``linear``: the same linear model trained with AdamW (decoupled weight decay
   swept), cosine schedule, optional label smoothing, early stopping on val loss.
 * ``mlp``: one hidden ReLU layer with dropout, otherwise like ``linear``.
