@@ -26,7 +26,7 @@ RESULTS = HERE / "results"
 #: are not part of the suite (minutes each); run them on their own.
 STAGES = [
     ("decode", "decode.py", ["--repeats", "3", "--large", "12"]),
-    ("heads", "heads.py", ["--sklearn-budget", "90"]),
+    ("heads", "heads.py", ["--sklearn-budget", "60"]),
     ("scaling", "scaling.py", []),
     ("extract", "extract.py", ["--limit", "128", "--repeats", "2"]),
     ("serve", "serve.py", ["--soak", "2000", "--time-limit", "30"]),
