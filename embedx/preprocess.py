@@ -23,11 +23,14 @@ then replaces Pillow's, after a small Gaussian blur that stands in for the
 antialiasing OpenCV lacks (``_fast_resized_view``).  Pixels differ from exact by
 ~0.03 normalized units on average (about 2 grey levels).
 
-Measured with ``bench/decode.py`` (2026-11-23, shared 2-core Xeon, load average 6-7),
-images per CPU-second of one single-threaded process, against the tutorial transform:
+Measured with ``bench/decode.py`` (2026-11-23, shared 2-core Xeon, load average 6-8),
+images per CPU-second of one single-threaded process, against the tutorial transform
+(two runs):
 
-    hymenoptera_data (398, mostly ~500x375)  tutorial 208  exact 264 (1.27x)  fast 406 (1.95x)
-    generated 2000x1500 JPEGs (24)           tutorial 33   exact 74  (2.26x)  fast 95  (2.91x)
+    hymenoptera_data (398, mostly ~500x375)  tutorial 208/210  exact 264/269 (1.27x/1.28x)
+                                             fast 406/406 (1.95x/1.93x)
+    generated 2000x1500 JPEGs (24)           tutorial 33/33  exact 74/77 (2.26x/2.33x)
+                                             fast 95/98 (2.91x/2.96x)
 
 In fast mode libjpeg-turbo's decode is ~70% of the time (mostly Huffman decoding,
 which no scale or crop avoids), blur + resize ~18%, normalize ~7%.
