@@ -114,6 +114,8 @@ def _init_worker(parent: int) -> None:
 
 
 _SPECS: dict[str, preprocess.PreprocessSpec] = {}
+#: Environment of decode workers (set while they start).
+_WORKER_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
@@ -186,7 +188,7 @@ class _Decoder:
             # while the workers start (a fresh interpreter each) and the caller
             # creates its ORT session: the backbone gets going at once.
             first = next(self._batches, None)
-            with self._sigint_ignored():  # the first submits start the processes
+            with self._starting_workers():  # the first submits start the processes
                 self._start_pool()
                 self._fill()
             # only now: spawning snapshots sys.path, which a decoder library being
@@ -197,17 +199,25 @@ class _Decoder:
 
     @staticmethod
     @contextmanager
-    def _sigint_ignored():
+    def _starting_workers():
         """Start workers with SIGINT ignored from their first instruction (the disposition
-        survives exec), so a Ctrl-C while they import does not print their tracebacks."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        survives exec), so a Ctrl-C while they import does not print their tracebacks; and
+        with one BLAS/OpenMP thread (a worker is single-threaded by design, and numpy's
+        import starting a BLAS pool per core costs each worker ~0.1 CPU-s, measured)."""
+        saved = {name: os.environ.get(name) for name in _WORKER_ENVIRONMENT}
+        os.environ.update(_WORKER_ENVIRONMENT)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if main:
+                signal.signal(signal.SIGINT, previous)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     @staticmethod
     def _new_pool(workers: int):
@@ -228,7 +238,7 @@ class _Decoder:
     def _restart_pool(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         again = [paths for paths, _ in self._pending]
-        with self._sigint_ignored():
+        with self._starting_workers():
             self._start_pool()
             self._pending = deque((paths, self.pool.submit(_decode_batch, self.spec_json, paths))
                                   for paths in again)
@@ -251,7 +261,7 @@ class _Decoder:
         try:
             for path in paths:
                 try:
-                    with self._sigint_ignored():
+                    with self._starting_workers():
                         future = pool.submit(_decode_batch, self.spec_json, [path])
                     parts.append(future.result())
                 except BrokenProcessPool:
@@ -494,7 +504,8 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             calibration = _calibration(run, items, spec, run.calibration_keys, writer.known_errors)
         # decode workers share the cores with ORT: its threads must not spin-wait
         run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
-                             calibration=calibration, spinning=run.workers == 0)
+                             calibration=calibration, spinning=run.workers == 0,
+                             source_sha256=exported.sha256 or None)
         if precision == "int8":
             writer.note({"int8_calibration_keys": run.calibration_keys})
         run.seconds["session"] = time.perf_counter() - tick

@@ -326,6 +326,7 @@ def quantize_int8(
     calibration: np.ndarray | CalibrationSource,
     *,
     min_cosine: float = 0.99,
+    source_sha256: str | None = None,
 ) -> tuple[Path, float]:
     """Static QDQ int8 quantization of ``path`` calibrated on ``calibration`` (NCHW float32,
     or a ``CalibrationSource`` loaded only when its model is not cached).
@@ -336,7 +337,9 @@ def quantize_int8(
     (``reduce_range``) to avoid the AVX2 u8*s8 saturation.  Returns ``(int8_path, mean_cosine)``
     where ``mean_cosine`` is the mean over the calibration images of the cosine
     similarity between int8 and fp32 features; raises ``QuantizationError`` when it is
-    below ``min_cosine``.  The result is cached on disk keyed by (model sha256,
+    below ``min_cosine``.  ``source_sha256``: the sha256 of ``path`` where the caller
+    knows it (an export records it), saving a read of the model.  The result is cached
+    on disk keyed by (model sha256,
     calibration: the array's sha256 or the ``CalibrationSource`` key), next to a JSON
     file with the figures.
     """
@@ -344,7 +347,7 @@ def quantize_int8(
     if not path.is_file():
         raise OnnxModelError(f"ONNX model {path} does not exist")
     settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if _cpu_has_vnni() else 'r7'}"
-    model_key = file_sha256(path)[:16]
+    model_key = (source_sha256 or file_sha256(path))[:16]
 
     def cached(calibration_key: str) -> tuple[Path, dict | None]:
         try:
@@ -543,7 +546,8 @@ class OrtModel:
 
     ``precision="int8"`` runs a model already quantized by ``quantize_int8``, or
     quantizes ``path`` first when a ``calibration`` batch is given (gated at
-    ``min_cosine``; the figure is in ``.int8_cosine``).
+    ``min_cosine``; the figure is in ``.int8_cosine``; ``source_sha256``, when known,
+    spares hashing ``path`` for the int8 cache key).
 
     On the CPU the graph ORT optimizes is kept on disk (``cache_optimized``) and
     loaded without re-optimizing next time: resnet50's session starts in 0.3 s
@@ -561,6 +565,7 @@ class OrtModel:
         min_cosine: float = 0.99,
         cache_optimized: bool = True,
         spinning: bool = True,
+        source_sha256: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -584,7 +589,7 @@ class OrtModel:
             if requested[0] == CUDA:
                 model_path = _fp16_model(self.source_path)
         elif precision == "int8":
-            model_path, self.int8_cosine = self._int8_path(calibration, min_cosine)
+            model_path, self.int8_cosine = self._int8_path(calibration, min_cosine, source_sha256)
         if on_gpu:
             _preload_gpu_libraries()
         providers = [(p, _provider_options(p, precision)) for p in requested]
@@ -618,7 +623,8 @@ class OrtModel:
         }
         log.info("loaded %s on %s (%s)", model_path.name, self.providers[0], precision)
 
-    def _int8_path(self, calibration: np.ndarray | CalibrationSource | None, min_cosine: float) -> tuple[Path, float | None]:
+    def _int8_path(self, calibration: np.ndarray | CalibrationSource | None, min_cosine: float,
+                   source_sha256: str | None) -> tuple[Path, float | None]:
         meta = onnxmeta.read(self.source_path)
         if meta.get("precision") == "int8":
             cosine = meta.get("int8_cosine")
@@ -628,7 +634,7 @@ class OrtModel:
                 f"int8 needs a calibration sample to quantize {self.source_path.name}: pass "
                 f"calibration= (a batch of preprocessed images) or use quantize_int8() first"
             )
-        return quantize_int8(self.source_path, calibration, min_cosine=min_cosine)
+        return quantize_int8(self.source_path, calibration, min_cosine=min_cosine, source_sha256=source_sha256)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 NCHW batch -> float32 ``(N, D)`` (outputs of higher rank are flattened)."""

@@ -410,6 +410,22 @@ def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):
     assert json.loads(read_cache(out).attrs["extra"])["int8_calibration_keys"] != calibrated
 
 
+def test_decode_workers_start_with_one_blas_thread(monkeypatch):
+    import os
+
+    from embedx.extract import _Decoder
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with _Decoder._starting_workers():
+        pool = _Decoder._new_pool(1)
+        future = pool.submit(os.getenv, "OPENBLAS_NUM_THREADS")
+    try:
+        assert future.result(timeout=60) == "1"
+    finally:
+        pool.shutdown()
+    assert "OPENBLAS_NUM_THREADS" not in os.environ  # the parent's environment is restored
+
+
 def test_int8_rerun_does_not_decode_its_calibration_again(tmp_path, backbone, monkeypatch):
     from embedx import extract as extract_module
     from embedx import preprocess
