@@ -90,6 +90,14 @@ def test_health_and_model_endpoints(server):
     assert info["temperature"] == pytest.approx(1.5)
     assert info["server"]["max_batch"] == 32 and info["server"]["top_k"] == 2
     assert info["server"]["ready"] is True
+    # --batch-cap auto (the default): the model timed at 1, 2, 4, ... 32, the cap one of them
+    batching = info["server"]["batching"]
+    assert info["server"]["batch_cap"] == "auto" and batching["mode"] == "auto"
+    assert set(batching["img_per_s"]) <= {"1", "2", "4", "8", "16", "32"} and "1" in batching["img_per_s"]
+    assert all(rate > 0 for rate in batching["img_per_s"].values())
+    assert str(batching["cap"]) in batching["img_per_s"] and batching["rounds"] >= 1
+    assert server.metric("embedx_batch_cap") == batching["cap"]
+    assert server.metric("embedx_batch_calibration_images_per_second", batch_size="1") > 0
     assert httpx.get(server.url + "/nope").status_code == 404
     assert httpx.get(server.url + "/v1/predict").status_code == 405
 
@@ -250,9 +258,12 @@ def _wait_for(srv: Server, name: str, value: float, timeout: float = 10.0) -> No
 
 
 def test_concurrent_requests_share_one_inference_call(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-delay-ms", "30000", "--max-batch", "8", log=tmp_path / "log")
+    srv = Server(bundles["float"], "--max-delay-ms", "30000", "--max-batch", "8", "--batch-cap", "8",
+                 log=tmp_path / "log")
     try:
         srv.wait_ready()
+        batching = httpx.get(srv.url + "/v1/model").json()["server"]["batching"]
+        assert batching["cap"] == 8 and batching["mode"] == "fixed" and batching["img_per_s"] == {}
         batches_before = srv.metric("embedx_batch_size_count")
         # while one upload is still arriving, the others wait for it; max_batch ends the wait
         staller = StalledUpload(srv)
@@ -288,7 +299,7 @@ async def while_queued(srv: Server, count: int, scenario):
 
 
 def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-batch", "8", "--max-delay-ms", "60000", "--max-queue", "2",
+    srv = Server(bundles["float"], "--max-batch", "8", "--batch-cap", "8", "--max-delay-ms", "60000", "--max-queue", "2",
                  "--timeout-s", "3", log=tmp_path / "log")
     try:
         srv.wait_ready()
@@ -318,7 +329,8 @@ def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path
 
 
 def test_sigterm_drains_in_flight_requests(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-batch", "32", "--max-delay-ms", "3000", log=tmp_path / "log")
+    srv = Server(bundles["float"], "--max-batch", "32", "--batch-cap", "32", "--max-delay-ms", "3000",
+                 log=tmp_path / "log")
     try:
         srv.wait_ready()
         staller = StalledUpload(srv)  # the 6 below wait for it (up to the 3 s delay)
@@ -345,6 +357,8 @@ def test_uint8_bundle_is_served_from_its_metadata(bundles, tmp_path):
         info = httpx.get(srv.url + "/v1/model").json()
         assert info["input_format"] == "uint8_nhwc" and info["input_name"] == "image"
         assert info["server"]["max_batch"] == 1
+        assert info["server"]["batching"] == {"cap": 1, "mode": "auto", "img_per_s": {}, "rounds": 0,
+                                              "seconds": 0.0, "tolerance": 0.05}  # nothing to time
         data = image_bytes(7)
         response = httpx.post(srv.url + "/v1/predict?top_k=3", content=data, headers=PNG)
         assert response.status_code == 200, response.text
@@ -445,6 +459,129 @@ def test_a_failing_inference_fails_its_requests_with_500_and_the_server_goes_on(
         assert (await client.post("/v1/predict", content=image_bytes(1), headers=PNG)).status_code == 200
 
     in_process(create_app(model=model, max_delay_ms=1), scenario)
+
+
+# -- the batch cap (calibrate.py) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rates", "cap"),
+    [
+        ({1: 69, 2: 66, 4: 67, 8: 52, 16: 48, 32: 43}, 1),  # lite0 on the 2-core CPU: batching only costs
+        ({1: 100, 2: 120, 4: 123, 8: 103, 32: 82}, 2),  # 2 is within 5% of the best (4)
+        ({1: 18, 8: 19, 32: 27}, 32),  # resnet18 on the CPU: gains to the end
+        ({1: 300, 2: 580, 4: 1100, 8: 2000, 16: 3300, 32: 3400}, 16),  # a GPU: 16 is within 5% of 32
+        ({1: 50}, 1),
+    ],
+)
+def test_choose_batch_cap_takes_the_smallest_size_within_tolerance_of_the_best(rates, cap):
+    from embedx.serve.calibrate import choose_batch_cap
+
+    assert choose_batch_cap(rates) == cap
+
+
+def test_choose_batch_cap_tolerance_and_empty():
+    from embedx.serve.calibrate import choose_batch_cap
+
+    rates = {1: 90, 2: 96, 4: 100}
+    assert choose_batch_cap(rates, tolerance=0.0) == 4
+    assert choose_batch_cap(rates, tolerance=0.05) == 2
+    assert choose_batch_cap(rates, tolerance=0.10) == 1
+    with pytest.raises(ValueError, match="at least one"):
+        choose_batch_cap({})
+
+
+def test_batch_sizes_and_parse_batch_cap():
+    from embedx.errors import ConfigError
+    from embedx.serve.calibrate import batch_sizes, parse_batch_cap
+
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert parse_batch_cap("auto") == parse_batch_cap(" AUTO ") == "auto"
+    assert parse_batch_cap("8") == parse_batch_cap(8) == 8
+    for bad in ("0", "-2", "many", 2.5):
+        with pytest.raises(ConfigError, match="'auto' or a positive integer"):
+            parse_batch_cap(bad)
+
+
+class FakeModel:
+    """Inference that costs ``seconds_per_call(size)`` on a fake clock (no real timing)."""
+
+    def __init__(self, seconds_per_call):
+        self.now = 0.0
+        self.seconds_per_call = seconds_per_call
+        self.calls: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        self.now += self.seconds_per_call(len(batch))
+        return batch
+
+
+def test_measure_rates_interleaves_sizes_and_drops_the_slow_ones_after_two_rounds():
+    from embedx.serve.calibrate import measure_rates
+
+    # 10 ms per image at batch 1..4, 20 ms per image at 8 and above
+    model = FakeModel(lambda size: size * (0.01 if size <= 4 else 0.02))
+    rates, rounds = measure_rates(model.run, lambda size: np.zeros((size, 3)), [1, 2, 4, 8, 16],
+                                  budget_s=2.0, max_rounds=3, min_images=4, clock=model.clock)
+    assert rates == pytest.approx({1: 100, 2: 100, 4: 100, 8: 50, 16: 50})
+    assert rounds == 3
+    first_round = [1, 1, 1, 1, 2, 2, 4, 8, 16]  # batch 1 and 2 repeat up to 4 images
+    # after two rounds, 8 and 16 (half the best) are not timed again
+    assert model.calls == first_round * 2 + [1, 1, 1, 1, 2, 2, 4]
+
+
+def test_measure_rates_stops_within_the_budget_and_keeps_the_best_round():
+    from embedx.serve.calibrate import measure_rates
+
+    model = FakeModel(lambda size: 0.01 * size * (3.0 if not model.calls[:-1] else 1.0))  # first call slowed
+    rates, rounds = measure_rates(model.run, lambda size: np.zeros(size), [1, 2], budget_s=0.25, max_rounds=10,
+                                  min_images=2, clock=model.clock)
+    assert rates == pytest.approx({1: 100, 2: 100})  # the best round of each: batch 1 not dropped
+    # round 1 took 0.04 + 0.02 s, each later one 0.02 + 0.02 s: 5 rounds end at 0.22 s, a 6th would not fit
+    assert rounds == 5 and model.now <= 0.25
+
+
+def test_measure_rates_leaves_out_sizes_too_slow_to_time_and_runs_one_round_at_least():
+    from embedx.serve.calibrate import measure_rates
+
+    model = FakeModel(lambda size: 0.5 * size)  # 2 img/s: batch 8 would take 4 s
+    rates, rounds = measure_rates(model.run, lambda size: np.zeros(size), [1, 2, 4, 8], budget_s=1.0,
+                                  min_images=1, clock=model.clock)
+    assert rounds == 1
+    assert rates == pytest.approx({1: 2, 2: 2})  # 4 would end at 3.5 s, past twice the budget
+    assert model.calls == [1, 2]
+
+
+def test_resolve_batch_cap_fixed_and_unbatched_time_nothing(bundles):
+    from embedx.serve.calibrate import resolve_batch_cap
+
+    class Untimed:
+        def predict_proba(self, batch):
+            raise AssertionError("a fixed cap or max_batch 1 runs no inference")
+
+    assert resolve_batch_cap(Untimed(), batch_cap=8, max_batch=32).to_dict()["cap"] == 8
+    assert resolve_batch_cap(Untimed(), batch_cap=64, max_batch=32).cap == 32  # never above max_batch
+    assert resolve_batch_cap(Untimed(), batch_cap="auto", max_batch=1).cap == 1
+    model = load_model(bundles["uint8"], device="cpu")
+    cap = resolve_batch_cap(model, batch_cap="auto", max_batch=4, budget_s=0.5)
+    assert cap.mode == "auto" and set(cap.rates) == {1, 2, 4} and cap.cap in cap.rates
+    assert "batch cap" in cap.describe()
+
+
+def test_cli_rejects_a_bad_batch_cap(bundles):
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["serve-onnx", str(bundles["float"]), "--batch-cap", "zero"])
+    assert result.exit_code == 2
+    assert "'auto' or a positive integer" in result.output
 
 
 # -- the batcher alone ------------------------------------------------------------------

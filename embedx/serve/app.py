@@ -7,7 +7,8 @@ Routes:
   ``file`` fields are a batch), or JSON ``{"image": base64}`` / ``{"images": [base64,
   ...]}``.  Answers ``{"label", "probability", "top_k": [...]}``, or ``{"results":
   [...]}`` for a batch.  ``?top_k=K`` overrides the server's default.
-- ``GET /v1/model``: the bundle's metadata and the server's settings.
+- ``GET /v1/model``: the bundle's metadata and the server's settings, with the batch cap
+  chosen at warm-up (``server.batching``).
 - ``GET /health/live`` (the process answers), ``GET /health/ready`` (200 only once
   the warm-up inference has run), ``GET /metrics`` (Prometheus text).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import time
@@ -43,6 +45,7 @@ from starlette.routing import Route
 from embedx.errors import ConfigError, ImageDecodeError
 from embedx.predict import decode_reason, load_model
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
+from embedx.serve.calibrate import AUTO, BatchCap, parse_batch_cap, resolve_batch_cap
 from embedx.serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class ServeConfig:
     """The server's knobs; the CLI options of ``embedx serve-onnx`` map onto these."""
 
     max_batch: int = 32
+    batch_cap: str | int = AUTO  # "auto": measured at warm-up (see calibrate.py); N: at most N
     max_delay_ms: float = 5.0
     max_queue: int = 256
     max_body_mb: float = 16.0
@@ -81,6 +85,10 @@ class ServeConfig:
             problems.append(f"workers_decode must be >= 1, got {self.workers_decode}")
         if self.top_k < 1:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
+        try:
+            object.__setattr__(self, "batch_cap", parse_batch_cap(self.batch_cap))
+        except ConfigError as e:
+            problems.append(str(e))
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -139,6 +147,7 @@ class _Server:
         self.metrics = ServeMetrics()
         self.ready = False
         self.warmup_error: str | None = None
+        self.batch_cap: BatchCap | None = None  # set at warm-up
         self.decode_pool: ThreadPoolExecutor | None = None
         self.ort_pool: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
@@ -174,18 +183,30 @@ class _Server:
     async def _warm_up(self) -> None:
         """One inference at max_batch and one at batch 1, so the first user waits for neither
         (the largest first: onnxruntime's arena then has room for every smaller batch, and
-        TensorRT's engine covers the whole 1..max_batch range before the first request)."""
+        TensorRT's engine covers the whole 1..max_batch range before the first request);
+        then the batch cap (``--batch-cap auto`` times the model at batch 1, 2, 4, ...)."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
             for size in sorted({1, self.config.max_batch}, reverse=True):
                 await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
+            cap = await loop.run_in_executor(self.ort_pool, functools.partial(
+                resolve_batch_cap, self.model, batch_cap=self.config.batch_cap, max_batch=self.config.max_batch))
         except Exception as e:  # a model that cannot run stays not-ready, with the reason
             self.warmup_error = f"{type(e).__name__}: {e}"
             logger.error("warm-up inference failed: %s", self.warmup_error)
             return
+        self._set_batch_cap(cap)
         self.ready = True
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
+
+    def _set_batch_cap(self, cap: BatchCap) -> None:
+        self.batch_cap = cap
+        self.batcher.max_batch = cap.cap  # no request has been taken yet: not ready until now
+        self.metrics.batch_cap.set(cap.cap)
+        for size, rate in cap.rates.items():
+            self.metrics.calibration_rate.labels(str(size)).set(rate)
+        logger.info("%s", cap.describe())
 
     def _observe_batch(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -206,7 +227,12 @@ class _Server:
 
     async def model_info(self, request: Request) -> Response:
         info = self.model.describe()
-        info["server"] = asdict(self.config) | {"ready": self.ready, "max_body_bytes": self.config.max_body_bytes}
+        info["server"] = asdict(self.config) | {
+            "ready": self.ready,
+            "max_body_bytes": self.config.max_body_bytes,
+            # the cap in use and the img/s by batch size it was chosen from; None before warm-up
+            "batching": self.batch_cap.to_dict() if self.batch_cap else None,
+        }
         return JSONResponse(info)
 
     async def metrics_route(self, request: Request) -> Response:
@@ -394,7 +420,7 @@ class _Server:
 def create_app(model_path: str | Path | None = None, *, model: Any = None, **options: Any) -> Starlette:
     """The Starlette app serving the bundle at ``model_path`` (or an already loaded ``model``).
 
-    ``options`` are ``ServeConfig`` fields (``max_batch``, ``max_delay_ms``, ...).  The
+    ``options`` are ``ServeConfig`` fields (``max_batch``, ``batch_cap``, ``max_delay_ms``, ...).  The
     model loads here, so a bad file fails before any port is bound; warm-up runs in the
     background after startup and ``/health/ready`` turns 200 when it is done.
     """
@@ -431,14 +457,21 @@ def run(
 ) -> None:
     """Serve ``model_path`` with uvicorn until SIGINT/SIGTERM, then drain and stop."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     app = create_app(model_path, **options)
+    # embedx's own log lines (warm-up, the batch cap, failures) through uvicorn's handler
+    log_config = {**LOGGING_CONFIG, "loggers": {
+        **LOGGING_CONFIG["loggers"],
+        "embedx": {"handlers": ["default"], "level": log_level.upper(), "propagate": False},
+    }}
     config = app.state.server.config
     uvicorn_config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config,
         access_log=access_log,
         # in-flight requests finish within their own timeout; then uvicorn stops waiting
         timeout_graceful_shutdown=config.timeout_s + 5,

@@ -5,7 +5,8 @@ there or ``max_delay_s`` has passed since that first one arrived, whichever come
 first, and runs the whole batch in a one-thread executor (so the event loop stays
 free and onnxruntime gets all its intra-op threads for one batch at a time).  While a
 batch runs, new images queue up and form the next batch.  ``max_batch=1`` turns
-batching off.
+batching off.  The server lowers ``max_batch`` to the batch cap it measures at warm-up
+(``calibrate.py``), before it takes any request.
 
 It waits only while more images are on their way: callers announce a request with
 ``with batcher.incoming():`` (from its first byte until it has submitted), and once

@@ -9,7 +9,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServeMetrics:
-    """Request counts by route and status, latency, batch size, queue depth."""
+    """Request counts by route and status, latency, batch size, batch cap, queue depth."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -46,6 +46,17 @@ class ServeMetrics:
         self.incoming = Gauge(
             "embedx_requests_incoming",
             "Predict requests being read or decoded, whose images a forming batch waits for.",
+            registry=self.registry,
+        )
+        self.batch_cap = Gauge(
+            "embedx_batch_cap",
+            "Most images per onnxruntime call: --batch-cap, or measured at warm-up (auto).",
+            registry=self.registry,
+        )
+        self.calibration_rate = Gauge(
+            "embedx_batch_calibration_images_per_second",
+            "The model's img/s at each batch size, measured at warm-up for --batch-cap auto.",
+            ["batch_size"],
             registry=self.registry,
         )
         self.images = Counter(
