@@ -11,9 +11,12 @@ every client millisecond is taken from the server.  Every request posts one real
    batch 1, 8 and 32 with the server's session settings.  Batching cannot make the
    server gain more than the model gains from batch size.
 1. Throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, with batching
-   on (``--max-batch 32 --max-delay-ms 5``) and off (``--max-batch 1``: the same
-   server, one image per ORT call, calls one after another with all intra-op
-   threads), same run; with the server's and the client's CPU time per request.
+   on (``--max-batch 32 --max-delay-ms 5`` and the product default ``--batch-cap auto``:
+   the server times the model at batch 1, 2, 4, ... 32 at warm-up and caps its batches;
+   the cap it chose and the img/s it measured are reported) and off (``--max-batch 1``:
+   the same server, one image per ORT call, calls one after another with all intra-op
+   threads, nothing timed at warm-up), same run; with the server's and the client's CPU
+   time per request.
 2. A soak of 10,000 requests (1,000 with ``--quick``) at 32 clients, 5% malformed
    (truncated JPEG, random bytes, empty body, wrong content type, bad base64, too
    large): counts 5xx (must be 0) and malformed answers that are not 4xx (must be 0).
@@ -49,7 +52,7 @@ from bench.common import HYMENOPTERA, markdown_table, write_result  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 ROUNDS = 2  # slices per load level, the modes alternating
-MODES = {"on": ["--max-batch", "32", "--max-delay-ms", "5"], "off": ["--max-batch", "1"]}
+MODES = {"on": ["--max-batch", "32", "--batch-cap", "auto", "--max-delay-ms", "5"], "off": ["--max-batch", "1"]}
 
 
 # -- the model ------------------------------------------------------------------------
@@ -162,6 +165,12 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def batching(self) -> dict:
+        """The batch cap the server uses and how it was chosen (``server.batching`` of /v1/model)."""
+        import httpx
+
+        return httpx.get(self.url + "/v1/model").json()["server"]["batching"]
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -378,6 +387,8 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra serve-onnx options for both modes, e.g. '--threads 1'")
     parser.add_argument("--modes", default="on,off", help="which of on,off to run (the ratio needs both)")
     parser.add_argument("--max-batch", type=int, default=32, help="--max-batch of the batching-on server")
+    parser.add_argument("--batch-cap", default="auto",
+                        help="--batch-cap of the batching-on server (auto: measured at warm-up; 32: the old behaviour)")
     parser.add_argument("--ceiling-backbones", default="resnet18,mobilenet_v3_large",
                         help="more backbones whose model-alone batch gain is measured (random weights: the "
                              "timing does not depend on them); '' for none")
@@ -392,7 +403,8 @@ def main() -> None:
     good = [request(image, "image/jpeg") for image in images]
     print(f"model {model}; {len(images)} images, mean {statistics.mean(map(len, images)) / 1024:.0f} KiB", file=sys.stderr)
 
-    modes = {"on": ["--max-batch", str(args.max_batch), "--max-delay-ms", "5"], "off": MODES["off"]}
+    modes = {"on": ["--max-batch", str(args.max_batch), "--batch-cap", args.batch_cap, "--max-delay-ms", "5"],
+             "off": MODES["off"]}
     ceiling = model_ceiling(model, images, args.server_args)
     ceilings = {args.backbone: ceiling}
     for backbone in filter(None, args.ceiling_backbones.split(",")):
@@ -402,6 +414,7 @@ def main() -> None:
     rows, memory = [], []
     soak = None
     servers = {}
+    caps: dict[str, dict] = {}
     try:
         # both servers up at once, levels interleaved (on, off, on, off...): load from other
         # processes on a shared machine then hits both modes alike.  The idle one sleeps.
@@ -410,6 +423,10 @@ def main() -> None:
             servers[mode] = ServerProcess(model, [*modes[mode], *extra], workdir / f"server-{mode}.log")
         for mode, server in servers.items():
             server.wait_ready()
+            caps[mode] = server.batching()
+            print(f"batching {mode}: cap {caps[mode]['cap']} ({caps[mode]['mode']}), img/s by batch size at warm-up "
+                  f"{caps[mode]['img_per_s']} ({caps[mode]['rounds']} rounds, {caps[mode]['seconds']:.1f} s); "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
             asyncio.run(load(server.url, good[:8], 4, time_limit))  # warm connections and caches
             memory.append({"mode": mode, "phase": "after warm-up", "rss_mb": server.rss_mb()})
         for concurrency in CONCURRENCY:
@@ -421,7 +438,8 @@ def main() -> None:
             for _ in range(ROUNDS):
                 for mode, server in servers.items():
                     rounds[mode].append(measure(server, requests, concurrency, time_limit / ROUNDS))
-            rows += [level_row(mode, concurrency, rounds[mode]) for mode in servers]
+            rows += [level_row(mode, concurrency, rounds[mode]) | {"batch_cap": cap_label(caps[mode])}
+                     for mode in servers]
         for mode, server in servers.items():
             memory.append({"mode": mode, "phase": "after load", "rss_mb": server.rss_mb()})
         if "on" in servers:
@@ -434,7 +452,7 @@ def main() -> None:
     def at(mode: str, concurrency: int) -> dict:
         return next(r for r in rows if r["batching"] == mode and r["concurrency"] == concurrency)
 
-    columns = ["batching", "concurrency", "requests", "throughput_rps", "p50_ms", "p99_ms", "mean_batch",
+    columns = ["batching", "batch_cap", "concurrency", "requests", "throughput_rps", "p50_ms", "p99_ms", "mean_batch",
                "server_cpu_ms", "client_cpu_ms"]
     table = markdown_table(rows, columns)
     print(table, file=sys.stderr)
@@ -458,6 +476,8 @@ def main() -> None:
          "ratio": at("on", 1)["throughput_rps"] / at("off", 1)["throughput_rps"]},
         {"what": f"soak {soak['requests']} req, {soak['malformed']} malformed: 5xx / malformed not 4xx",
          "baseline": "0 / 0", "embedx": f"{soak['5xx']} / {soak['malformed_not_4xx']}", "ratio": None},
+        {"what": "batch cap of the batching-on server, chosen at warm-up", "baseline": "1",
+         "embedx": cap_label(caps["on"]), "ratio": None},
         {"what": "server RSS MB after warm-up -> after soak", "baseline": f"{rss[0]:.0f}",
          "embedx": f"{rss[-1]:.0f}", "ratio": None},
     ]
@@ -465,13 +485,20 @@ def main() -> None:
     path = write_result("serve", {
         "quick": args.quick, "model": str(model), "backbone": args.backbone, "weights": args.weights,
         "modes": modes, "server_args": args.server_args, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
-        "speedup_32": ratio, "table": table, "model_alone": ceilings,
+        "speedup_32": ratio, "table": table, "model_alone": ceilings, "batch_caps": caps,
         # a shared machine makes the ratio move: CPU contention hurts the 2-thread batched runs most
         "loadavg_before_after": [load_before, os.getloadavg()],
     }, args.out)
     print(f"wrote {path}", file=sys.stderr)
     if soak["5xx"] or soak["malformed_not_4xx"]:
         sys.exit(1)
+
+
+def cap_label(batching: dict) -> str:
+    """'4 (auto)', '32 (fixed)', or '1 (off)' for a --max-batch 1 server (nothing to time)."""
+    if batching["mode"] == "auto" and not batching["img_per_s"]:
+        return f"{batching['cap']} (off)"
+    return f"{batching['cap']} ({batching['mode']})"
 
 
 def run_soak(server: ServerProcess, good: list[dict], count: int, time_limit: float) -> dict:
