@@ -211,6 +211,17 @@ def test_int8_calibration_source_is_loaded_only_when_not_cached(tiny, calibratio
     assert loads == [1, 1]
 
 
+def test_metadata_probe_reads_what_onnx_reads(tiny, calibration, tmp_path):
+    int8_path, _ = runtime.quantize_int8(tiny[1], calibration, min_cosine=0.9)
+    for path in (tiny[1], int8_path):
+        assert runtime._embedx_metadata(Path(path)) == onnxmeta.read(path)
+    assert runtime._embedx_metadata(Path(int8_path))["precision"] == "int8"
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(Path(int8_path).read_bytes()[:-3])  # a damaged file goes the slow way, which says why
+    with pytest.raises(Exception):  # noqa: B017 - onnx's own decode error
+        runtime._embedx_metadata(cut)
+
+
 def test_int8_gate_refuses_with_the_figure(tiny, calibration):
     _, cosine = runtime.quantize_int8(tiny[1], calibration, min_cosine=0.0)
     assert runtime.quantize_int8(tiny[1], calibration, min_cosine=cosine)[1] == cosine
