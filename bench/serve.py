@@ -420,9 +420,8 @@ def main() -> None:
         # processes on a shared machine then hits both modes alike.  The idle one sleeps.
         for mode in (m for m in modes if m in args.modes.split(",")):
             extra = ["--device", "cpu", "--max-body-mb", "2", "--max-queue", "512", *args.server_args.split()]
-            servers[mode] = ServerProcess(model, [*modes[mode], *extra], workdir / f"server-{mode}.log")
-        for mode, server in servers.items():
-            server.wait_ready()
+            servers[mode] = server = ServerProcess(model, [*modes[mode], *extra], workdir / f"server-{mode}.log")
+            server.wait_ready()  # one at a time: the other's start-up would disturb --batch-cap auto's timing
             caps[mode] = server.batching()
             print(f"batching {mode}: cap {caps[mode]['cap']} ({caps[mode]['mode']}), img/s by batch size at warm-up "
                   f"{caps[mode]['img_per_s']} ({caps[mode]['rounds']} rounds, {caps[mode]['seconds']:.1f} s); "
