@@ -11,8 +11,8 @@ Two parts, kept apart so the choice is testable without a clock:
 
 - ``choose_batch_cap(rates)``: pure, from measured img/s per batch size.
 - ``measure_rates(run_batch, make_batch, sizes)``: the timing, in interleaved rounds (every
-  size once per round, so a burst of load from other processes hits them alike), best
-  per-image time of each size over the rounds, within a time budget: a slow model gets
+  size once per round, so a burst of load from other processes hits them alike), the best
+  per-image time of each size over its calls, within a time budget: a slow model gets
   fewer rounds (at least one), and sizes far behind the best after two rounds are dropped,
   so the close ones get the repeats.
 """
@@ -113,7 +113,12 @@ def measure_rates(
     keep_within: float = KEEP_WITHIN,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[int, float], int]:
-    """img/s of ``run_batch`` at each of ``sizes`` (best round of each), and the rounds run.
+    """img/s of ``run_batch`` at each of ``sizes`` (its fastest call), and the rounds run.
+
+    The fastest call, not the mean: other processes on a shared machine only ever slow a
+    call down, and the fastest is the one they disturbed least.  Small sizes get more calls
+    (``min_images`` per round), so their best is, if anything, the more optimistic: the
+    choice then leans to the smaller, lower-latency cap.
 
     Round 1 times every size, largest last; a size that would end past twice the budget
     (guessed at the previous size's time per image) is left out, and so are the larger ones.
@@ -138,11 +143,13 @@ def measure_rates(
                     logger.info("batch sizes %s not timed: the model is too slow to time them within %.1f s",
                                 active[index:], 2 * budget_s)
                     break
-            began = clock()
+            cost[size] = 0.0
             for _ in range(images(size) // size):
+                began = clock()
                 run_batch(batches[size])
-            cost[size] = clock() - began
-            per_image[size] = min(per_image[size], cost[size] / images(size))
+                seconds = clock() - began
+                cost[size] += seconds
+                per_image[size] = min(per_image[size], seconds / size)
         rounds += 1
         measured = {size: 1 / seconds for size, seconds in per_image.items() if seconds < math.inf}
         best = max(measured.values())
