@@ -558,8 +558,8 @@ def test_measure_rates_leaves_out_sizes_too_slow_to_time_and_runs_one_round_at_l
     assert model.calls == [1, 2]
 
 
-def test_resolve_batch_cap_fixed_and_unbatched_time_nothing(bundles):
-    from embedx.serve.calibrate import resolve_batch_cap
+def test_resolve_batch_cap_fixed_auto_and_releasing_larger_batches(bundles):
+    from embedx.serve.calibrate import release_larger_batches, resolve_batch_cap
 
     class Untimed:
         def predict_proba(self, batch):
@@ -572,6 +572,11 @@ def test_resolve_batch_cap_fixed_and_unbatched_time_nothing(bundles):
     cap = resolve_batch_cap(model, batch_cap="auto", max_batch=4, budget_s=0.5)
     assert cap.mode == "auto" and set(cap.rates) == {1, 2, 4} and cap.cap in cap.rates
     assert "batch cap" in cap.describe()
+    # after it, the memory for larger batches goes back; the model still answers alike
+    before = model.predict_proba(model.warmup_input(4))
+    assert release_larger_batches(model, cap.cap) is True
+    np.testing.assert_allclose(model.predict_proba(model.warmup_input(4)), before, rtol=1e-6)
+    assert release_larger_batches(Untimed(), 1) is False  # no onnxruntime session to shrink
 
 
 def test_cli_rejects_a_bad_batch_cap(bundles):

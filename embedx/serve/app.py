@@ -45,7 +45,13 @@ from starlette.routing import Route
 from embedx.errors import ConfigError, ImageDecodeError
 from embedx.predict import decode_reason, load_model
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
-from embedx.serve.calibrate import AUTO, BatchCap, parse_batch_cap, resolve_batch_cap
+from embedx.serve.calibrate import (
+    AUTO,
+    BatchCap,
+    parse_batch_cap,
+    release_larger_batches,
+    resolve_batch_cap,
+)
 from embedx.serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -192,6 +198,8 @@ class _Server:
                 await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
             cap = await loop.run_in_executor(self.ort_pool, functools.partial(
                 resolve_batch_cap, self.model, batch_cap=self.config.batch_cap, max_batch=self.config.max_batch))
+            if cap.cap < self.config.max_batch:  # batches stay at most cap.cap: free what the larger ones took
+                await loop.run_in_executor(self.ort_pool, release_larger_batches, self.model, cap.cap)
         except Exception as e:  # a model that cannot run stays not-ready, with the reason
             self.warmup_error = f"{type(e).__name__}: {e}"
             logger.error("warm-up inference failed: %s", self.warmup_error)
