@@ -579,6 +579,22 @@ def test_resolve_batch_cap_fixed_auto_and_releasing_larger_batches(bundles):
     assert release_larger_batches(Untimed(), 1) is False  # no onnxruntime session to shrink
 
 
+def test_calibration_batch_has_the_models_shape_dtype_and_value_range(bundles):
+    from embedx.serve.calibrate import calibration_batch
+    from tests.bundle_fixtures import SPEC
+
+    model = load_model(bundles["float"], device="cpu")
+    batch = calibration_batch(model, 3)
+    assert batch.shape == (3, 3, 16, 16) and batch.dtype == np.float32
+    low = (0 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    high = (1 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    channels = batch.transpose(1, 0, 2, 3).reshape(3, -1)
+    assert (channels.min(axis=1) >= low - 1e-5).all() and (channels.max(axis=1) <= high + 1e-5).all()
+    assert channels.std(axis=1).min() > 0.5  # not constant: pixels spread over 0..255
+    pixels = calibration_batch(load_model(bundles["uint8"], device="cpu"), 2)
+    assert pixels.shape == (2, 16, 16, 3) and pixels.dtype == np.uint8
+
+
 def test_cli_rejects_a_bad_batch_cap(bundles):
     from click.testing import CliRunner
 

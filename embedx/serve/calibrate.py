@@ -162,12 +162,17 @@ def measure_rates(
 
 
 def calibration_batch(model: Any, size: int, *, seed: int = 0) -> np.ndarray:
-    """Random images in the model's input shape and dtype (not zeros: the same work as real ones)."""
+    """Random pixels in the model's input shape and dtype, normalized as its preprocessing
+    would (``model.spec``): the value range of real images, not zeros."""
     template = model.warmup_input(size)
-    rng = np.random.default_rng(seed)
+    pixels = np.random.default_rng(seed).integers(0, 256, template.shape, dtype=np.uint8)
     if template.dtype == np.uint8:
-        return rng.integers(0, 256, template.shape, dtype=np.uint8)
-    return rng.standard_normal(template.shape).astype(template.dtype)
+        return pixels
+    values = pixels.astype(np.float32) / 255.0
+    spec = getattr(model, "spec", None)
+    if spec is not None and template.ndim == 4 and template.shape[1] == 3:  # float NCHW
+        values = (values - np.reshape(spec.mean, (1, 3, 1, 1))) / np.reshape(spec.std, (1, 3, 1, 1))
+    return values.astype(template.dtype)
 
 
 def resolve_batch_cap(model: Any, *, batch_cap: str | int, max_batch: int, **options: Any) -> BatchCap:
