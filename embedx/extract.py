@@ -52,6 +52,9 @@ CALIBRATION_IMAGES = 64
 PREFETCH_PER_WORKER = 2
 #: With the default ``workers``, jobs of at most this many batches decode inline.
 SMALL_JOB_BATCHES = 2
+#: With the default ``workers``, one worker per this many batches after the first
+#: (the first is decoded in the main process while the workers start), up to one per core.
+BATCHES_PER_WORKER = 3
 
 
 @dataclass
@@ -494,6 +497,10 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
     run.workers = min(default_workers() if workers is None else workers, len(batches))
     if workers is None and len(batches) <= SMALL_JOB_BATCHES:
         run.workers = 0  # starting processes would cost more than decoding inline
+    elif workers is None:
+        # a worker's start (a fresh interpreter importing numpy, Pillow, the decoders) costs
+        # ~0.15 CPU-s, as much as decoding ~50 images: a short job starts fewer
+        run.workers = min(run.workers, max(1, (len(batches) - 1) // BATCHES_PER_WORKER))
     decoder = _Decoder(spec, run.workers, [[str(items[i].path) for i in batch] for batch in batches])
     try:
         from embedx.runtime import OrtModel
@@ -593,8 +600,8 @@ def extract(
     Rerunning the same call continues a killed run; rerunning after images were
     added or removed computes only the new ones (by content) and drops the removed
     ones.  A cache made with other settings is refused (``CacheMismatchError``)
-    unless ``overwrite``.  ``workers`` decode processes (default: one per core,
-    0 decodes in this process); ``threads`` for ONNX Runtime (default: physical cores).
+    unless ``overwrite``.  ``workers`` decode processes (default: one per core, fewer
+    for a job of a few batches; 0 decodes in this process); ``threads`` for ONNX Runtime (default: physical cores).
     ``progress(done, total, info)`` is called once per batch.
     """
     from embedx.cache import CacheMeta, CacheWriter
