@@ -424,7 +424,7 @@ def main() -> None:
             servers[mode] = server = ServerProcess(model, [*modes[mode], *extra], workdir / f"server-{mode}.log")
             server.wait_ready()  # one at a time: the other's start-up would disturb --batch-cap auto's timing
             caps[mode] = server.batching()
-            print(f"batching {mode}: cap {caps[mode]['cap']} ({caps[mode]['mode']}), img/s by batch size at warm-up "
+            print(f"batching {mode}: cap {cap_label(caps[mode])}, img/s by batch size at warm-up "
                   f"{caps[mode]['img_per_s']} ({caps[mode]['rounds']} rounds, {caps[mode]['seconds']:.1f} s); "
                   f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
             asyncio.run(load(server.url, good[:8], 4, time_limit))  # warm connections and caches
