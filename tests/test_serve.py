@@ -418,8 +418,10 @@ def test_not_ready_before_warm_up_then_ready(bundles):
         assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "1"
         refused = await client.post("/v1/predict", content=image_bytes(1), headers=PNG)
         assert refused.status_code == 503 and refused.json()["error"] == "not ready"
+        assert (await client.get("/v1/model")).json()["server"]["batching"] is None  # no cap before warm-up
         await start()
         await _wait_ready(client)
+        assert (await client.get("/v1/model")).json()["server"]["batching"]["mode"] == "auto"
         assert (await client.post("/v1/predict", content=image_bytes(1), headers=PNG)).status_code == 200
 
     in_process(create_app(bundles["float"], device="cpu"), scenario)
