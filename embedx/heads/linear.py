@@ -64,12 +64,13 @@ LARGE_COARSE_ITERATIONS = 20
 LARGE_REFINE_ITERATIONS = 10
 LARGE_FINAL_ITERATIONS = 20
 #: ...each phase stops earlier once its best validation accuracy has not risen for this many iterations.
-LARGE_PATIENCE = 2
+LARGE_PATIENCE = 1
 #: The refinement around the coarse winner: its L2 value times these factors.
 LARGE_REFINE_FACTORS = (10.0**-0.5, 1.0, 10.0**0.5)
-#: Validation rows scoring the coarse grid and the refinement (and training rows fitting the
-#: class-mean classifier's scales): the final model is scored on all of them.
+#: Validation rows scoring the coarse grid and the refinement: the final model is scored on all of them.
 SCORE_ROWS = 4096
+#: Training rows fitting the class-mean classifier's scale per member (one number each).
+SCALE_ROWS = 2048
 
 
 def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +191,7 @@ def large_l2_sweep(
     val_sample = (val[0][scored], val[1][scored])
 
     W, b = class_mean_init(X, y, n_classes, weights)
-    fitted = rows[: min(len(rows), SCORE_ROWS)]
+    fitted = rows[: min(len(rows), SCALE_ROWS)]
     scales = fit_scales(X[fitted] @ W + b, y[fitted], np.asarray(grid), float(np.sum(W * W)))
     common = dict(X_val=val_sample[0], y_val=val_sample[1], sample_weight=w_sample, patience=LARGE_PATIENCE)
     coarse = lbfgs_members(X_sample, y_sample, n_classes, weight_decays=np.asarray(grid),

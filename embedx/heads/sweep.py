@@ -37,8 +37,10 @@ WORK_BUDGET = 1.0e11
 #: Below this many multiply-adds per optimizer step (rows x dims x members x outputs), torch and BLAS
 #: run on one thread: on a shared CPU, two threads synchronizing every small op cost more than they bring.
 SMALL_WORK = 2.0e8
-#: Validation rows used to fit each candidate's temperature when comparing candidates.
+#: Validation rows used to fit a candidate's temperature (``calibrated_nll``).
 CALIBRATION_ROWS = 4096
+#: ...and when comparing many candidates at once (``best_model``): the softmaxes are the cost.
+SELECTION_ROWS = 2048
 
 
 @dataclass
@@ -415,8 +417,13 @@ def best_member(fit: MemberFit, X_val: np.ndarray, y_val: np.ndarray) -> int:
 def best_model(models: list[list[tuple[np.ndarray, np.ndarray]]], accuracy: np.ndarray, X_val: np.ndarray,
                y_val: np.ndarray) -> int:
     """``pick_best`` over candidate models: accuracy first, then calibrated NLL on the calibration rows."""
-    rows = calibration_rows(len(y_val))
-    return pick_best(accuracy, lambda i: calibrated_nll(member_logits(models[i], X_val[rows]), y_val[rows]), len(y_val))
+    close = within_one_se(accuracy, len(y_val))
+    if len(close) == 1:
+        return int(close[0])
+    rows = calibration_rows(len(y_val), SELECTION_ROWS)
+    nll = np.full(len(models), np.inf)
+    nll[close] = calibrated_nlls(np.stack([member_logits(models[i], X_val[rows]) for i in close]), np.asarray(y_val)[rows])
+    return pick_best(accuracy, nll, len(y_val))
 
 
 def calibration_rows(n: int, max_rows: int = CALIBRATION_ROWS) -> np.ndarray | slice:
@@ -426,13 +433,17 @@ def calibration_rows(n: int, max_rows: int = CALIBRATION_ROWS) -> np.ndarray | s
     return np.sort(np.random.default_rng(0).choice(n, max_rows, replace=False))
 
 
+def within_one_se(accuracy: np.ndarray, n_val: int) -> np.ndarray:
+    """Indices whose accuracy is within one standard error (binomial, at the best) of the best."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    top = float(accuracy.max())
+    return np.flatnonzero(accuracy >= top - math.sqrt(max(top * (1 - top), 0.0) / max(n_val, 1)) - 1e-12)
+
+
 def pick_best(accuracy: np.ndarray, loss, n_val: int) -> int:
     """Index with the lowest ``loss`` (an array, or a function of the index computed only for
     the candidates) among those within one standard error of the best accuracy."""
-    accuracy = np.asarray(accuracy, dtype=np.float64)
-    top = float(accuracy.max())
-    standard_error = math.sqrt(max(top * (1 - top), 0.0) / max(n_val, 1))
-    candidates = np.flatnonzero(accuracy >= top - standard_error - 1e-12)
+    candidates = within_one_se(accuracy, n_val)
     if len(candidates) == 1:
         return int(candidates[0])
     values = [float(loss(i)) if callable(loss) else float(np.asarray(loss)[i]) for i in candidates]
@@ -472,27 +483,50 @@ def class_mean_init(X: np.ndarray, y: np.ndarray, n_classes: int,
 
 
 def fit_scales(logits: np.ndarray, y: np.ndarray, weight_decays: np.ndarray, weight_norm2: float,
-               iterations: int = 12) -> np.ndarray:
+               iterations: int = 10) -> np.ndarray:
     """Per member, the factor ``a`` minimizing ``mean CE(a * logits) + lam/2 * a^2 * weight_norm2``.
 
-    Convex in ``a``: a few vectorized Newton steps from 1 (a temperature fit with the
-    member's L2 penalty on the weights it scales).
+    ``logits``: (n, C) shared by the members, or (G, n, C), one set per member.  Convex in
+    ``a``: a few vectorized Newton steps from 1.  With ``weight_decays`` zero this is a
+    temperature fit (``a = 1 / T``); otherwise the member's L2 penalty on the weights it
+    scales is part of the objective.
     """
     import torch
 
     lam = torch.tensor(np.asarray(weight_decays, dtype=np.float64))
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    z = z - z.max(dim=1, keepdim=True).values
-    picked = z[torch.arange(len(y)), torch.from_numpy(np.asarray(y, dtype=np.int64))]
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    z = (z - z.max(dim=-1, keepdim=True).values).expand(len(lam), *z.shape[-2:])  # (G, n, C)
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64)).view(1, -1, 1).expand(len(lam), -1, 1)
+    picked = z.gather(2, labels).squeeze(2).double().mean(dim=1)  # (G,)
     a = torch.ones(len(lam), dtype=torch.float64)
     for _ in range(iterations):
-        p = torch.softmax(a.view(-1, 1, 1) * z, dim=2)  # (G, n, C)
-        expected = (p * z).sum(dim=2)
-        variance = (p * z * z).sum(dim=2) - expected**2
-        grad = (expected - picked).mean(dim=1) + lam * a * weight_norm2
-        hess = variance.mean(dim=1) + lam * weight_norm2 + 1e-12
+        p = torch.softmax(a.float().view(-1, 1, 1) * z, dim=2)
+        pz = p * z
+        expected = pz.sum(dim=2)
+        variance = ((pz * z).sum(dim=2) - expected**2).double().mean(dim=1)
+        grad = expected.double().mean(dim=1) - picked + lam * a * weight_norm2
+        hess = variance + lam * weight_norm2 + 1e-12
         a = torch.minimum(torch.maximum(a - grad / hess, a / 10), a * 10)
     return a.numpy()
+
+
+def calibrated_nlls(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``calibrated_nll`` of G candidates at once: logits (G, n, C) -> (G,) NLL after each
+    candidate's own temperature (within ``metrics.TEMPERATURE_BOUNDS``, never worse than T=1)."""
+    import torch
+
+    from embedx.metrics import TEMPERATURE_BOUNDS
+
+    scale = fit_scales(logits, y, np.zeros(len(logits)), 0.0)
+    scale = np.clip(scale, 1.0 / TEMPERATURE_BOUNDS[1], 1.0 / TEMPERATURE_BOUNDS[0])
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64)).view(1, -1, 1).expand(len(z), -1, 1)
+
+    def nll(a: np.ndarray) -> np.ndarray:
+        logp = torch.log_softmax(torch.from_numpy(a.astype(np.float32)).view(-1, 1, 1) * z, dim=2)
+        return (-logp.gather(2, labels).squeeze(2).double().mean(dim=1)).numpy()
+
+    return np.minimum(nll(scale), nll(np.ones(len(z))))
 
 
 def lbfgs_members(
@@ -509,18 +543,22 @@ def lbfgs_members(
     history: int = 8,
     keep_best: bool = True,
     patience: int | None = None,
+    newton_steps: int = 4,
 ) -> MemberFit:
     """L-BFGS on ``mean CE + lam/2 * ||W||^2`` for G members at once, float32, each member with
-    its own curvature pairs and its own Armijo step, every function evaluation ONE matmul
-    pair over the data for all members.  ``init``: (W (G, D, C), b (G, C)).
+    its own curvature pairs and its own step length.  ``init``: (W (G, D, C), b (G, C)).
+
+    The logits are linear in the weights, so one iteration costs ONE matmul pair over the
+    data for all members: ``X @ direction`` gives the logits along the search line, where
+    the step length is found by a few 1-D Newton steps on the exact objective (no
+    backtracking: no extra passes), and ``X^T (P - Y)`` gives the next gradient.
 
     For problems too large to solve to convergence for every grid value: after each
     iteration the members are scored on validation data and each keeps its best iterate
     (validation accuracy, then NLL), so the iteration count is chosen on validation data
     together with the L2 strength (``keep_best=False``: the last iterate).  ``patience``:
     stop once the best validation accuracy of any member has not risen for that many
-    iterations (members behind the leader cannot become the choice).  Gradients are written out (no autograd): the softmax
-    cross-entropy gradient is ``X^T (P - Y)``.
+    iterations (members behind the leader cannot become the choice).
     """
     import torch
 
@@ -529,11 +567,12 @@ def lbfgs_members(
     dim = X.shape[1]
     X_t = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    n = len(y_t)
     if sample_weight is None:
-        row_weight = None
+        row_weight = torch.full((n, 1), 1.0 / n)
     else:
         w = np.asarray(sample_weight, dtype=np.float64)
-        row_weight = torch.from_numpy((w / w.sum()).astype(np.float32)).view(-1, 1, 1)
+        row_weight = torch.from_numpy((w / w.sum()).astype(np.float32)).view(-1, 1)
     Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
     yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
     target = y_t.view(-1, 1, 1).expand(-1, members, 1)
@@ -542,21 +581,45 @@ def lbfgs_members(
         """(n, D) x (D, G, C) -> (n, G, C)."""
         return (rows @ W.view(dim, members * n_classes)).view(len(rows), members, n_classes) + b
 
-    def evaluate(W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        logp = torch.log_softmax(logits_of(X_t, W, b), dim=2)
-        p = logp.exp()
-        p.scatter_add_(2, target, torch.full(target.shape, -1.0))  # P - Y
+    def objective(logits: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Loss (G,) and gradient at weights ``W`` whose training logits are ``logits``: one matmul."""
+        logp = torch.log_softmax(logits, dim=2)
         nll = -logp.gather(2, target).squeeze(2)  # (n, G)
-        if row_weight is None:
-            loss = nll.mean(0)
-            p /= len(y_t)
-        else:
-            loss = (nll * row_weight.view(-1, 1)).sum(0)
-            p *= row_weight
-        grad_W = (X_t.T @ p.view(len(y_t), members * n_classes)).view(dim, members, n_classes)
+        p = logp.exp_()
+        p.scatter_add_(2, target, torch.full(target.shape, -1.0))  # P - Y
+        p *= row_weight.view(-1, 1, 1)
+        grad_W = (X_t.T @ p.view(n, members * n_classes)).view(dim, members, n_classes)
         grad_W += lam.view(1, -1, 1) * W
-        loss = loss + 0.5 * lam * (W * W).sum(dim=(0, 2))
+        loss = (nll * row_weight).sum(0) + 0.5 * lam * (W * W).sum(dim=(0, 2))
         return loss, (grad_W, p.sum(0))
+
+    def step_length(logits: torch.Tensor, along: torch.Tensor, W: torch.Tensor, d_W: torch.Tensor,
+                    slope: torch.Tensor) -> torch.Tensor:
+        """Per member, Newton steps on f(t) = objective(W + t d) from t = 1, kept within a factor
+        4 per step and positive.  f is convex in t, and only elementwise work is needed here."""
+        cross, square = (W * d_W).sum(dim=(0, 2)), (d_W * d_W).sum(dim=(0, 2))
+        along_y = along.gather(2, target).squeeze(2)  # (n, G)
+        t = torch.ones(members)
+        for _ in range(newton_steps):
+            p = torch.softmax(logits + t.view(1, -1, 1) * along, dim=2)
+            mean_along = (p * along).sum(dim=2)  # (n, G)
+            first = ((mean_along - along_y) * row_weight).sum(0) + lam * (cross + t * square)
+            second = (((p * along * along).sum(dim=2) - mean_along**2) * row_weight).sum(0) + lam * square
+            t = (t - first / second.clamp_min(1e-20)).clamp(min=t / 4, max=t * 4)
+        start = torch.logsumexp(logits, dim=2)
+
+        def along_line(t: torch.Tensor) -> torch.Tensor:
+            """f(t) - f(0), elementwise work only."""
+            moved = torch.logsumexp(logits + t.view(1, -1, 1) * along, dim=2) - start - t * along_y
+            return (moved * row_weight).sum(0) + 0.5 * lam * (2 * t * cross + t * t * square)
+
+        t = torch.where(slope < 0, t, torch.zeros(members))
+        for _ in range(10):  # a safeguard: Newton on a convex f rarely needs it
+            worse = along_line(t) > 0
+            if not bool(worse.any()):
+                break
+            t = torch.where(worse, t / 4, t)
+        return t
 
     def dot(a: tuple, b: tuple) -> torch.Tensor:
         """Per-member inner product of two (W, b) pairs: (G,)."""
@@ -584,7 +647,8 @@ def lbfgs_members(
     best_loss, best_acc = score(*x)
     best_step = np.zeros(members, dtype=np.int64)
     with torch.no_grad():
-        value, grad = evaluate(*x)
+        logits = logits_of(X_t, *x)
+        value, grad = objective(logits, x[0])
         pairs: list[tuple[tuple, tuple, torch.Tensor]] = []
         iteration = stale = 0
         for iteration in range(1, iterations + 1):
@@ -611,22 +675,11 @@ def lbfgs_members(
                 direction = axpy(-uphill.float() / dot(grad, grad).sqrt().clamp_min(1.0), grad,
                                  (direction[0] * keep.view(1, -1, 1), direction[1] * keep.view(-1, 1)))
                 slope = dot(grad, direction)
-            # backtracking Armijo line search, one step length per member, all members per evaluation
-            step = torch.ones(members)
-            pending = torch.ones(members, dtype=torch.bool)
-            new_x, new_value, new_grad = (x[0].clone(), x[1].clone()), value.clone(), (grad[0].clone(), grad[1].clone())
-            for _ in range(20):
-                candidate = axpy(step, direction, x)
-                cand_value, cand_grad = evaluate(*candidate)
-                accept = pending & (cand_value <= value + 1e-4 * step * slope)
-                if bool(accept.any()):
-                    new_x[0][:, accept], new_x[1][accept] = candidate[0][:, accept], candidate[1][accept]
-                    new_grad[0][:, accept], new_grad[1][accept] = cand_grad[0][:, accept], cand_grad[1][accept]
-                    new_value[accept] = cand_value[accept]
-                pending &= ~accept
-                if not bool(pending.any()):
-                    break
-                step = torch.where(pending, step * 0.5, step)
+            along = logits_of(X_t, *direction)  # the logits move along this line
+            t = step_length(logits, along, x[0], direction[0], slope)
+            new_x = axpy(t, direction, x)
+            logits = logits + t.view(1, -1, 1) * along
+            new_value, new_grad = objective(logits, new_x[0])
             s = (new_x[0] - x[0], new_x[1] - x[1])
             yk = (new_grad[0] - grad[0], new_grad[1] - grad[1])
             curvature = dot(s, yk)
