@@ -12,6 +12,8 @@ float32, two kinds (``--kind``, both by default):
 
 In one run, per kind:
 
+Library imports (torch, scikit-learn) happen before the clocks start, for both.
+
 * embedx: ``embedx.heads.linear.sweep`` on standardized features (what
   ``LogRegHead(C="auto")`` runs): for a problem this size, ``large_l2_sweep``: class-mean
   warm start, the 8 grid values and 3 refinement values as per-member batched L-BFGS on a
@@ -63,6 +65,8 @@ def generated_features(n: int, dim: int, classes: int, *, separation: float, see
 
 
 def run_embedx(X, y, Xv, yv, classes: int) -> dict:
+    import torch  # noqa: F401 - imported before the clock starts, like scikit-learn below
+
     from embedx.heads.base import standardize, standardizer
     from embedx.heads.linear import sweep
     from embedx.heads.sweep import DEFAULT_GRID
