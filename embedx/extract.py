@@ -25,6 +25,7 @@ Torch is imported only by ``export`` (to export a named backbone once).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -593,6 +594,7 @@ def extract(
     val_fraction: float | None = None,
     manifest: str | Path | None = None,
     overwrite: bool = False,
+    preprocess_mode: str | None = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
 ) -> ExtractSummary:
     """Fill (or update, or finish) the feature cache of ``data`` under ``backbone``.
@@ -602,6 +604,9 @@ def extract(
     ones.  A cache made with other settings is refused (``CacheMismatchError``)
     unless ``overwrite``.  ``workers`` decode processes (default: one per core, fewer
     for a job of a few batches; 0 decodes in this process); ``threads`` for ONNX Runtime (default: physical cores).
+    ``preprocess_mode``: ``"fast"`` or ``"exact"`` (pixel for pixel torchvision's
+    transform) instead of the backbone's default (see ``embedx.preprocess``); the cache
+    records it, and so do heads and bundles made from it.
     ``progress(done, total, info)`` is called once per batch.
     """
     from embedx.cache import CacheMeta, CacheWriter
@@ -617,6 +622,8 @@ def extract(
         raise ConfigError(f"workers must be >= 0, got {workers}")
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if preprocess_mode is not None and preprocess_mode not in preprocess.MODES:
+        raise ConfigError(f"preprocess_mode must be one of {list(preprocess.MODES)}, got {preprocess_mode!r}")
 
     started = time.perf_counter()
     from embedx.export import is_onnx_path
@@ -634,6 +641,9 @@ def extract(
     from embedx.export import resolve_backbone
 
     exported = resolve_backbone(backbone, weights=weights, layer=layer)
+    if preprocess_mode is not None and preprocess_mode != exported.preprocess.mode:
+        # the ONNX model is the same; only how pixels are made changes (and is recorded)
+        exported = dataclasses.replace(exported, preprocess=dataclasses.replace(exported.preprocess, mode=preprocess_mode))
     meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
 

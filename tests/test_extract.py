@@ -484,3 +484,31 @@ def test_fp16_on_cpu_is_refused_clearly(tmp_path, backbone):
     assert result.exit_code == 1 and "fp16" in result.stderr and "GPU" in result.stderr
     # the failed start left nothing that blocks the same command in fp32
     assert run(data, backbone, tmp_path / "f.h5").images == 2
+
+
+def test_preprocess_mode_is_recorded_and_never_mixed(tmp_path, backbone):
+    """--preprocess exact makes torchvision-identical pixels; the cache records the mode, and a
+    run in the other mode is refused (the features would differ) until --overwrite."""
+    data = class_folders(tmp_path / "data", per_class=2)
+    run(data, backbone, tmp_path / "exact.h5", preprocess_mode="exact")
+    run(data, backbone, tmp_path / "fast.h5", preprocess_mode="fast")
+    exact, fast = read_cache(tmp_path / "exact.h5"), read_cache(tmp_path / "fast.h5")
+    assert exact.meta.preprocess["mode"] == "exact" and fast.meta.preprocess["mode"] == "fast"
+    assert not np.array_equal(exact.features, fast.features)  # the pixels differ, a little
+    np.testing.assert_allclose(exact.features, fast.features, atol=0.5)
+    with pytest.raises(CacheMismatchError, match="preprocess.*--overwrite"):
+        run(data, backbone, tmp_path / "exact.h5", preprocess_mode="fast")
+    with pytest.raises(ConfigError, match="preprocess_mode"):
+        run(data, backbone, tmp_path / "x.h5", preprocess_mode="pretty")
+
+
+def test_cli_preprocess_option(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    out = tmp_path / "f.h5"
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--workers", 0, "--device", "cpu",
+                     "--preprocess", "exact", "-q")
+    assert result.exit_code == 0, result.output
+    assert read_cache(out).meta.preprocess["mode"] == "exact"
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--preprocess", "fast", "-q")
+    assert result.exit_code == 1 and "preprocess" in result.output and "--overwrite" in result.output
+    assert cli_run("extract", "--backbone", backbone, data, "--preprocess", "pretty").exit_code == 2
