@@ -66,6 +66,10 @@ def summary_table() -> str:
             add("train a classifier", f"{row['backbone']} ({row['weights']}, {row['precision']}): wall s / val acc",
                 f"{row['tutorial_s']:.1f} s / {row['tutorial_val_acc']:.3f}",
                 f"{row['embedx_s']:.1f} s / {row['embedx_val_acc']:.3f}", row["speedup"])
+        for row in headline.get("refused", []):
+            reason = row["refused"].split(";")[0]
+            add("train a classifier", f"{row['backbone']} ({row['weights']}, {row['precision']})", "",
+                f"refused: {reason}", None)
     for name in ("extract", "decode", "heads", "serve"):
         result = load(name)
         for row in (result or {}).get("summary", []):

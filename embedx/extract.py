@@ -248,12 +248,22 @@ class _Decoder:
                                   for paths in again)
 
     def _fill(self) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
         ahead = max(2, PREFETCH_PER_WORKER * self.workers)
         while len(self._pending) < ahead:
             paths = next(self._batches, None)
             if paths is None:
                 return
-            self._pending.append((paths, self.pool.submit(_decode_batch, self.spec_json, paths)))
+            try:
+                future = self.pool.submit(_decode_batch, self.spec_json, paths)
+            except BrokenProcessPool:
+                # a worker died on a batch decoded ahead while this process was busy: a new
+                # pool takes over what is pending, and the batch that kills a worker again
+                # is isolated when its turn comes (``__iter__``)
+                self._restart_pool()
+                future = self.pool.submit(_decode_batch, self.spec_json, paths)
+            self._pending.append((paths, future))
 
     def _isolated(self, paths: Sequence[str]) -> dict[str, Any]:
         """Decode ``paths`` one per task after a worker died; a file that kills one is an error."""

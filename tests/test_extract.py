@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -387,6 +388,26 @@ def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, mon
     assert summary.images == 14 and "beta/beta_2.jpg" not in cache.paths
     assert dict(cache.errors) == {"beta/beta_2.jpg": "the decoder process crashed on this file",
                                   "alpha/alpha_5.jpg": "the decoder process crashed on this file"}
+
+
+def test_a_decoder_that_dies_while_the_main_process_is_busy_costs_only_its_file(tmp_path, backbone, monkeypatch):
+    """The pool breaks on a batch decoded ahead while the main process is still busy with an
+    earlier one: the next submit finds the pool broken, which must cost only the crashing file."""
+    from embedx import extract as extract_module
+
+    data = class_folders(tmp_path / "data", per_class=8)
+    monkeypatch.setenv(extract_module.CRASH_TEST_VARIABLE, "alpha_5.jpg")
+    normalize = extract_module._normalize_into
+
+    def slow_normalize(*args, **kwargs):
+        time.sleep(0.5)  # the worker decodes ahead and dies meanwhile
+        return normalize(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "_normalize_into", slow_normalize)
+    summary = run(data, backbone, tmp_path / "f.h5", workers=1, batch_size=2)
+    cache = read_cache(tmp_path / "f.h5")
+    assert summary.images == 15 and len(cache.paths) == 15
+    assert dict(cache.errors) == {"alpha/alpha_5.jpg": "the decoder process crashed on this file"}
 
 
 def test_int8_increments_keep_the_calibration(tmp_path, backbone, monkeypatch):

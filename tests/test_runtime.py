@@ -229,6 +229,16 @@ def test_int8_gate_refuses_with_the_figure(tiny, calibration):
         runtime.quantize_int8(tiny[1], calibration, min_cosine=cosine + 1e-9)
 
 
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_refusal_says_when_the_cpu_forced_7_bit_weights(tiny, calibration, monkeypatch, vnni):
+    monkeypatch.setattr(runtime, "_cpu_has_vnni", lambda: vnni)
+    with pytest.raises(QuantizationError) as refused:
+        runtime.quantize_int8(tiny[1], calibration, min_cosine=1.5)
+    message = str(refused.value)
+    assert "below the gate of 1.5" in message
+    assert ("no VNNI" in message) is not vnni and ("7 bits" in message) is not vnni
+
+
 def test_int8_through_ortmodel(tiny, calibration):
     with pytest.raises(BackendError, match="needs a calibration sample"):
         runtime.OrtModel(tiny[1], device="cpu", precision="int8")
