@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 #: (name, script, extra args for a full run). Order: cheapest first.  The counts are
-#: set so that the whole suite stays under 15 minutes on a 2-core machine; each
+#: set so that the whole suite takes about 10 minutes on a 2-core Xeon (18 on a
+#: 2-core AMD EPYC without AVX-512); each
 #: script's defaults (run it alone) are larger.  bench/finetune.py and bench/export.py
 #: are not part of the suite (minutes each); run them on their own.
 STAGES = [
