@@ -244,8 +244,11 @@ class _Decoder:
         again = [paths for paths, _ in self._pending]
         with self._starting_workers():
             self._start_pool()
-            self._pending = deque((paths, self.pool.submit(_decode_batch, self.spec_json, paths))
-                                  for paths in again)
+            self._pending = deque((paths, self._submit(paths)) for paths in again)
+
+    def _submit(self, paths: Sequence[str]):
+        """Queue ``paths`` for decoding on the current pool (a Future of ``_decode_batch``)."""
+        return self.pool.submit(_decode_batch, self.spec_json, paths)
 
     def _fill(self) -> None:
         from concurrent.futures.process import BrokenProcessPool
@@ -256,13 +259,13 @@ class _Decoder:
             if paths is None:
                 return
             try:
-                future = self.pool.submit(_decode_batch, self.spec_json, paths)
+                future = self._submit(paths)
             except BrokenProcessPool:
                 # a worker died on a batch decoded ahead while this process was busy: a new
                 # pool takes over what is pending, and the batch that kills a worker again
                 # is isolated when its turn comes (``__iter__``)
                 self._restart_pool()
-                future = self.pool.submit(_decode_batch, self.spec_json, paths)
+                future = self._submit(paths)
             self._pending.append((paths, future))
 
     def _isolated(self, paths: Sequence[str]) -> dict[str, Any]:

@@ -346,7 +346,8 @@ def quantize_int8(
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX model {path} does not exist")
-    settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if _cpu_has_vnni() else 'r7'}"
+    vnni = _cpu_has_vnni()  # decides the weights' bits: part of the cache key and of a refusal
+    settings = f"{QUANTIZATION_SETTINGS}-{'vnni' if vnni else 'r7'}"
     model_key = (source_sha256 or file_sha256(path))[:16]
 
     def cached(calibration_key: str) -> tuple[Path, dict | None]:
@@ -374,7 +375,7 @@ def quantize_int8(
         array = _checked_calibration(calibration)
         target, report = cached(array_sha256(array))
     if report is None:
-        report = _quantize(path, array, target)
+        report = _quantize(path, array, target, reduce_range=not vnni)
         report_path = target.with_suffix(".json")
         tmp = report_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -386,7 +387,7 @@ def quantize_int8(
             f"(min {report['min_cosine']:.4f}) to fp32 on {report['samples']} calibration "
             f"images, below the gate of {min_cosine}; use --precision fp32, or calibrate "
             f"with more and more representative images"
-            + ("" if settings.endswith("vnni") else
+            + ("" if vnni else
                "; this CPU has no VNNI, so the weights were quantized to 7 bits (onnxruntime's "
                "reduce_range, against AVX2's u8*s8 saturation), which costs accuracy: a CPU with "
                "AVX512-VNNI or AVX-VNNI quantizes with 8 bits")
@@ -404,7 +405,7 @@ def _checked_calibration(calibration: np.ndarray) -> np.ndarray:
     return calibration
 
 
-def _quantize(path: Path, calibration: np.ndarray, target: Path) -> dict:
+def _quantize(path: Path, calibration: np.ndarray, target: Path, *, reduce_range: bool) -> dict:
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -432,7 +433,7 @@ def _quantize(path: Path, calibration: np.ndarray, target: Path) -> dict:
                 _Calibration(input_name, calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=not _cpu_has_vnni(),
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
