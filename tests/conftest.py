@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,10 +13,28 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
 
 
+@contextmanager
+def scratch(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A fresh directory that is deleted when the block ends, pass or fail.
+
+    The suite writes gigabytes in all (every backbone's ONNX export, bundles, checkpoints);
+    pytest keeps `mktemp` directories until the session ends, which once filled a CI
+    machine's disk. Fixtures that write more than a few files use this instead.
+    """
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own EMBEDX_CACHE_DIR so tests never share exports by accident."""
-    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path_factory.mktemp("embedx-cache")))
+    """Every test gets its own EMBEDX_CACHE_DIR, deleted after it, so tests never share exports
+    by accident and the disk holds one test's exports at a time."""
+    with scratch(tmp_path_factory, "embedx-cache") as path:
+        monkeypatch.setenv("EMBEDX_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from embedx import finetune as ft
 from embedx.errors import ConfigError, DataError
+from tests.conftest import scratch
 
 # --------------------------------------------------------------------------- data
 
@@ -181,19 +182,19 @@ FAST = {"batch_size": 8, "num_workers": 0, "unfreeze": 1}
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """Generated data and a logreg head fitted on it, shared by the runs: (data, head_dir)."""
-    root = tmp_path_factory.mktemp("ft-start")
-    data = make_images(root / "data")
-    return data, make_head_dir(root / "head", data)
+    with scratch(tmp_path_factory, "ft-start") as root:
+        data = make_images(root / "data")
+        yield data, make_head_dir(root / "head", data)
 
 
 @pytest.fixture(scope="module")
 def finetuned(start, tmp_path_factory):
     """One short LP-FT run shared by the artifact tests: (data, head_dir, result)."""
     data, head_dir = start
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EMBEDX_CACHE_DIR", str(tmp_path_factory.mktemp("ft-cache")))
+    with pytest.MonkeyPatch.context() as patch, scratch(tmp_path_factory, "ft-cache") as cache:
+        patch.setenv("EMBEDX_CACHE_DIR", str(cache))
         result = ft.finetune(head_dir, data, epochs=1, **FAST)
-    return data, head_dir, result
+        yield data, head_dir, result
 
 
 def test_one_epoch_writes_a_head_dir_on_the_fine_tuned_backbone(finetuned):
