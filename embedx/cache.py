@@ -142,7 +142,7 @@ class CacheMeta:
 class CacheData:
     """A whole cache in memory (``read_cache``)."""
 
-    features: np.ndarray  # float32, N x D
+    features: np.ndarray | None  # float32, N x D (None: read with load_features=False)
     labels: np.ndarray  # int64, N
     classes: list[str]
     splits: np.ndarray  # str, N
@@ -247,12 +247,15 @@ def _read_errors(handle) -> list[tuple[str, str, str]]:
     return [(str(p), str(r), str(k)) for p, r, k in zip(paths, reasons, keys, strict=True)]
 
 
-def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None) -> CacheData:
+def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
+               load_features: bool = True) -> CacheData:
     """Load a complete cache; features come back as float32.
 
     Features are read chunk by chunk into one preallocated float32 array, so a
     float16 cache needs only its float32 size in memory, not twice that.
     ``splits`` keeps only rows of those splits (e.g. ``"train"`` or ``("train", "val")``).
+    ``load_features=False`` reads everything but the features (``features`` is None);
+    ``read_feature_rows`` then reads the rows wanted, when they are wanted.
     """
     path = Path(path)
     handle, attrs = _open_checked(path)
@@ -264,7 +267,7 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None) -
         else:
             wanted = (splits,) if isinstance(splits, str) else tuple(splits)
             selected = np.flatnonzero(np.isin(row_splits, wanted))
-        features = _read_features(handle["features"], selected)
+        features = _read_features(handle["features"], selected) if load_features else None
         labels = handle["labels"][()].astype(np.int64)
         paths, keys = _strings(handle["paths"]), _strings(handle["keys"])
         if selected is not None:
@@ -282,6 +285,21 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None) -
             path=path,
             attrs=attrs,
         )
+
+
+def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (row indices in ascending order) of a complete cache's features,
+    as one new float32 array read chunk by chunk: memory for those rows only."""
+    path = Path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+        raise ValueError("read_feature_rows needs strictly ascending row indices")
+    handle, _ = _open_checked(path)
+    with handle:
+        dataset = handle["features"]
+        if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.shape[0]):
+            raise CacheError(f"{path} has {dataset.shape[0]} rows; asked for row {rows[0] if rows[0] < 0 else rows[-1]}")
+        return _read_features(dataset, rows)
 
 
 def _read_features(dataset, selected: np.ndarray | None) -> np.ndarray:

@@ -119,6 +119,25 @@ def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
     assert len(both) == 2500
 
 
+def test_read_without_features_then_rows_on_demand(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)  # chunks of 3 rows
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(50)]
+    build(path, keys, batch=len(keys), dtype="float16")
+    everything = read_cache(path)
+    light = read_cache(path, load_features=False)
+    assert light.features is None and light.keys.tolist() == everything.keys.tolist()
+    rows = np.array([0, 2, 3, 17, 48, 49])
+    got = cache.read_feature_rows(path, rows)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, everything.features[rows])
+    assert cache.read_feature_rows(path, np.array([], dtype=np.int64)).shape == (0, DIM)
+    with pytest.raises(ValueError, match="ascending"):
+        cache.read_feature_rows(path, np.array([3, 2]))
+    with pytest.raises(CacheError, match="has 50 rows"):
+        cache.read_feature_rows(path, np.array([49, 50]))
+
+
 def test_empty_cache_is_valid(tmp_path):
     path = tmp_path / "feats.h5"
     with CacheWriter(path, make_meta()) as writer:

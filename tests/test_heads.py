@@ -127,6 +127,20 @@ def test_float16_features_and_string_labels(name, data):
 
 
 @pytest.mark.parametrize("name", HEADS)
+def test_copy_false_overwrites_X_and_gives_the_same_head(name, data):
+    X, y, Xv, yv = data
+    expected = make_head(name, seed=3, **FAST[name]).fit(X, y, X_val=Xv, y_val=yv).predict_proba(Xv)
+    mine, mine_val = X.copy(), Xv.copy()
+    head = make_head(name, seed=3, **FAST[name]).fit(mine, y, X_val=mine_val, y_val=yv, copy=False)
+    np.testing.assert_allclose(head.predict_proba(Xv), expected, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(mine, X), "copy=False standardizes/normalizes the training rows in place"
+    np.testing.assert_array_equal(mine_val, Xv)  # validation rows are never overwritten
+    assert not hasattr(head, "_overwrite_X")
+    np.testing.assert_array_equal(make_head(name, seed=3, **FAST[name]).fit(X.copy(), y, X_val=Xv, y_val=yv)
+                                  .predict_proba(Xv), expected)  # the default copies
+
+
+@pytest.mark.parametrize("name", HEADS)
 def test_fit_without_validation_data_holds_out_rows(name, data):
     X, y, Xv, yv = data
     head = make_head(name, **FAST[name]).fit(X, y)
@@ -302,6 +316,30 @@ def test_fit_head_default_output_and_hash_split_without_val(tmp_path, data):
     assert 0 < result.metrics["n_val"] < len(X) and result.metrics["n_train"] + result.metrics["n_val"] == len(X)
     again = fit_head(path, head="knn", plots=False, output=tmp_path / "again")
     assert again.metrics["n_val"] == result.metrics["n_val"]  # the split is stable
+
+
+def test_fit_head_from_a_file_reads_rows_lazily_and_equals_in_memory(tmp_path, data, monkeypatch):
+    """From a path, fit_head reads only the rows each step needs (never the whole feature
+    matrix) and trains the same head as from the cache loaded whole."""
+    from embedx import cache as cache_module
+    from embedx.cache import read_cache
+
+    X, y, Xv, yv = data
+    splits = ["train"] * 120 + ["test"] * 60 + ["val"] * len(Xv)
+    path = write_cache(tmp_path / "three.h5", np.vstack([X, Xv]), np.concatenate([y, yv]), splits, ["a", "b", "c"],
+                       dtype="float16")
+    whole = read_cache(path)
+    in_memory = fit_head(whole, head="logreg", output=tmp_path / "a", plots=False)
+    reads = []
+    original = cache_module._read_features
+    monkeypatch.setattr(cache_module, "_read_features",
+                        lambda dataset, selected: reads.append(None if selected is None else len(selected))
+                        or original(dataset, selected))
+    lazy = fit_head(path, head="logreg", output=tmp_path / "b", plots=False)
+    assert reads == [len(Xv), 120, 60]  # val, train, test: each read once, nothing read whole
+    assert lazy.metrics["val"]["accuracy"] == in_memory.metrics["val"]["accuracy"]
+    assert lazy.metrics["test"]["accuracy"] == in_memory.metrics["test"]["accuracy"]
+    np.testing.assert_allclose(lazy.head.predict_proba(Xv), in_memory.head.predict_proba(Xv), rtol=1e-5, atol=1e-6)
 
 
 def test_fit_head_refit_and_test_split(tmp_path, data):

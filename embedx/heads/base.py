@@ -88,14 +88,20 @@ class Head:
         X_val: Any = None,
         y_val: Any = None,
         sample_weight: Any = None,
+        copy: bool = True,
     ) -> Head:
         """Learn from features ``X`` (N, D) and labels ``y`` (any hashable values).
 
         ``X_val``/``y_val`` choose the regularization (heads with an automatic
         sweep), drive early stopping and fit the calibration temperature.
+        ``copy=False`` lets the head standardize or normalize a float32 ``X`` in place
+        instead of in a copy, so training needs no second (N, D) array; ``X`` is then
+        overwritten and must not be used afterwards (``fit_head`` passes rows it read
+        for this fit alone).
         """
         start = time.perf_counter()
         X = as_features(X)
+        self._overwrite_X = not copy
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(X):
             raise HeadError(f"expected one label per row: {len(X)} rows but labels of shape {y.shape}")
@@ -104,7 +110,7 @@ class Head:
             raise HeadError(f"a classifier needs at least 2 classes in the training data, found {classes.tolist()}")
         y_index = np.searchsorted(classes, y)
         weights = self._sample_weights(y_index, len(classes), sample_weight)
-        if not np.all(np.isfinite(X)):
+        if not all_finite(X):
             raise HeadError("training features contain NaN or inf; re-extract the cache")
         val = None
         if X_val is not None or y_val is not None:
@@ -117,7 +123,10 @@ class Head:
         self.temperature_ = 1.0
         self.chosen_params_: dict[str, Any] = {}
         self.sweep_: list[dict[str, Any]] = []
-        self._fit(X, y_index, val, weights)
+        try:
+            self._fit(X, y_index, val, weights)
+        finally:
+            del self._overwrite_X
         if val is not None and len(val[1]):
             from embedx.metrics import fit_temperature
 
@@ -307,11 +316,21 @@ def standardizer(X: np.ndarray, sample_weight: np.ndarray | None = None) -> tupl
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
-def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``(X - mean) / scale`` as float32 (float64 input stays float64), one output array."""
-    out = np.subtract(X, mean, dtype=np.float64 if X.dtype == np.float64 else np.float32)
-    out *= (1.0 / scale).astype(out.dtype)
+def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """``(X - mean) / scale`` as float32 (float64 input stays float64), one output array.
+
+    ``in_place``: overwrite a writable float32/float64 ``X`` instead (no second array).
+    """
+    dtype = np.float64 if X.dtype == np.float64 else np.float32
+    in_place = in_place and X.dtype == dtype and X.flags.writeable and X.flags.c_contiguous
+    out = np.subtract(X, mean.astype(dtype), out=X if in_place else None, dtype=dtype)
+    out *= (1.0 / scale).astype(dtype)
     return out
+
+
+def all_finite(X: np.ndarray) -> bool:
+    """No NaN or inf in ``X``, checked by row chunks (no (N, D) boolean temporary)."""
+    return all(np.isfinite(X[start:start + _CHUNK_ROWS]).all() for start in range(0, len(X), _CHUNK_ROWS))
 
 
 def load_head(directory: str | Path) -> Head:

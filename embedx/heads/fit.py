@@ -71,11 +71,11 @@ def make_head(name: str = DEFAULT_HEAD, **params: Any) -> Head:
         raise ConfigError(f"invalid parameters for the {name} head: {e}") from e
 
 
-def _read(cache: Any):
+def _read(cache: Any, *, load_features: bool = True):
     if isinstance(cache, (str, Path)):
         from embedx.cache import read_cache
 
-        return read_cache(cache)
+        return read_cache(cache, load_features=load_features)
     for attribute in ("features", "labels", "classes", "splits", "keys", "meta"):
         if not hasattr(cache, attribute):
             raise ConfigError(f"expected a cache path or CacheData, got {type(cache).__name__} without .{attribute}")
@@ -88,6 +88,16 @@ def _cache_record(data) -> dict[str, Any]:
     record["fingerprint"] = meta.fingerprint
     record["path"] = str(getattr(data, "path", ""))
     return record
+
+
+def _feature_rows(data, rows: np.ndarray) -> np.ndarray:
+    """A new float32 array of the given rows: read from the file when the features were not
+    loaded (then only these rows take memory), else copied out of the loaded ones."""
+    if data.features is None:
+        from embedx.cache import read_feature_rows
+
+        return read_feature_rows(data.path, rows)
+    return np.asarray(data.features, dtype=np.float32)[rows]
 
 
 def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -169,33 +179,37 @@ def fit_head(
         if progress is not None:
             progress(done, steps_total, {"stage": stage})
 
-    data = _read(cache)
+    # Features are read per use from a cache file, never all at once: the training rows
+    # are read for this fit alone and standardized in place (fit(copy=False)), so the
+    # peak is about one float32 copy of the training rows, not three.
+    data = _read(cache, load_features=False)
     names = np.asarray(data.classes, dtype=str)
     labels = np.asarray(data.labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise HeadError(f"cache labels must index its {len(names)} classes; found labels {labels.min()}..{labels.max()}")
     y_names = names[labels]
-    train, val, test, val_source = _split_rows(data, seed)
-    features = data.features
+    train, val, test, val_source = (np.sort(r) if isinstance(r, np.ndarray) else r for r in _split_rows(data, seed))
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
     model = make_head(head, **values)
     report(0, "fit")
-    model.fit(features[train], y_names[train], X_val=features[val], y_val=y_names[val])
+    X_val = _feature_rows(data, val)
+    model.fit(_feature_rows(data, train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
     report(1, "metrics")
     metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
-    metrics["val"], val_y, val_logits = head_metrics(model, features[val], y_names[val])
+    metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
+    del X_val
     final = model
     if refit:
         report(2, "refit on train+val")
-        rows = np.concatenate([train, val])
-        final = make_head(head, **fixed_params(model)).fit(features[rows], y_names[rows])
+        rows = np.sort(np.concatenate([train, val]))
+        final = make_head(head, **fixed_params(model)).fit(_feature_rows(data, rows), y_names[rows], copy=False)
         final.temperature_ = model.temperature_
         final.chosen_params_ = {**model.chosen_params_, "refit": "train+val"}
         final.sweep_ = model.sweep_
         metrics["refit"] = True
         metrics["note"] = "val metrics and temperature are from the model before the refit on train+val"
     if len(test):
-        metrics["test"], _, _ = head_metrics(final, features[test], y_names[test])
+        metrics["test"], _, _ = head_metrics(final, _feature_rows(data, test), y_names[test])
     fit_seconds = time.perf_counter() - start
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)

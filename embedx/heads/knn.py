@@ -24,9 +24,14 @@ VOTE_EPS = 1e-6
 _CHUNK = 4096
 
 
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(np.sum(X * X, axis=1, keepdims=True))
-    return X / np.maximum(norms, 1e-12)
+def l2_normalize(X: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length (float32); ``in_place`` overwrites a writable float32 ``X``."""
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None].astype(np.float32, copy=False)
+    np.maximum(norms, 1e-12, out=norms)
+    if in_place and X.dtype == np.float32 and X.flags.writeable and X.flags.c_contiguous:
+        X /= norms
+        return X
+    return np.divide(X, norms, dtype=np.float32)
 
 
 @register
@@ -43,7 +48,7 @@ class KNNHead(Head):
     def _fit(self, X, y, val, sample_weight) -> None:
         if not self.vote_temperature > 0:
             raise HeadError(f"vote_temperature must be > 0, got {self.vote_temperature}")
-        self.bank_ = np.ascontiguousarray(l2_normalize(X), dtype=np.float32)
+        self.bank_ = l2_normalize(X, in_place=getattr(self, "_overwrite_X", False))
         self.bank_labels_ = y.astype(np.int64)
         # class_weight: each vote is scaled by its class's weight (sample weights are per row)
         weights = np.ones(len(y), dtype=np.float32) if sample_weight is None else sample_weight.astype(np.float32)

@@ -225,7 +225,7 @@ class _Standardized(Head):
 
     def _prepare(self, X, y, val, sample_weight):
         self.mean_, self.scale_ = standardizer(X)
-        Xs = standardize(X, self.mean_, self.scale_)
+        Xs = standardize(X, self.mean_, self.scale_, in_place=getattr(self, "_overwrite_X", False))
         if val is None or not len(val[1]):
             train_rows, val_rows = holdout_split(len(X), y, int(getattr(self, "seed", 0)))
             self.val_source_ = "seeded 20% holdout of the training rows"
