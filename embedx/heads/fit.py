@@ -264,7 +264,7 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
     """Metrics of a saved head on a cache made with the same backbone: per split and over all rows."""
     head_dir = Path(head_dir)
     model = load_head(head_dir)
-    data = _read(cache)
+    data = _read(cache, load_features=False)
     check_compatible(model.info_, data, head_dir=head_dir)
     names = np.asarray(data.classes, dtype=str)
     y_names = names[np.asarray(data.labels, dtype=np.int64)]
@@ -281,10 +281,11 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
             f"none of the cache's classes {sorted(set(y_names[selected]))[:10]} is one the head knows "
             f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
         )
-    result["all"], _, _ = head_metrics(model, data.features[selected], y_names[selected])
+    features = _feature_rows(data, selected)  # only the rows of the wanted splits
+    result["all"], _, _ = head_metrics(model, features, y_names[selected])
     if len(wanted) > 1:
         for split in wanted:
-            rows = np.flatnonzero(row_splits == split)
-            if len(rows) and np.isin(y_names[rows], model.classes_).any():
-                result[split], _, _ = head_metrics(model, data.features[rows], y_names[rows])
+            inside = row_splits[selected] == split
+            if inside.any() and np.isin(y_names[selected][inside], model.classes_).any():
+                result[split], _, _ = head_metrics(model, features[inside], y_names[selected][inside])
     return result
