@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +30,24 @@ def scratch(tmp_path_factory, name: str) -> Iterator[Path]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache(tmp_path_factory):
     """Every test gets its own EMBEDX_CACHE_DIR, deleted after it, so tests never share exports
-    by accident and the disk holds one test's exports at a time."""
+    by accident and the disk holds one test's exports at a time.
+
+    It does not use ``monkeypatch``: set up before the test's own fixtures, it is torn down
+    after them, so the folder is deleted after a test's monkeypatches (of ``os.scandir``,
+    say) are undone.
+    """
+    before = os.environ.get("EMBEDX_CACHE_DIR")
     with scratch(tmp_path_factory, "embedx-cache") as path:
-        monkeypatch.setenv("EMBEDX_CACHE_DIR", str(path))
-        yield path
+        os.environ["EMBEDX_CACHE_DIR"] = str(path)
+        try:
+            yield path
+        finally:
+            if before is None:
+                os.environ.pop("EMBEDX_CACHE_DIR", None)
+            else:
+                os.environ["EMBEDX_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -303,8 +303,8 @@ def test_unlistable_folder_is_skipped_even_as_root(tmp_path, monkeypatch):
     touch(tmp_path / "cls" / "b.jpg")
     real_scandir = os.scandir
 
-    def scandir(path):
-        if Path(path) == locked:
+    def scandir(path="."):
+        if not isinstance(path, int) and Path(path) == locked:  # os.scandir also takes a folder's fd
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
