@@ -103,11 +103,17 @@ def test_round_trip(tmp_path, dtype):
     assert not journal_dir(path).exists()
 
 
-def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)  # chunks of 3 rows
+def chunked_cache(tmp_path, monkeypatch, rows: int, dtype: str):
+    """A cache of ``rows`` rows written and read in chunks of 3 rows: (path, keys)."""
+    monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)
     path = tmp_path / "feats.h5"
-    keys = [key(i) for i in range(2500)]
-    build(path, keys, batch=len(keys), dtype="float32")
+    keys = [key(i) for i in range(rows)]
+    build(path, keys, batch=len(keys), dtype=dtype)
+    return path, keys
+
+
+def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
+    path, keys = chunked_cache(tmp_path, monkeypatch, 2500, "float32")
     everything = read_cache(path)
     np.testing.assert_array_equal(everything.features, features_for(keys))
     val = read_cache(path, splits="val")
@@ -120,10 +126,7 @@ def test_read_cache_filters_splits_and_reads_in_chunks(tmp_path, monkeypatch):
 
 
 def test_read_without_features_then_rows_on_demand(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CHUNK_BYTES", DIM * 4 * 3)  # chunks of 3 rows
-    path = tmp_path / "feats.h5"
-    keys = [key(i) for i in range(50)]
-    build(path, keys, batch=len(keys), dtype="float16")
+    path, _ = chunked_cache(tmp_path, monkeypatch, 50, "float16")
     everything = read_cache(path)
     light = read_cache(path, load_features=False)
     assert light.features is None and light.keys.tolist() == everything.keys.tolist()
