@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,20 +33,13 @@ def _isolated_cache(tmp_path_factory):
     """Every test gets its own EMBEDX_CACHE_DIR, deleted after it, so tests never share exports
     by accident and the disk holds one test's exports at a time.
 
-    It does not use ``monkeypatch``: set up before the test's own fixtures, it is torn down
-    after them, so the folder is deleted after a test's monkeypatches (of ``os.scandir``,
+    It does not use the ``monkeypatch`` fixture: set up before the test's own fixtures, it is
+    torn down after them, so the folder is deleted after a test's monkeypatches (of ``os.scandir``,
     say) are undone.
     """
-    before = os.environ.get("EMBEDX_CACHE_DIR")
-    with scratch(tmp_path_factory, "embedx-cache") as path:
-        os.environ["EMBEDX_CACHE_DIR"] = str(path)
-        try:
-            yield path
-        finally:
-            if before is None:
-                os.environ.pop("EMBEDX_CACHE_DIR", None)
-            else:
-                os.environ["EMBEDX_CACHE_DIR"] = before
+    with pytest.MonkeyPatch.context() as patch, scratch(tmp_path_factory, "embedx-cache") as path:
+        patch.setenv("EMBEDX_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

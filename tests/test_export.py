@@ -41,8 +41,8 @@ def shared_cache(shared_cache_dir, monkeypatch):
     for spec in backbones.list_specs()
 ])
 def test_every_backbone_exports_with_parity(name, request):
-    # The fast exports are reused by later tests; the slow ones (up to 1.2 GB each, about
-    # 14 GB together) stay in this test's own cache, which is deleted when it ends.
+    # The fast exports are reused by later tests; the slow ones (16 GB together, measured)
+    # stay in this test's own cache, which is deleted when it ends.
     cache = request.getfixturevalue("shared_cache") if name in FAST else Path(os.environ["EMBEDX_CACHE_DIR"])
     spec = backbones.get_spec(name)
     result = export.export_backbone(name, weights="none")

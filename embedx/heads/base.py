@@ -53,7 +53,7 @@ def as_features(X: Any, *, what: str = "features") -> np.ndarray:
 
 class Head:
     """Base class: shared validation, probabilities, save/load. Subclasses implement
-    ``_fit(X, y, X_val, y_val, sample_weight)`` (y as class indices), ``_logits(X)``,
+    ``_fit(X, y, val, sample_weight, overwrite=)`` (y as class indices), ``_logits(X)``,
     ``_arrays()``/``_set_arrays()`` and ``_onnx_nodes()``."""
 
     head_type: ClassVar[str] = ""
@@ -101,7 +101,6 @@ class Head:
         """
         start = time.perf_counter()
         X = as_features(X)
-        self._overwrite_X = not copy
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(X):
             raise HeadError(f"expected one label per row: {len(X)} rows but labels of shape {y.shape}")
@@ -123,10 +122,7 @@ class Head:
         self.temperature_ = 1.0
         self.chosen_params_: dict[str, Any] = {}
         self.sweep_: list[dict[str, Any]] = []
-        try:
-            self._fit(X, y_index, val, weights)
-        finally:
-            del self._overwrite_X
+        self._fit(X, y_index, val, weights, overwrite=not copy)
         if val is not None and len(val[1]):
             from embedx.metrics import fit_temperature
 
@@ -157,7 +153,8 @@ class Head:
         balanced = len(y_index) / (n_classes * counts[y_index])
         return balanced if weights is None else weights * balanced
 
-    def _fit(self, X, y, val, sample_weight) -> None:  # pragma: no cover - abstract
+    def _fit(self, X, y, val, sample_weight, *, overwrite: bool) -> None:  # pragma: no cover - abstract
+        """``overwrite``: ``X`` may be standardized or normalized in place (``fit(copy=False)``)."""
         raise NotImplementedError
 
     # -- inference (numpy only)
@@ -322,10 +319,14 @@ def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, *, in_place:
     ``in_place``: overwrite a writable float32/float64 ``X`` instead (no second array).
     """
     dtype = np.float64 if X.dtype == np.float64 else np.float32
-    in_place = in_place and X.dtype == dtype and X.flags.writeable and X.flags.c_contiguous
-    out = np.subtract(X, mean.astype(dtype), out=X if in_place else None, dtype=dtype)
+    out = np.subtract(X, mean.astype(dtype), out=X if in_place and overwritable(X, dtype) else None, dtype=dtype)
     out *= (1.0 / scale).astype(dtype)
     return out
+
+
+def overwritable(X: np.ndarray, dtype=np.float32) -> bool:
+    """``X`` can take an in-place result of ``dtype``: that dtype, writable, C-contiguous."""
+    return X.dtype == dtype and X.flags.writeable and X.flags.c_contiguous
 
 
 def all_finite(X: np.ndarray) -> bool:

@@ -101,6 +101,7 @@ def _feature_rows(data, rows: np.ndarray) -> np.ndarray:
 
 
 def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(train, val, test) row indices, each ascending, and where val came from."""
     splits = np.asarray(data.splits).astype(str)
     train = np.flatnonzero(splits == "train")
     val = np.flatnonzero(splits == "val")
@@ -188,7 +189,7 @@ def fit_head(
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise HeadError(f"cache labels must index its {len(names)} classes; found labels {labels.min()}..{labels.max()}")
     y_names = names[labels]
-    train, val, test, val_source = (np.sort(r) if isinstance(r, np.ndarray) else r for r in _split_rows(data, seed))
+    train, val, test, val_source = _split_rows(data, seed)  # ascending rows, as read_feature_rows needs
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
     model = make_head(head, **values)
     report(0, "fit")
@@ -281,11 +282,11 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
             f"none of the cache's classes {sorted(set(y_names[selected]))[:10]} is one the head knows "
             f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
         )
-    features = _feature_rows(data, selected)  # only the rows of the wanted splits
-    result["all"], _, _ = head_metrics(model, features, y_names[selected])
+    features, y_selected = _feature_rows(data, selected), y_names[selected]  # the wanted splits' rows only
+    result["all"], _, _ = head_metrics(model, features, y_selected)
     if len(wanted) > 1:
         for split in wanted:
             inside = row_splits[selected] == split
-            if inside.any() and np.isin(y_names[selected][inside], model.classes_).any():
-                result[split], _, _ = head_metrics(model, features[inside], y_names[selected][inside])
+            if inside.any() and np.isin(y_selected[inside], model.classes_).any():
+                result[split], _, _ = head_metrics(model, features[inside], y_selected[inside])
     return result

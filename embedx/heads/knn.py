@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from embedx.errors import HeadError
-from embedx.heads.base import GraphBuilder, Head, register
+from embedx.heads.base import GraphBuilder, Head, overwritable, register
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def l2_normalize(X: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Rows scaled to unit length (float32); ``in_place`` overwrites a writable float32 ``X``."""
     norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None].astype(np.float32, copy=False)
     np.maximum(norms, 1e-12, out=norms)
-    if in_place and X.dtype == np.float32 and X.flags.writeable and X.flags.c_contiguous:
+    if in_place and overwritable(X):
         X /= norms
         return X
     return np.divide(X, norms, dtype=np.float32)
@@ -45,10 +45,10 @@ class KNNHead(Head):
         self.class_weight = class_weight
         self.seed = seed
 
-    def _fit(self, X, y, val, sample_weight) -> None:
+    def _fit(self, X, y, val, sample_weight, *, overwrite: bool) -> None:
         if not self.vote_temperature > 0:
             raise HeadError(f"vote_temperature must be > 0, got {self.vote_temperature}")
-        self.bank_ = l2_normalize(X, in_place=getattr(self, "_overwrite_X", False))
+        self.bank_ = l2_normalize(X, in_place=overwrite)
         self.bank_labels_ = y.astype(np.int64)
         # class_weight: each vote is scaled by its class's weight (sample weights are per row)
         weights = np.ones(len(y), dtype=np.float32) if sample_weight is None else sample_weight.astype(np.float32)

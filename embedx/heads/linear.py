@@ -223,9 +223,9 @@ def large_l2_sweep(
 class _Standardized(Head):
     """Shared by logreg/linear/mlp: standardization in and out of numpy, safetensors and ONNX."""
 
-    def _prepare(self, X, y, val, sample_weight):
+    def _prepare(self, X, y, val, sample_weight, overwrite: bool):
         self.mean_, self.scale_ = standardizer(X)
-        Xs = standardize(X, self.mean_, self.scale_, in_place=getattr(self, "_overwrite_X", False))
+        Xs = standardize(X, self.mean_, self.scale_, in_place=overwrite)
         if val is None or not len(val[1]):
             train_rows, val_rows = holdout_split(len(X), y, int(getattr(self, "seed", 0)))
             self.val_source_ = "seeded 20% holdout of the training rows"
@@ -267,11 +267,11 @@ class LogRegHead(_LinearModel):
         self.tol = tol
         self.solver = solver
 
-    def _fit(self, X, y, val, sample_weight) -> None:
+    def _fit(self, X, y, val, sample_weight, *, overwrite: bool) -> None:
         n_classes = len(self.classes_)
         if self.solver not in ("auto", "sklearn", "torch"):
             raise HeadError(f"solver must be 'auto', 'sklearn' or 'torch', got {self.solver!r}")
-        X_sweep, y_sweep, val_s, sw_sweep, Xs = self._prepare(X, y, val, sample_weight)
+        X_sweep, y_sweep, val_s, sw_sweep, Xs = self._prepare(X, y, val, sample_weight, overwrite)
         total_weight = float(len(X) if sample_weight is None else np.sum(sample_weight))
         per_c = 2.0 if n_classes == 2 else 1.0  # scikit-learn's binary model has one weight vector
         warm = None
@@ -357,9 +357,9 @@ class LinearHead(_LinearModel):
     hidden = 0
     dropout = 0.0
 
-    def _fit(self, X, y, val, sample_weight) -> None:
+    def _fit(self, X, y, val, sample_weight, *, overwrite: bool) -> None:
         n_classes = len(self.classes_)
-        X_tr, y_tr, val_s, sw, Xs = self._prepare(X, y, val, sample_weight)
+        X_tr, y_tr, val_s, sw, Xs = self._prepare(X, y, val, sample_weight, overwrite)
         hidden, dropout = int(self.hidden), float(self.dropout)
         settings = dict(hidden=hidden, dropout=dropout, label_smoothing=float(self.label_smoothing),
                         lr=float(self.lr), batch_size=int(self.batch_size), seed=int(self.seed))
