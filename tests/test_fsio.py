@@ -1,0 +1,96 @@
+"""fsio: atomic files and folders, the one content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from embedx import fsio
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if fsio.TEMP_MARK in p.name)
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    data = os.urandom(3 * fsio.HASH_CHUNK + 17)
+    (tmp_path / "f").write_bytes(data)
+    assert fsio.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert fsio.sha256_bytes(data) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("payload", [b"bytes", "text é", lambda h: h.write(b"callback")])
+def test_atomic_write_replaces_the_target(tmp_path, payload):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    fsio.atomic_write(target, payload)
+    assert target.read_bytes() in (b"bytes", "text é".encode(), b"callback")
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def boom(handle):
+        handle.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        fsio.atomic_write(target, boom)
+    assert target.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_path_hands_out_a_hidden_name_beside_the_target(tmp_path):
+    target = tmp_path / "model.onnx"
+    with fsio.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.onnx.tmp-")
+        tmp.write_bytes(b"x")
+        assert not target.exists()
+    assert target.read_bytes() == b"x"
+
+
+def test_atomic_dir_publishes_a_whole_folder_and_replaces_the_old_one(tmp_path):
+    target = tmp_path / "head"
+    target.mkdir()
+    (target / "stale.png").write_bytes(b"old plot")
+    with fsio.atomic_dir(target) as work:
+        (work / "head.json").write_text("{}")
+        (work / "weights").write_bytes(b"w")
+        assert not (target / "head.json").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["head.json", "weights"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_atomic_dir_keeps_the_old_folder(tmp_path):
+    target = tmp_path / "head"
+    target.mkdir()
+    (target / "head.json").write_text("old")
+    with pytest.raises(RuntimeError), fsio.atomic_dir(target) as work:
+        (work / "head.json").write_text("new")
+        raise RuntimeError("killed")
+    assert (target / "head.json").read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_refuses_to_replace_when_asked_not_to(tmp_path):
+    target = tmp_path / "head"
+    target.mkdir()
+    with pytest.raises(FileExistsError), fsio.atomic_dir(target, replace=False) as work:
+        (work / "a").write_text("a")
+    assert list(target.iterdir()) == []
+
+
+def test_remove_stale_temporaries_deletes_only_what_a_killed_writer_left(tmp_path):
+    target = tmp_path / "model.onnx"
+    stale = fsio.temporary_name(target)
+    stale_dir = tmp_path / ".model.onnx.tmp-abc"
+    stale_dir.mkdir()
+    (tmp_path / "model.onnx").write_bytes(b"keep")
+    (tmp_path / "other.onnx").write_bytes(b"keep")
+    assert fsio.remove_stale_temporaries(tmp_path, "model.onnx") == 2
+    assert not stale.exists() and not stale_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "other.onnx"]
