@@ -1,0 +1,309 @@
+"""Decoding on the GPU: nvJPEG through torchvision, resize and crop in CUDA tensors.
+
+``--decode gpu`` (and ``auto`` on a CUDA device) reads files in threads, hashes their bytes
+(the cache keys), decodes the plain JPEGs of a batch in one ``torchvision.io.decode_jpeg``
+call on the device, resizes them there (antialiased bilinear, torchvision's ``Resize``
+geometry) and crops the centre: the batch leaves as uint8 NHWC on the GPU, ready for a
+pixel-input model bound in place (``runtime.OrtModel.run`` takes CUDA tensors).
+
+Files nvJPEG should not or cannot take (PNG, progressive or CMYK JPEGs, EXIF-rotated,
+truncated, anything it fails on) go to the CPU decoder one by one (``preprocess.to_pixels``,
+the ``fast`` path), so the bad-input table records what the CPU path records.
+
+Imports torch; loaded only when GPU decode is asked for. ``device="cpu"`` runs the same
+code on the CPU (torchvision's libjpeg), which is how the dispatch and fallback are tested
+on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from embedx import fsio, preprocess
+from embedx.errors import ImageDecodeError
+
+logger = logging.getLogger(__name__)
+
+DECODES = ("auto", "cpu", "gpu")
+#: Batches decoded ahead of the one being computed (each a uint8 batch on the device).
+PREFETCH = 3
+#: Threads that read and hash files for the GPU decoder (I/O and hashlib release the GIL).
+READ_THREADS = 8
+
+_SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential Huffman
+_SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def cuda_decode_available() -> bool:
+    """torch with a usable CUDA device and torchvision's nvJPEG decoder."""
+    try:
+        import torch
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def gpu_eligible(data: bytes | bytearray | memoryview) -> bool:
+    """A JPEG nvJPEG decodes the way the CPU path would: sequential (not progressive),
+    8-bit, 1 or 3 components (not CMYK, not Adobe RGB-transformed), complete (ends in EOI),
+    no EXIF rotation, under the decompression-bomb limit."""
+    size = len(data)
+    if size < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    end = size
+    while end > 2 and data[end - 1] == 0:  # zero padding after EOI is common and harmless
+        end -= 1
+    if data[end - 2] != 0xFF or data[end - 1] != 0xD9:
+        return False
+    position = 2
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xEE:  # Adobe APP14: a transform other than YCbCr goes to the CPU
+            segment = bytes(data[position + 4 : position + 2 + length])
+            if segment.startswith(b"Adobe") and len(segment) >= 12 and segment[11] != 1:
+                return False
+        if marker in _SOF_SEQUENTIAL:
+            if position + 10 > size:
+                return False
+            precision = data[position + 4]
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            components = data[position + 9]
+            if precision != 8 or components not in (1, 3) or not width or not height:
+                return False
+            if width * height > preprocess.MAX_IMAGE_PIXELS:
+                return False
+            return preprocess._jpeg_orientation(data) == 1
+        if marker in _SOF_OTHER or marker in (0xDA, 0xD9):
+            return False
+        position += 2 + length
+    return False
+
+
+def resolve_decode(decode: str, device_is_cuda: bool) -> str:
+    """``auto`` is ``gpu`` when the model runs on CUDA and nvJPEG is usable, else ``cpu``."""
+    from embedx.errors import BackendError, ConfigError
+
+    if decode not in DECODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if decode == "cpu":
+        return "cpu"
+    usable = device_is_cuda and cuda_decode_available()
+    if decode == "gpu" and not usable:
+        raise BackendError(
+            "--decode gpu needs the model on a CUDA device and torch with CUDA (nvJPEG); "
+            "use --decode cpu or --device cuda"
+        )
+    return "gpu" if usable else "cpu"
+
+
+def _read(path: str) -> tuple[bytearray | None, str, str]:
+    """(bytes, sha256, "") or (None, "", reason) for one file."""
+    try:
+        with open(path, "rb") as handle:
+            data = bytearray(os.fstat(handle.fileno()).st_size)
+            view = memoryview(data)
+            filled = 0
+            while filled < len(data):
+                count = handle.readinto(view[filled:])
+                if not count:
+                    break
+                filled += count
+            rest = handle.read()  # grew since fstat
+            if filled < len(data):
+                del data[filled:]
+            elif rest:
+                data.extend(rest)
+    except OSError as e:
+        return None, "", f"cannot read: {e.strerror or e}"
+    return data, fsio.sha256_bytes(data), ""
+
+
+class TorchDecoder:
+    """uint8 NHWC batches on ``device`` from encoded images (see the module docstring)."""
+
+    def __init__(self, spec: preprocess.PreprocessSpec, *, device: str = "cuda") -> None:
+        import torch
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.size = spec.input_size
+        self.gpu_images = 0
+        self.cpu_images = 0
+
+    def _geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        new_w, new_h, left, top = preprocess._geometry(width, height, self.spec)
+        return new_h, new_w, top, left
+
+    def _resize_crop(self, images: list[Any]) -> Any:
+        """CHW uint8 device tensors -> (n, S, S, 3) uint8, grouped by size (one kernel per size)."""
+        import torch
+        import torch.nn.functional as F
+
+        out = torch.empty((len(images), self.size, self.size, 3), dtype=torch.uint8, device=self.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(index)
+        for (height, width), members in groups.items():
+            new_h, new_w, top, left = self._geometry(height, width)
+            stack = torch.stack([images[i] for i in members]).float()
+            if (new_h, new_w) != (height, width):
+                stack = F.interpolate(stack, size=(new_h, new_w), mode="bilinear", antialias=True,
+                                      align_corners=False)
+            crop = stack[:, :, top : top + self.size, left : left + self.size]
+            pixels = crop.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            out[torch.as_tensor(members, device=self.device)] = pixels
+        return out
+
+    def _decode_many(self, datas: list[bytearray]) -> list[Any | None]:
+        """Decoded CHW RGB tensors (None where this decoder fails on a file)."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tensors = [torch.frombuffer(data, dtype=torch.uint8) for data in datas]
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError as e:  # one bad file fails the batched call: find it
+            logger.debug("batched JPEG decode failed (%s); decoding one by one", e)
+        decoded: list[Any | None] = []
+        for tensor in tensors:
+            try:
+                decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
+
+    def decode(self, datas: Sequence[bytearray]) -> tuple[Any, list[int], list[tuple[int, str]]]:
+        """(uint8 (n, S, S, 3) on the device, the indices it holds in order, errors as (index, reason))."""
+        import torch
+
+        eligible = [i for i, data in enumerate(datas) if gpu_eligible(data)]
+        images: dict[int, Any] = {}
+        if eligible:
+            for index, image in zip(eligible, self._decode_many([datas[i] for i in eligible]), strict=True):
+                if image is not None and image.shape[0] == 3:
+                    images[index] = image
+        on_device = sorted(images)
+        self.gpu_images += len(on_device)
+        pixels_by_index: dict[int, Any] = {}
+        if on_device:
+            batch = self._resize_crop([images[i] for i in on_device])
+            pixels_by_index = {index: batch[row] for row, index in enumerate(on_device)}
+        errors: list[tuple[int, str]] = []
+        for index in range(len(datas)):
+            if index in images:
+                continue
+            try:
+                pixels = preprocess.to_pixels(bytes(datas[index]), self.spec)
+            except ImageDecodeError as e:
+                errors.append((index, e.reason))
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; the reason is kept
+                errors.append((index, f"cannot decode ({type(e).__name__}: {e})"))
+                continue
+            self.cpu_images += 1
+            pixels_by_index[index] = torch.from_numpy(pixels).to(self.device)
+        rows = sorted(pixels_by_index)
+        if not rows:
+            return torch.empty((0, self.size, self.size, 3), dtype=torch.uint8, device=self.device), [], errors
+        if rows == on_device and len(rows) == len(images):
+            out = batch  # every row came from the device path, already in order
+        else:
+            out = torch.stack([pixels_by_index[index] for index in rows])
+        return out, rows, errors
+
+
+class GpuDecodeSource:
+    """Batches in order, decoded on the GPU by a background thread (``PREFETCH`` ahead).
+
+    Yields the same dicts as extract's CPU decoders: ``rows``, ``keys`` (one per path, ""
+    when unreadable), ``pixels`` (a uint8 device tensor), ``errors``, ``seconds``. The
+    thread synchronizes its own CUDA stream before handing a batch over, so a consumer on
+    another stream (ONNX Runtime's) reads finished pixels.
+    """
+
+    def __init__(self, spec: preprocess.PreprocessSpec, batches: Sequence[Sequence[str]], *,
+                 device: str = "cuda", read_threads: int = READ_THREADS) -> None:
+        self.decoder = TorchDecoder(spec, device=device)
+        self._batches = list(batches)
+        self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self._stop = threading.Event()
+        self._readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="embedx-read")
+        self._thread = threading.Thread(target=self._work, name="embedx-gpu-decode", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        import torch
+
+        stream = torch.cuda.Stream(self.decoder.device) if self.decoder.device.type == "cuda" else None
+        try:
+            reads = (self._readers.map(_read, paths) for paths in self._batches)
+            for results in reads:
+                if self._stop.is_set():
+                    return
+                start = time.perf_counter()
+                results = list(results)
+                keys = [key for _, key, _ in results]
+                errors = [(i, reason) for i, (data, _, reason) in enumerate(results) if data is None]
+                readable = [i for i, (data, _, _) in enumerate(results) if data is not None]
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        pixels, rows, decode_errors = self.decoder.decode([results[i][0] for i in readable])
+                    stream.synchronize()
+                else:
+                    pixels, rows, decode_errors = self.decoder.decode([results[i][0] for i in readable])
+                errors += [(readable[i], reason) for i, reason in decode_errors]
+                item = {"rows": [readable[i] for i in rows], "keys": keys, "pixels": pixels,
+                        "errors": sorted(errors), "seconds": time.perf_counter() - start}
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in self._batches:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=30)
+        self._readers.shutdown(wait=True, cancel_futures=True)
+
+
+def as_numpy_pixels(pixels: Any) -> np.ndarray:
+    """A uint8 NHWC batch as numpy, whether it is numpy already or a (device) tensor."""
+    if isinstance(pixels, np.ndarray):
+        return pixels
+    return pixels.cpu().numpy()
+
+
+__all__ = ["DECODES", "GpuDecodeSource", "TorchDecoder", "cuda_decode_available", "gpu_eligible",
+           "resolve_decode"]
