@@ -48,9 +48,12 @@ from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullErro
 from embedx.serve.calibrate import (
     AUTO,
     BatchCap,
+    Buckets,
+    batch_sizes,
     parse_batch_cap,
     release_larger_batches,
     resolve_batch_cap,
+    runs_on_gpu,
 )
 from embedx.serve.metrics import ServeMetrics
 
@@ -74,6 +77,8 @@ class ServeConfig:
     top_k: int = 5
     device: str = "auto"
     threads: int | None = None
+    #: pad batches to fixed sizes (1, 2, 4, ... max_batch) warmed at start-up: None = on a GPU only
+    buckets: bool | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -157,6 +162,10 @@ class _Server:
         self.decode_pool: ThreadPoolExecutor | None = None
         self.ort_pool: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
+        bucketed = runs_on_gpu(model) if config.buckets is None else config.buckets
+        #: the batch sizes the model ever sees, all warmed before ready (None: any size)
+        self.buckets: list[int] | None = batch_sizes(config.max_batch) if bucketed else None
+        self.run_batch = Buckets(model.predict_proba, self.buckets) if bucketed else model.predict_proba
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -165,7 +174,7 @@ class _Server:
         self.decode_pool = ThreadPoolExecutor(self.config.workers_decode, thread_name_prefix="embedx-decode")
         self.ort_pool = ThreadPoolExecutor(1, thread_name_prefix="embedx-ort")
         self.batcher = DynamicBatcher(
-            self.model.predict_proba,
+            self.run_batch,
             executor=self.ort_pool,
             max_batch=self.config.max_batch,
             max_delay_s=self.config.max_delay_ms / 1000.0,
@@ -189,16 +198,20 @@ class _Server:
     async def _warm_up(self) -> None:
         """One inference at max_batch and one at batch 1, so the first user waits for neither
         (the largest first: onnxruntime's arena then has room for every smaller batch, and
-        TensorRT's engine covers the whole 1..max_batch range before the first request);
-        then the batch cap (``--batch-cap auto`` times the model at batch 1, 2, 4, ...)."""
+        TensorRT's engine covers the whole 1..max_batch range before the first request), and
+        with buckets one at every bucket size (each shape's search happens here, once); then
+        the batch cap (``--batch-cap auto`` times the model at batch 1, 2, 4, ...), on
+        steady-state calls."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            for size in sorted({1, self.config.max_batch}, reverse=True):
+            for size in sorted(set(self.buckets or ()) | {1, self.config.max_batch}, reverse=True):
                 await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
             cap = await loop.run_in_executor(self.ort_pool, functools.partial(
-                resolve_batch_cap, self.model, batch_cap=self.config.batch_cap, max_batch=self.config.max_batch))
-            if cap.cap < self.config.max_batch:  # batches stay at most cap.cap: free what the larger ones took
+                resolve_batch_cap, self.model, batch_cap=self.config.batch_cap, max_batch=self.config.max_batch,
+                run_batch=self.run_batch))
+            if cap.cap < self.config.max_batch and self.buckets is None:
+                # batches stay at most cap.cap: free what the larger ones took (CPU arena)
                 await loop.run_in_executor(self.ort_pool, release_larger_batches, self.model, cap.cap)
         except Exception as e:  # a model that cannot run stays not-ready, with the reason
             self.warmup_error = f"{type(e).__name__}: {e}"
@@ -240,6 +253,7 @@ class _Server:
             "max_body_bytes": self.config.max_body_bytes,
             # the cap in use and the img/s by batch size it was chosen from; None before warm-up
             "batching": self.batch_cap.to_dict() if self.batch_cap else None,
+            "buckets": self.buckets,
         }
         return JSONResponse(info)
 

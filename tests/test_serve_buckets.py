@@ -1,0 +1,99 @@
+"""Serving in batch buckets: every batch runs at a warmed size, padded, same answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from embedx.predict import load_model
+from embedx.serve.calibrate import Buckets, batch_sizes, bucket_for, runs_on_gpu
+from tests.bundle_fixtures import image_bytes, make_bundle
+from tests.test_serve import PNG, _wait_ready, in_process
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "model.onnx")
+
+
+def test_bucket_for_takes_the_smallest_bucket_that_holds_the_batch():
+    sizes = batch_sizes(24)
+    assert sizes == [1, 2, 4, 8, 16, 24]
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 9, 16, 17, 24)] == [1, 2, 4, 8, 16, 16, 24, 24]
+    with pytest.raises(ValueError, match="larger than the largest bucket"):
+        bucket_for(25, sizes)
+
+
+def test_buckets_pad_to_the_bucket_and_return_only_the_real_rows():
+    seen = []
+
+    def run(batch):
+        seen.append(len(batch))
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+    buckets = Buckets(run, [1, 2, 4, 8])
+    batch = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    out = buckets(batch)
+    assert seen == [8]
+    np.testing.assert_array_equal(out, batch.sum(axis=1, keepdims=True))
+    buckets(batch[:4])
+    assert seen == [8, 4]  # a full bucket is not padded
+
+
+def test_bucketed_probabilities_equal_unpadded_ones(bundle):
+    model = load_model(bundle, device="cpu")
+    batch = model.warmup_input(3)
+    rng = np.random.default_rng(0)
+    batch = (rng.normal(size=batch.shape)).astype(batch.dtype)
+    direct = model.predict_proba(batch)
+    padded = Buckets(model.predict_proba, batch_sizes(8))(batch)
+    np.testing.assert_allclose(padded, direct, rtol=1e-5, atol=1e-6)
+    assert not runs_on_gpu(model)
+
+
+def test_a_bucketed_server_warms_every_bucket_and_only_ever_runs_bucket_sizes(bundle):
+    from embedx.serve import create_app
+
+    model = load_model(bundle, device="cpu")
+    shapes = []
+    original = model.predict_proba
+
+    def recording(batch):
+        shapes.append(len(batch))
+        return original(batch)
+
+    model.predict_proba = recording
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        warmed = set(shapes)
+        info = (await client.get("/v1/model")).json()["server"]
+        assert info["buckets"] == [1, 2, 4, 8]
+        assert {1, 2, 4, 8} <= warmed
+        shapes.clear()
+        answers = await asyncio.gather(*[
+            client.post("/v1/predict", content=image_bytes(i), headers=PNG) for i in range(7)
+        ])
+        assert all(answer.status_code == 200 for answer in answers)
+        assert shapes and set(shapes) <= {1, 2, 4, 8}
+
+    app = create_app(model=model, max_batch=8, max_delay_ms=50, buckets=True)
+    in_process(app, scenario)
+
+
+def test_buckets_are_off_by_default_on_the_cpu(bundle):
+    from embedx.serve import create_app
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        assert (await client.get("/v1/model")).json()["server"]["buckets"] is None
+
+    in_process(create_app(bundle, device="cpu", max_batch=4), scenario)
+
+
+assert httpx  # the in-process client comes from tests.test_serve
