@@ -18,6 +18,7 @@ on machines without a GPU.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -151,8 +152,33 @@ class TorchDecoder:
         new_w, new_h, left, top = preprocess._geometry(width, height, self.spec)
         return new_h, new_w, top, left
 
+    def _blur(self, stack: Any, scale_y: float, scale_x: float) -> Any:
+        """The ``fast`` path's Gaussian blur before a shrinking bilinear resize
+        (``preprocess._fast_resized_view``: variance (s^2 - 1) / 6, OpenCV's kernel and
+        reflect-101 border), separable, on float NCHW."""
+        import torch
+        import torch.nn.functional as F
+
+        for axis, scale in ((2, scale_y), (3, scale_x)):
+            sigma = max(math.sqrt(max(scale * scale - 1.0, 0.0) / 6.0), 1e-3)
+            radius = max(1, math.ceil(2.0 * sigma))
+            taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=stack.device)
+            kernel = torch.exp(-(taps * taps) / (2 * sigma * sigma))
+            kernel = (kernel / kernel.sum()).repeat(3, 1, 1)
+            if axis == 2:
+                padded = F.pad(stack, (0, 0, radius, radius), mode="reflect")
+                stack = F.conv2d(padded, kernel.unsqueeze(3), groups=3)
+            else:
+                padded = F.pad(stack, (radius, radius, 0, 0), mode="reflect")
+                stack = F.conv2d(padded, kernel.unsqueeze(2), groups=3)
+        return stack
+
     def _resize_crop(self, images: list[Any]) -> Any:
-        """CHW uint8 device tensors -> (n, S, S, 3) uint8, grouped by size (one kernel per size)."""
+        """CHW uint8 device tensors -> (n, S, S, 3) uint8, grouped by size (one pass per size).
+
+        ``fast`` specs: Gaussian blur + plain bilinear, as the ``fast`` CPU path does with
+        OpenCV; ``exact`` specs: antialiased bilinear, as Pillow (and torchvision) do.
+        """
         import torch
         import torch.nn.functional as F
 
@@ -160,15 +186,22 @@ class TorchDecoder:
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(index)
+        fast = self.spec.mode == "fast"
         for (height, width), members in groups.items():
             new_h, new_w, top, left = self._geometry(height, width)
             stack = torch.stack([images[i] for i in members]).float()
+            scale_y, scale_x = height / new_h, width / new_w
             if (new_h, new_w) != (height, width):
-                stack = F.interpolate(stack, size=(new_h, new_w), mode="bilinear", antialias=True,
+                if fast and max(scale_x, scale_y) > 1.0:
+                    stack = self._blur(stack, scale_y, scale_x)
+                stack = F.interpolate(stack, size=(new_h, new_w), mode="bilinear", antialias=not fast,
                                       align_corners=False)
             crop = stack[:, :, top : top + self.size, left : left + self.size]
             pixels = crop.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            out[torch.as_tensor(members, device=self.device)] = pixels
+            if len(members) == len(images):
+                out.copy_(pixels)  # one size for the whole batch: already in order
+            else:
+                out[torch.as_tensor(members, device=self.device)] = pixels
         return out
 
     def _decode_many(self, datas: list[bytearray]) -> list[Any | None]:
