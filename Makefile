@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m embedx.demo $(if $(DATA),--data $(DATA),)
+	$(BIN)/python -m embedx demo $(if $(DATA),--data $(DATA),)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -3,12 +3,12 @@
 This is the only module that imports h5py, and it imports no torch.  The file
 format is documented in docs/cache-format.md; in short:
 
-* A finished cache ``feats.h5`` is only ever written under a temporary name and
-  ``os.replace``d into place, with the ``complete`` attribute set last, so a file at
-  the final name is always whole.
+* A finished cache ``feats.h5`` is only ever written under a temporary name, fsynced
+  and renamed into place (``fsio.atomic_path``), with the ``complete`` attribute set
+  last, so a file at the final name is always whole.
 * Work in progress goes to a journal directory next to it, ``feats.h5.partial/``:
-  one small ``.npz`` shard per batch (no pickle), each written to a temporary
-  name and renamed, so a ``kill -9`` loses at most the batch in flight.  A rerun
+  one small ``.npz`` shard per batch (no pickle), each written atomically
+  (``fsio.atomic_write``), so a ``kill -9`` loses at most the batch in flight.  A rerun
   reads the valid shards and skips the keys they hold.
 * Rows are identified by the sha256 of the image bytes (the *key*), so a moved or
   renamed image keeps its features and an incremental run computes only new keys.
@@ -20,10 +20,8 @@ format is documented in docs/cache-format.md; in short:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import zipfile
@@ -37,8 +35,15 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
+from embedx.fsio import (
+    atomic_path,
+    atomic_write,
+    remove_stale_temporaries,
+    sha256_bytes,
+    sha256_file,
+)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Version of the on-disk layout; bump on any incompatible change.
 SCHEMA_VERSION = 1
@@ -94,9 +99,7 @@ class CacheMeta:
         """The identity of features made by an ``export.ExportResult`` (duck-typed)."""
         sha256 = getattr(exported, "sha256", "")
         if not sha256:
-            from embedx.data import hash_file
-
-            sha256 = hash_file(exported.path)
+            sha256 = sha256_file(exported.path)
         return cls(
             backbone=exported.backbone,
             weights_tag=exported.weights_tag,
@@ -119,7 +122,7 @@ class CacheMeta:
     @property
     def fingerprint(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return sha256_bytes(text.encode("utf-8"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,14 +231,6 @@ def _meta_from_attrs(path: Path, attrs: dict[str, Any]) -> CacheMeta:
         return CacheMeta.from_dict(json.loads(attrs["meta"]))
     except (KeyError, ValueError) as e:
         raise CacheError(f"{path}: cache metadata is missing or unreadable ({e}); rebuild it with `embedx extract --overwrite`") from e
-
-
-def read_meta(path: str | Path) -> CacheMeta:
-    """The identity of a complete cache, without reading its rows."""
-    path = Path(path)
-    handle, attrs = _open_checked(path)
-    with handle:
-        return _meta_from_attrs(path, attrs)
 
 
 def _read_errors(handle) -> list[tuple[str, str, str]]:
@@ -417,19 +412,9 @@ def _load_shard(path: Path, feature_dim: int | None, *, with_features: bool = Fa
             if with_features:
                 data["features"] = features
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        log.warning("ignoring unreadable journal shard %s: %s", path, e)
+        logger.warning("ignoring unreadable journal shard %s: %s", path, e)
         return None
     return data
-
-
-def _fsync_write(path: Path, write) -> None:
-    """Write via ``write(fh)`` to a temporary name, fsync, then rename to ``path``."""
-    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(temp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(temp, path)
 
 
 class CacheWriter:
@@ -487,8 +472,7 @@ class CacheWriter:
                 "wait for it to finish or write to another file with -o"
             ) from e
         self._lock = lock
-        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # a finalize that was killed (we hold the lock)
+        remove_stale_temporaries(self.path.parent, self.path.name)  # a finalize that was killed (we hold the lock)
         try:
             self._open_base()
             self._open_journal()
@@ -538,7 +522,7 @@ class CacheWriter:
             for _path, reason, key in _read_errors(handle):
                 if key:
                     self._known_errors[key] = reason
-        log.info("reusing %d rows of %s", self._base_rows, self.path)
+        logger.info("reusing %d rows of %s", self._base_rows, self.path)
 
     def _open_journal(self) -> None:
         meta_file = self.journal / "meta.json"
@@ -548,7 +532,7 @@ class CacheWriter:
                 state = json.loads(meta_file.read_text("utf-8"))
                 journal_meta = CacheMeta.from_dict(state["meta"])
             except (OSError, ValueError, KeyError, CacheError, TypeError):
-                log.warning("discarding journal %s: its meta.json is missing or unreadable", self.journal)
+                logger.warning("discarding journal %s: its meta.json is missing or unreadable", self.journal)
                 shutil.rmtree(self.journal)
             else:
                 if state.get("version") != JOURNAL_VERSION:
@@ -572,9 +556,9 @@ class CacheWriter:
             state = {"version": JOURNAL_VERSION, "schema_version": SCHEMA_VERSION, "meta": self.meta.to_dict(),
                      "fingerprint": self.meta.fingerprint, "overwrite": self.overwrite,
                      "embedx_version": __version__}
-            _fsync_write(meta_file, lambda fh: fh.write(json.dumps(state, indent=1).encode("utf-8")))
-        for temp in self.journal.glob(".tmp-*"):
-            temp.unlink(missing_ok=True)  # torn writes of a killed run
+            atomic_write(meta_file, json.dumps(state, indent=1))
+        for temp in self.journal.glob(".*"):
+            temp.unlink(missing_ok=True)  # journal files are never hidden: torn writes of a killed run
         numbers = []
         for shard in sorted(self.journal.glob("shard-*.npz")):
             numbers.append(int(shard.stem.split("-")[1]))
@@ -591,7 +575,7 @@ class CacheWriter:
                     self._known_errors[key] = reason
         self._next_shard = max(numbers, default=-1) + 1
         if numbers:
-            log.info("resuming %s: %d shards, %d rows done", self.journal, len(numbers), self.reused_from_journal)
+            logger.info("resuming %s: %d shards, %d rows done", self.journal, len(numbers), self.reused_from_journal)
 
     # -- state
 
@@ -619,7 +603,7 @@ class CacheWriter:
     def note(self, values: dict[str, Any]) -> None:
         """Merge ``values`` into the journal's notes (atomically), for a resumed run to read."""
         notes = {**self.journal_notes, **values}
-        _fsync_write(self.journal / "notes.json", lambda fh: fh.write(json.dumps(notes).encode("utf-8")))
+        atomic_write(self.journal / "notes.json", json.dumps(notes))
 
     def discard_previous(self) -> None:
         """Forget the previous cache's rows and the journal: everything is computed again.
@@ -663,7 +647,7 @@ class CacheWriter:
             "error_reasons": np.asarray([e[1] for e in errors], dtype=str),
             "error_keys": np.asarray([e[2] for e in errors], dtype="U64"),
         }
-        _fsync_write(self.journal / name, lambda fh: np.savez(fh, **arrays))
+        atomic_write(self.journal / name, lambda fh: np.savez(fh, **arrays))
         for row, key in enumerate(keys):
             self._sources[key] = (name, row)
 
@@ -701,59 +685,53 @@ class CacheWriter:
         h5py = _h5py()
         dim = self.meta.feature_dim
         dtype = np.dtype(self.meta.dtype)
-        temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         chunk_rows = max(1, min(max(rows, 1), CHUNK_BYTES // (dim * dtype.itemsize)))
-        base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
         shards: OrderedDict[str, np.ndarray] = OrderedDict()
-        try:
-            with h5py.File(temp, "w") as out:
-                out.attrs["format"] = "embedx-features"
-                out.attrs["schema_version"] = SCHEMA_VERSION
-                out.attrs["complete"] = False
-                features = out.create_dataset(
-                    "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
-                )
-                step = max(chunk_rows, 4096)
-                for start in range(0, rows, step):
-                    block = self._gather(keys[start : start + step], base, shards)
-                    features[start : start + len(block)] = block.astype(dtype)
-                out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-                out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
-                out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
-                out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
-                out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
-                if stats is not None:
-                    table = np.asarray(stats, dtype=np.int64).reshape(rows, 2)
-                    out.create_dataset("sizes", data=table[:, 0])
-                    out.create_dataset("mtimes", data=table[:, 1])
-                group = out.create_group("errors")
-                errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
-                group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())
-                group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
-                group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
-                meta = self.meta
-                out.attrs["embedx_version"] = __version__
-                out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                out.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
-                out.attrs["fingerprint"] = meta.fingerprint
-                for name in ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256",
-                             "feature_layer", "dtype", "precision"):
-                    out.attrs[name] = str(getattr(meta, name))
-                out.attrs["feature_dim"] = meta.feature_dim
-                out.attrs["preprocess"] = json.dumps(meta.preprocess, sort_keys=True)
-                out.attrs["extra"] = json.dumps(attrs or {}, sort_keys=True, default=str)
-                out.attrs["complete"] = True  # last: only a whole file says complete
-            with open(temp, "rb") as fh:
-                os.fsync(fh.fileno())
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        finally:
-            if base is not None:
-                base.close()
-        os.replace(temp, self.path)
+        with atomic_path(self.path) as temp:  # fsynced, then renamed over the cache; removed on error
+            base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
+            try:
+                with h5py.File(temp, "w") as out:
+                    out.attrs["format"] = "embedx-features"
+                    out.attrs["schema_version"] = SCHEMA_VERSION
+                    out.attrs["complete"] = False
+                    features = out.create_dataset(
+                        "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
+                    )
+                    step = max(chunk_rows, 4096)
+                    for start in range(0, rows, step):
+                        block = self._gather(keys[start : start + step], base, shards)
+                        features[start : start + len(block)] = block.astype(dtype)
+                    out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+                    out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
+                    out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
+                    out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
+                    out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
+                    if stats is not None:
+                        table = np.asarray(stats, dtype=np.int64).reshape(rows, 2)
+                        out.create_dataset("sizes", data=table[:, 0])
+                        out.create_dataset("mtimes", data=table[:, 1])
+                    group = out.create_group("errors")
+                    errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
+                    group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())
+                    group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
+                    group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
+                    meta = self.meta
+                    out.attrs["embedx_version"] = __version__
+                    out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    out.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
+                    out.attrs["fingerprint"] = meta.fingerprint
+                    for name in ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256",
+                                 "feature_layer", "dtype", "precision"):
+                        out.attrs[name] = str(getattr(meta, name))
+                    out.attrs["feature_dim"] = meta.feature_dim
+                    out.attrs["preprocess"] = json.dumps(meta.preprocess, sort_keys=True)
+                    out.attrs["extra"] = json.dumps(attrs or {}, sort_keys=True, default=str)
+                    out.attrs["complete"] = True  # last: only a whole file says complete
+            finally:
+                if base is not None:
+                    base.close()
         shutil.rmtree(self.journal, ignore_errors=True)
-        log.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
+        logger.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
         return self.path
 
     def _gather(self, keys: Sequence[str], base, shards: OrderedDict) -> np.ndarray:

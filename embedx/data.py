@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -37,13 +36,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from embedx.errors import ConfigError, DataError
+from embedx.fsio import sha256_file
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("class_folders", "split_folders", "manifest")
-
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,13 +86,8 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in image_extensions()
 
 
-def hash_file(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (the cache key of an image)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: The cache key of an image: the sha256 hex digest of its bytes (``fsio.sha256_file``).
+hash_file = sha256_file
 
 
 def split_for_key(key_hex: str, val_fraction: float) -> str:
@@ -303,10 +296,10 @@ def _log_summary(dataset: ImageDataset) -> None:
     per_class = Counter(item.label for item in dataset.items)
     for label, name in enumerate(dataset.classes):
         if not per_class[label]:
-            log.warning("class %r has no images; it is kept as a class with 0 items", name)
+            logger.warning("class %r has no images; it is kept as a class with 0 items", name)
     for relpath, reason in dataset.skipped:
-        log.info("skipped %s: %s", relpath, reason)
-    log.info(
+        logger.info("skipped %s: %s", relpath, reason)
+    logger.info(
         "found %d images in %d classes (%s layout), %d entries skipped",
         len(dataset.items), len(dataset.classes), dataset.layout, len(dataset.skipped),
     )

@@ -1,24 +1,35 @@
-"""``make demo``: the whole loop, offline, on data that ships with scikit-learn.
+"""The whole loop, offline, on data that ships with scikit-learn (``make demo``).
 
 data -> extract (efficientnet_lite0, real ImageNet weights) -> fit-head -> bundle ->
 predict on held-out images.  By default the data are scikit-learn's handwritten
-digits rendered as PNG files in ``train/val/test`` class folders; ``--data DIR`` runs
+digits rendered as PNG files in ``train/val/test`` class folders; ``data=DIR`` runs
 the same loop on any class-folder data set.  Everything is written under ``cache/``.
 
-Run as ``python -m embedx.demo [--data DIR]``.
+Library code: ``Demo.steps()`` are the loop's steps as plain library calls, which
+``embedx demo`` (``embedx/cli/demo_cmd.py``) runs with a heading, a progress bar and
+a line of outcome per step; ``run_demo`` runs them silently and returns the summary.
+``python -m embedx.demo [--data DIR]`` is ``embedx demo``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import click
 import numpy as np
 
 from embedx import paths
+from embedx.progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from embedx.extract import ExtractSummary
+    from embedx.heads import FitResult
+
+logger = logging.getLogger(__name__)
 
 
 def render_digits(root: Path, *, size: int = 64, per_class: int | None = None) -> Path:
@@ -51,13 +62,120 @@ def render_digits(root: Path, *, size: int = 64, per_class: int | None = None) -
     return root
 
 
-def _step(title: str) -> float:
-    click.secho(f"\n== {title}", fg="cyan", bold=True, err=True)
-    return time.perf_counter()
+@dataclass(frozen=True)
+class DemoStep:
+    """One step of the loop: ``run(progress)`` does it and returns what it did, one line each."""
+
+    name: str  # what its progress bar is called
+    title: str
+    run: Callable[[ProgressCallback | None], list[str]]
+    unit: str | None = None  # what ``progress`` counts, for the one step that reports it
 
 
-def _done(start: float, message: str) -> None:
-    click.echo(f"   {message} ({time.perf_counter() - start:.1f} s)", err=True)
+@dataclass
+class Demo:
+    """One run of the loop: its settings, and what each step made (set as the steps run)."""
+
+    data: Path | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str = "DEFAULT"
+    workdir: Path | None = None  # default: ``cache_dir()/demo``
+    per_class: int | None = None
+    extracted: ExtractSummary | None = field(default=None, init=False)
+    fitted: FitResult | None = field(default=None, init=False)
+    model: Path | None = field(default=None, init=False)
+    held_out_accuracy: float = field(default=float("nan"), init=False)
+    held_out_images: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir) if self.workdir is not None else paths.cache_dir() / "demo"
+
+    def steps(self) -> list[DemoStep]:
+        """The steps, to run in this order."""
+        return [
+            DemoStep("data", "1/5 data", self._data),
+            DemoStep("extract", f"2/5 extract: {self.backbone} runs once over every image", self._extract,
+                     unit="img"),
+            DemoStep("fit-head", "3/5 fit-head: logistic regression, regularization chosen on val",
+                     self._fit_head),
+            DemoStep("bundle", "4/5 bundle: backbone + head + softmax in one ONNX file", self._bundle),
+            DemoStep("predict", "5/5 predict with the bundle on held-out images (onnxruntime only)",
+                     self._predict),
+        ]
+
+    def _data(self, progress: ProgressCallback | None) -> list[str]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.data is None:
+            folder = "digits" if self.per_class is None else f"digits-{self.per_class}"
+            self.data = render_digits(self.workdir / folder, per_class=self.per_class)
+            return [f"rendered scikit-learn digits as PNG class folders under {self.data}"]
+        self.data = Path(self.data)
+        return [f"using {self.data}"]
+
+    def _extract(self, progress: ProgressCallback | None) -> list[str]:
+        from embedx.extract import extract
+
+        self.extracted = extract(self.data, backbone=self.backbone, weights=self.weights,
+                                 output=self.workdir / f"{self.data.name}-{self.backbone}.h5", progress=progress)
+        return [f"{self.extracted.images} images, {self.extracted.errors} errors -> {self.extracted.output}"]
+
+    def _fit_head(self, progress: ProgressCallback | None) -> list[str]:
+        from embedx.heads import fit_head
+
+        self.fitted = fit_head(Path(self.extracted.output), head="logreg",
+                               output=self.workdir / "heads" / f"{self.data.name}-logreg")
+        val = self.fitted.metrics.get("val", {})
+        return [
+            f"val accuracy {val.get('accuracy', float('nan')):.4f}, "
+            f"ECE {val.get('ece', float('nan')):.4f} -> {val.get('ece_calibrated', float('nan')):.4f} "
+            f"after temperature scaling; plots in {self.fitted.output_dir}"
+        ]
+
+    def _bundle(self, progress: ProgressCallback | None) -> list[str]:
+        from embedx.bundle import bundle
+
+        self.model = Path(bundle(self.fitted.output_dir, self.workdir / f"{self.data.name}-model.onnx"))
+        return [f"{self.model} ({self.model.stat().st_size / 1e6:.1f} MB)"]
+
+    def _predict(self, progress: ProgressCallback | None) -> list[str]:
+        from embedx.predict import predict_files
+
+        held_out = sorted((self.data / "test").glob("*/*")) if (self.data / "test").is_dir() else []
+        if not held_out:
+            held_out = sorted((self.data / "val").glob("*/*")) if (self.data / "val").is_dir() else []
+        held_out = [p for p in held_out if p.is_file()]
+        correct = total = 0
+        examples: dict[str, str] = {}  # one example line per class
+        for row in predict_files(held_out, model=self.model, top_k=1):
+            if "error" in row:
+                continue
+            predicted = row["top_k"][0]["label"]
+            truth = Path(row["path"]).parent.name
+            correct += predicted == truth
+            total += 1
+            if truth not in examples and len(examples) < 5:
+                examples[truth] = (
+                    f"{Path(row['path']).name}: predicted {predicted} "
+                    f"(p={row['top_k'][0]['probability']:.2f}), truth {truth}"
+                )
+        self.held_out_accuracy = correct / total if total else float("nan")
+        self.held_out_images = total
+        return [*examples.values(), f"held-out accuracy {self.held_out_accuracy:.4f} on {total} images"]
+
+    def summary(self) -> dict[str, Any]:
+        """What the loop made and how well it did (after every step ran)."""
+        return {
+            "data": str(self.data),
+            "backbone": self.backbone,
+            "cache": self.extracted.output,
+            "images": self.extracted.images,
+            "extract_img_per_s": self.extracted.images_per_second,
+            "val_accuracy": self.fitted.metrics.get("val", {}).get("accuracy"),
+            "held_out_accuracy": self.held_out_accuracy,
+            "held_out_images": self.held_out_images,
+            "head": str(self.fitted.output_dir),
+            "model": str(self.model),
+        }
 
 
 def run_demo(
@@ -67,107 +185,21 @@ def run_demo(
     weights: str = "DEFAULT",
     workdir: Path | None = None,
     per_class: int | None = None,
-) -> dict:
-    """Run the loop and return a summary dict (also printed by the CLI)."""
-    from embedx.bundle import bundle
-    from embedx.cli.progressbar import progress_bar
-    from embedx.extract import extract
-    from embedx.heads import fit_head
-    from embedx.predict import predict_files
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Run the loop and return its summary (what ``embedx demo`` prints as JSON).
 
-    workdir = workdir or paths.cache_dir() / "demo"
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    start = _step("1/5 data")
-    if data is None:
-        folder = "digits" if per_class is None else f"digits-{per_class}"
-        data = render_digits(workdir / folder, per_class=per_class)
-        _done(start, f"rendered scikit-learn digits as PNG class folders under {data}")
-    else:
-        data = Path(data)
-        _done(start, f"using {data}")
-    name = data.name
-
-    start = _step(f"2/5 extract: {backbone} runs once over every image")
-    with progress_bar("extract", unit="img") as progress:
-        summary = extract(
-            data, backbone=backbone, weights=weights, output=workdir / f"{name}-{backbone}.h5",
-            progress=progress,
-        )
-    info = summary.to_dict() if hasattr(summary, "to_dict") else dict(vars(summary))
-    _done(start, f"{info.get('images')} images, {info.get('errors')} errors -> {info.get('output')}")
-
-    start = _step("3/5 fit-head: logistic regression, regularization chosen on val")
-    result = fit_head(Path(info["output"]), head="logreg", output=workdir / "heads" / f"{name}-logreg")
-    val = result.metrics.get("val", {})
-    _done(
-        start,
-        f"val accuracy {val.get('accuracy', float('nan')):.4f}, "
-        f"ECE {val.get('ece', float('nan')):.4f} -> {val.get('ece_calibrated', float('nan')):.4f} "
-        f"after temperature scaling; plots in {result.output_dir}",
-    )
-
-    start = _step("4/5 bundle: backbone + head + softmax in one ONNX file")
-    model_path = bundle(result.output_dir, workdir / f"{name}-model.onnx")
-    _done(start, f"{model_path} ({Path(model_path).stat().st_size / 1e6:.1f} MB)")
-
-    start = _step("5/5 predict with the bundle on held-out images (onnxruntime only)")
-    held_out = sorted((data / "test").glob("*/*")) if (data / "test").is_dir() else []
-    if not held_out:
-        held_out = sorted((data / "val").glob("*/*")) if (data / "val").is_dir() else []
-    held_out = [p for p in held_out if p.is_file()]
-    correct = total = 0
-    examples: dict[str, str] = {}  # one example line per class
-    for row in predict_files(held_out, model=model_path, top_k=1):
-        if "error" in row:
-            continue
-        predicted = row["top_k"][0]["label"]
-        truth = Path(row["path"]).parent.name
-        correct += predicted == truth
-        total += 1
-        if truth not in examples and len(examples) < 5:
-            examples[truth] = (
-                f"{Path(row['path']).name}: predicted {predicted} "
-                f"(p={row['top_k'][0]['probability']:.2f}), truth {truth}"
-            )
-    for line in examples.values():
-        click.echo(f"   {line}", err=True)
-    held_out_accuracy = correct / total if total else float("nan")
-    _done(start, f"held-out accuracy {held_out_accuracy:.4f} on {total} images")
-
-    return {
-        "data": str(data),
-        "backbone": backbone,
-        "cache": info.get("output"),
-        "images": info.get("images"),
-        "extract_img_per_s": info.get("images_per_second"),
-        "val_accuracy": val.get("accuracy"),
-        "held_out_accuracy": held_out_accuracy,
-        "held_out_images": total,
-        "head": str(result.output_dir),
-        "model": str(model_path),
-    }
-
-
-@click.command()
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A class-folder data set (default: scikit-learn digits rendered as PNG).")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", default="DEFAULT", show_default=True)
-@click.option("--per-class", type=int, default=None,
-              help="Digits only: at most this many images per class and split (a short run).")
-def main(data: Path | None, backbone: str, weights: str, per_class: int | None) -> None:
-    """Run data -> extract -> fit-head -> bundle -> predict, offline."""
-    from embedx.errors import EmbedxError
-
-    try:
-        summary = run_demo(data=data, backbone=backbone, weights=weights, per_class=per_class)
-    except EmbedxError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    click.secho("\nsummary", bold=True, err=True)
-    click.echo(json.dumps(summary, indent=2))
+    ``progress`` goes to the step that reports progress (extract); each step's outcome
+    is logged.
+    """
+    demo = Demo(data=data, backbone=backbone, weights=weights, workdir=workdir, per_class=per_class)
+    for step in demo.steps():
+        for line in step.run(progress if step.unit else None):
+            logger.info("%s: %s", step.name, line)
+    return demo.summary()
 
 
 if __name__ == "__main__":
-    main()
+    from embedx.cli.main import main
+
+    main(["demo", *sys.argv[1:]])

@@ -26,7 +26,6 @@ Torch is imported only by ``export`` (to export a named backbone once).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import signal
@@ -44,8 +43,9 @@ import numpy as np
 
 from embedx import preprocess
 from embedx.errors import ConfigError, ImageDecodeError
+from embedx.fsio import sha256_bytes, sha256_file
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Decodable train images used to calibrate int8 (the first ones, in data set order).
 CALIBRATION_IMAGES = 64
@@ -103,14 +103,7 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-#: Tests name files here (comma-separated) to simulate a decoder process that dies on them.
-CRASH_TEST_VARIABLE = "EMBEDX_TEST_DECODER_CRASH_ON"
-_in_worker = False
-
-
 def _init_worker(parent: int) -> None:
-    global _in_worker
-    _in_worker = True
     # Ctrl-C reaches the whole process group: the main process handles it and shuts
     # the pool down; a worker dying of it mid-batch would only add tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,10 +131,7 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
     rows: list[int] = []
     keys: list[str] = []
     errors: list[tuple[int, str]] = []
-    crash_on = os.environ.get(CRASH_TEST_VARIABLE, "").split(",") if _in_worker else ()
     for index, path in enumerate(paths):
-        if os.path.basename(path) in crash_on:
-            os._exit(70)
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
@@ -149,11 +139,11 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
             keys.append("")
             errors.append((index, f"cannot read: {e.strerror or e}"))
             continue
-        keys.append(hashlib.sha256(data).hexdigest())
+        keys.append(sha256_bytes(data))
         try:
             pixels[len(rows)] = preprocess.to_pixels(data, spec)
         except ImageDecodeError as e:
-            errors.append((index, str(e).removeprefix("<bytes>: ")))
+            errors.append((index, preprocess.decode_reason(e)))
             continue
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; the reason is kept
             errors.append((index, f"cannot decode ({type(e).__name__}: {e})"))
@@ -282,7 +272,7 @@ class _Decoder:
                         future = pool.submit(_decode_batch, self.spec_json, [path])
                     parts.append(future.result())
                 except BrokenProcessPool:
-                    log.warning("a decoder process died on %s; recording it as an error", path)
+                    logger.warning("a decoder process died on %s; recording it as an error", path)
                     pool.shutdown(wait=False)
                     pool = self._new_pool(1)
                     parts.append({"rows": [], "keys": [""], "pixels": None, "seconds": 0.0,
@@ -349,11 +339,10 @@ def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> 
 
 def _hash_all(paths: Sequence[Path], threads: int) -> list[tuple[str, str]]:
     """(key, "") or ("", reason) for each path; hashlib releases the GIL on big buffers."""
-    from embedx.data import hash_file
 
     def one(path: Path) -> tuple[str, str]:
         try:
-            return hash_file(path), ""
+            return sha256_file(path), ""
         except OSError as e:
             return "", f"cannot read: {e.strerror or e}"
 
@@ -386,7 +375,7 @@ def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec
                   if run.keys[i] and i not in run.read_errors and run.keys[i] not in known_errors]
 
     def key_of(chosen_keys: Sequence[str]) -> str:
-        return hashlib.sha256("\n".join([spec.to_json(), *chosen_keys]).encode()).hexdigest()
+        return sha256_bytes("\n".join([spec.to_json(), *chosen_keys]).encode())
 
     def load() -> tuple[np.ndarray, str]:
         chosen: list[np.ndarray] = []
@@ -418,7 +407,7 @@ def _recorded_calibration(run: Any, writer: Any) -> tuple[list[str] | None, bool
     present = set(run.keys)
     if all(key in present for key in recorded):
         return list(recorded), False
-    log.warning(
+    logger.warning(
         "images the earlier int8 run calibrated on are gone, so its int8 model cannot be rebuilt; "
         "every image is computed again with a newly calibrated model"
     )
@@ -711,7 +700,7 @@ def extract(
         int8_cosine=int8_cosine,
         error_list=[(path, reason) for path, reason, _ in errors],
     )
-    log.info(
+    logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",
         summary.new, summary.reused, summary.errors, summary.seconds, summary.images_per_second,
     )

@@ -173,6 +173,12 @@ def _fail(name: object, reason: str, cause: BaseException | None = None) -> Imag
     return error
 
 
+def decode_reason(error: ImageDecodeError, name: object = "<bytes>") -> str:
+    """Why an image could not be read, without the ``"<name>: "`` its message starts with
+    (for error tables and responses that name the file themselves)."""
+    return getattr(error, "reason", None) or str(error).removeprefix(f"{name}: ")
+
+
 def _sniff(source: ImageSource) -> str:
     """Why Pillow could not identify a file: say what it looks like instead."""
     try:

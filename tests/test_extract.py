@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
+import os
 import shutil
 import time
 import warnings
@@ -16,6 +19,7 @@ from click.testing import CliRunner
 from embedx import onnxmeta
 from embedx.cache import CacheWriter, journal_dir, read_cache
 from embedx.errors import CacheLockedError, CacheMismatchError, ConfigError, DataError
+from embedx.extract import _decode_batch
 from embedx.preprocess import PreprocessSpec
 from tests.corpus import good_image, make_corpus
 
@@ -377,12 +381,27 @@ def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
     assert (again.new, again.images) == (0, 398)
 
 
-def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, monkeypatch):
-    from embedx.extract import CRASH_TEST_VARIABLE
+def _decode_or_die(crash_on: frozenset[str], spec_json: str, paths: list[str]) -> dict:
+    """``extract._decode_batch``, except that a decoder *process* dies on a file named in
+    ``crash_on``, as on a native crash in an image library.  Spawned workers unpickle this
+    function by name (importing this module), so they run it too; the main process, which
+    decodes the first batch itself, never dies."""
+    if multiprocessing.parent_process() is not None and crash_on & {os.path.basename(p) for p in paths}:
+        os._exit(70)
+    return _decode_batch(spec_json, paths)
 
+
+def die_decoding(monkeypatch, *names: str) -> None:
+    """Make every decoder process that gets one of the files ``names`` die."""
+    from embedx import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "_decode_batch", functools.partial(_decode_or_die, frozenset(names)))
+
+
+def test_a_decoder_process_that_dies_costs_only_its_file(tmp_path, backbone, monkeypatch):
     data = class_folders(tmp_path / "data", per_class=8)
     # two files in two batches that two workers decode at the same time
-    monkeypatch.setenv(CRASH_TEST_VARIABLE, "beta_2.jpg,alpha_5.jpg")
+    die_decoding(monkeypatch, "beta_2.jpg", "alpha_5.jpg")
     summary = run(data, backbone, tmp_path / "f.h5", workers=2)
     cache = read_cache(tmp_path / "f.h5")
     assert summary.images == 14 and "beta/beta_2.jpg" not in cache.paths
@@ -396,7 +415,7 @@ def test_a_decoder_that_dies_while_the_main_process_is_busy_costs_only_its_file(
     from embedx import extract as extract_module
 
     data = class_folders(tmp_path / "data", per_class=8)
-    monkeypatch.setenv(extract_module.CRASH_TEST_VARIABLE, "alpha_5.jpg")
+    die_decoding(monkeypatch, "alpha_5.jpg")
     normalize = extract_module._normalize_into
 
     def slow_normalize(*args, **kwargs):

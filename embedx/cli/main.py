@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -23,6 +24,7 @@ COMMAND_MODULES = (
     "predict_cmd",  # predict, bundle
     "serve_cmd",  # serve-onnx
     "finetune_cmd",  # finetune
+    "demo_cmd",  # demo
 )
 
 
@@ -57,8 +59,9 @@ for _module_name in COMMAND_MODULES:
         cli.add_command(_command)
 
 
-def main() -> None:
-    cli(prog_name="embedx")
+def main(args: Sequence[str] | None = None) -> None:
+    """The ``embedx`` command; ``args`` default to the command line's."""
+    cli(args=args, prog_name="embedx")
 
 
 if __name__ == "__main__":
