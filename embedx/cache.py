@@ -51,6 +51,7 @@ SCHEMA_VERSION = 1
 JOURNAL_VERSION = 1
 DTYPES = ("float16", "float32")
 PRECISIONS = ("fp32", "fp16", "int8")
+DECODES = ("cpu", "gpu")
 #: Target size of one HDF5 chunk of ``features``, in bytes.
 CHUNK_BYTES = 1 << 20
 
@@ -84,18 +85,23 @@ class CacheMeta:
     preprocess: dict = field(hash=False)
     dtype: str = "float16"
     precision: str = "fp32"
+    #: who decoded and resized the images: "cpu" (``preprocess``) or "gpu" (nvJPEG, ``embedx.gpu``)
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise CacheError(f"cache dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.precision not in PRECISIONS:
             raise CacheError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.decode not in DECODES:
+            raise CacheError(f"decode must be one of {DECODES}, got {self.decode!r}")
         object.__setattr__(self, "feature_dim", int(self.feature_dim))
         # JSON round trip: tuples become lists, so a meta read back compares equal.
         object.__setattr__(self, "preprocess", json.loads(json.dumps(dict(self.preprocess))))
 
     @classmethod
-    def from_export(cls, exported: Any, *, dtype: str = "float16", precision: str = "fp32") -> CacheMeta:
+    def from_export(cls, exported: Any, *, dtype: str = "float16", precision: str = "fp32",
+                    decode: str = "cpu") -> CacheMeta:
         """The identity of features made by an ``export.ExportResult`` (duck-typed)."""
         sha256 = getattr(exported, "sha256", "")
         if not sha256:
@@ -111,12 +117,18 @@ class CacheMeta:
             preprocess=exported.preprocess.to_dict(),
             dtype=dtype,
             precision=precision,
+            decode=decode,
         )
 
     def identity(self) -> dict[str, Any]:
-        """The fields the fingerprint covers (all but ``onnx_path``: a moved file is the same model)."""
+        """The fields the fingerprint covers (all but ``onnx_path``: a moved file is the same model).
+
+        ``decode`` only when it is "gpu": caches decoded on the CPU (all of them before GPU
+        decode existed) keep the fingerprint they always had."""
         data = self.to_dict()
         data.pop("onnx_path")
+        if data["decode"] == "cpu":
+            data.pop("decode")
         return data
 
     @property
@@ -130,15 +142,15 @@ class CacheMeta:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheMeta:
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"dtype", "precision"}
+        missing = names - set(data) - {"dtype", "precision", "decode"}
         if missing:
             raise CacheError(f"cache metadata lacks {sorted(missing)}; rebuild it with `embedx extract --overwrite`")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def differences(self, other: CacheMeta) -> list[str]:
         """Human-readable ``field: this != other`` for each identity field that differs."""
-        mine, theirs = self.identity(), other.identity()
-        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if k != "onnx_path" and mine[k] != theirs[k]]
 
 
 @dataclass

@@ -87,6 +87,7 @@ class ExtractSummary:
     batch_size: int = 0
     int8_cosine: float | None = None
     error_list: list[tuple[str, str]] = field(default_factory=list)
+    decode: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -428,6 +429,12 @@ def _fixed_shape(model: Any) -> bool:
     return bool(model.providers) and model.providers[0] == "TensorrtExecutionProvider"
 
 
+def _pixel_input(precision: str) -> bool:
+    """Whether the model takes uint8 pixels and normalizes them in its graph (every precision but
+    int8, whose static quantization is calibrated on the float input)."""
+    return precision != "int8"
+
+
 # --------------------------------------------------------------------------- extract
 
 
@@ -492,30 +499,56 @@ def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
     return run
 
 
-def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, batch_size: int,
-             workers: int | None, threads: int | None, device: str, precision: str, progress) -> None:
-    """Decode, infer and journal every item in ``run.todo``, in order."""
-    spec = exported.preprocess
-    batches = [run.todo[i : i + batch_size] for i in range(0, len(run.todo), batch_size)]
-    run.workers = min(default_workers() if workers is None else workers, len(batches))
-    if workers is None and len(batches) <= SMALL_JOB_BATCHES:
+def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
+             workers: int | None, decode: str) -> Any:
+    """What yields decoded batches: the GPU decoder, or CPU decode workers (or inline)."""
+    if decode == "gpu":
+        from embedx.gpu import GpuDecodeSource
+
+        run.workers = 0
+        return GpuDecodeSource(spec, path_batches)
+    run.workers = min(default_workers() if workers is None else workers, len(path_batches))
+    if workers is None and len(path_batches) <= SMALL_JOB_BATCHES:
         run.workers = 0  # starting processes would cost more than decoding inline
     elif workers is None:
         # a worker's start (a fresh interpreter importing numpy, Pillow, the decoders) costs
         # ~0.15 CPU-s, as much as decoding ~50 images: a short job starts fewer
-        run.workers = min(run.workers, max(1, (len(batches) - 1) // BATCHES_PER_WORKER))
-    decoder = _Decoder(spec, run.workers, [[str(items[i].path) for i in batch] for batch in batches])
+        run.workers = min(run.workers, max(1, (len(path_batches) - 1) // BATCHES_PER_WORKER))
+    return _Decoder(spec, run.workers, path_batches)
+
+
+def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, batch_size: int,
+             workers: int | None, threads: int | None, device: str, precision: str, decode: str,
+             progress) -> None:
+    """Decode, infer and journal every item in ``run.todo``, in order.
+
+    Every precision but int8 runs a pixel-input copy of the backbone (uint8 NHWC in,
+    normalization in the graph: ``pixel_input``). On a GPU the session runs through IO
+    binding at one fixed batch shape (``OrtModel.bound``): the last batch is padded, so
+    cuDNN searches once, and GPU-decoded batches never leave the device.
+    """
+    spec = exported.preprocess
+    batches = [run.todo[i : i + batch_size] for i in range(0, len(run.todo), batch_size)]
+    decoder = _decoder(run, spec, [[str(items[i].path) for i in batch] for batch in batches],
+                       workers=workers, decode=decode)
     try:
         from embedx.runtime import OrtModel
 
         tick = time.perf_counter()  # the workers are already decoding the first batches
         calibration = None
+        pixel_input = _pixel_input(precision)
         if precision == "int8":
             calibration = _calibration(run, items, spec, run.calibration_keys, writer.known_errors)
+            model_path = exported.path
+        else:
+            from embedx.pixel_input import pixel_model
+
+            model_path = pixel_model(exported.path, spec, source_sha256=exported.sha256 or None)
         # decode workers share the cores with ORT: its threads must not spin-wait
-        run.model = OrtModel(exported.path, device=device, precision=precision, threads=threads,
+        run.model = OrtModel(model_path, device=device, precision=precision, threads=threads,
                              calibration=calibration, spinning=run.workers == 0,
-                             source_sha256=exported.sha256 or None)
+                             source_sha256=(exported.sha256 or None) if model_path == exported.path else None)
+        runner = run.model.bound(batch_size) if run.model.on_gpu else None
         if precision == "int8":
             writer.note({"int8_calibration_keys": run.calibration_keys})
         run.seconds["session"] = time.perf_counter() - tick
@@ -536,8 +569,13 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             rows = [batch[position] for position in result["rows"]]
             tick = time.perf_counter()
             if rows:
-                pad_to = batch_size if _fixed_shape(run.model) else None
-                features = run.model.run(_normalize_into(result["pixels"], spec, pad_to))[: len(rows)]
+                pixels = result["pixels"]
+                if not pixel_input:
+                    from embedx.gpu import as_numpy_pixels
+
+                    pad_to = batch_size if runner is None and _fixed_shape(run.model) else None
+                    pixels = _normalize_into(as_numpy_pixels(pixels), spec, pad_to)
+                features = (runner or run.model).run(pixels)[: len(rows)]
             run.seconds["inference"] += time.perf_counter() - tick
             tick = time.perf_counter()
             if rows:
@@ -597,6 +635,7 @@ def extract(
     manifest: str | Path | None = None,
     overwrite: bool = False,
     preprocess_mode: str | None = None,
+    decode: str = "auto",
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
 ) -> ExtractSummary:
     """Fill (or update, or finish) the feature cache of ``data`` under ``backbone``.
@@ -609,6 +648,10 @@ def extract(
     ``preprocess_mode``: ``"fast"`` or ``"exact"`` (pixel for pixel torchvision's
     transform) instead of the backbone's default (see ``embedx.preprocess``); the cache
     records it, and so do heads and bundles made from it.
+    ``decode``: ``"gpu"`` decodes JPEGs with nvJPEG and resizes on the device (CUDA only;
+    other files fall back to the CPU decoder one by one), ``"cpu"`` uses decode workers,
+    ``"auto"`` is ``gpu`` when the model runs on CUDA and torch has CUDA. The cache records
+    it (features differ slightly: cosine ~0.99 to the CPU's) and refuses a run the other way.
     ``progress(done, total, info)`` is called once per batch.
     """
     from embedx.cache import CacheMeta, CacheWriter
@@ -646,7 +689,11 @@ def extract(
     if preprocess_mode is not None and preprocess_mode != exported.preprocess.mode:
         # the ONNX model is the same; only how pixels are made changes (and is recorded)
         exported = dataclasses.replace(exported, preprocess=dataclasses.replace(exported.preprocess, mode=preprocess_mode))
-    meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision)
+    from embedx.gpu import resolve_decode
+    from embedx.runtime import GPU_PROVIDERS, resolve_providers
+
+    decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
+    meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
@@ -660,7 +707,7 @@ def extract(
             run.calibration_keys = calibration_keys
         if run.todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
-                     threads=threads, device=device, precision=precision, progress=progress)
+                     threads=threads, device=device, precision=precision, decode=decode, progress=progress)
         rows, errors = _assemble(run, dataset, writer, val_fraction)
         tick = time.perf_counter()
         model = run.model
@@ -699,6 +746,7 @@ def extract(
         batch_size=batch_size,
         int8_cosine=int8_cosine,
         error_list=[(path, reason) for path, reason, _ in errors],
+        decode=decode,
     )
     logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",
