@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,8 @@ DECODES = ("auto", "cpu", "gpu")
 PREFETCH = 3
 #: Threads that read and hash files for the GPU decoder (I/O and hashlib release the GIL).
 READ_THREADS = 8
+#: Threads that decode batches on the GPU, each on its own CUDA stream.
+DECODE_THREADS = 3
 
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential Huffman
 _SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -263,72 +264,95 @@ class TorchDecoder:
 
 
 class GpuDecodeSource:
-    """Batches in order, decoded on the GPU by a background thread (``PREFETCH`` ahead).
+    """Batches in order, decoded on the GPU by ``decode_threads`` background threads.
 
     Yields the same dicts as extract's CPU decoders: ``rows``, ``keys`` (one per path, ""
-    when unreadable), ``pixels`` (a uint8 device tensor), ``errors``, ``seconds``. The
-    thread synchronizes its own CUDA stream before handing a batch over, so a consumer on
-    another stream (ONNX Runtime's) reads finished pixels.
+    when unreadable), ``pixels`` (a uint8 device tensor), ``errors``, ``seconds``. Each
+    thread takes the next batch, reads and hashes its files (a shared pool of
+    ``read_threads``), decodes and resizes it on a CUDA stream of its own, and synchronizes
+    that stream before handing the batch over, so a consumer on another stream (ONNX
+    Runtime's) reads finished pixels. Several threads overlap one batch's file reading and
+    Huffman decoding (on the CPU in nvJPEG's hybrid backend) with another's device work; at
+    most ``PREFETCH`` finished batches wait for the consumer.
     """
 
     def __init__(self, spec: preprocess.PreprocessSpec, batches: Sequence[Sequence[str]], *,
-                 device: str = "cuda", read_threads: int = READ_THREADS) -> None:
+                 device: str = "cuda", read_threads: int = READ_THREADS,
+                 decode_threads: int = DECODE_THREADS) -> None:
         self.decoder = TorchDecoder(spec, device=device)
         self._batches = list(batches)
-        self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        self._done: dict[int, Any] = {}
+        self._next = 0  # the next batch a thread takes
+        self._lock = threading.Condition()
+        self._room = threading.Semaphore(PREFETCH + decode_threads)
         self._stop = threading.Event()
         self._readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="embedx-read")
-        self._thread = threading.Thread(target=self._work, name="embedx-gpu-decode", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"embedx-gpu-decode-{i}", daemon=True)
+                         for i in range(max(1, min(decode_threads, len(self._batches))))]
+        for thread in self._threads:
+            thread.start()
+
+    def _take(self) -> int | None:
+        while not self._room.acquire(timeout=0.1):
+            if self._stop.is_set():
+                return None
+        with self._lock:
+            if self._stop.is_set() or self._next >= len(self._batches):
+                self._room.release()
+                return None
+            index = self._next
+            self._next += 1
+            return index
 
     def _work(self) -> None:
         import torch
 
         stream = torch.cuda.Stream(self.decoder.device) if self.decoder.device.type == "cuda" else None
-        try:
-            reads = (self._readers.map(_read, paths) for paths in self._batches)
-            for results in reads:
-                if self._stop.is_set():
-                    return
-                start = time.perf_counter()
-                results = list(results)
-                keys = [key for _, key, _ in results]
-                errors = [(i, reason) for i, (data, _, reason) in enumerate(results) if data is None]
-                readable = [i for i, (data, _, _) in enumerate(results) if data is not None]
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        pixels, rows, decode_errors = self.decoder.decode([results[i][0] for i in readable])
-                    stream.synchronize()
-                else:
-                    pixels, rows, decode_errors = self.decoder.decode([results[i][0] for i in readable])
-                errors += [(readable[i], reason) for i, reason in decode_errors]
-                item = {"rows": [readable[i] for i in rows], "keys": keys, "pixels": pixels,
-                        "errors": sorted(errors), "seconds": time.perf_counter() - start}
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._queue.put(e)
+        while (index := self._take()) is not None:
+            try:
+                item = self._decode(index, stream)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                item = e
+            with self._lock:
+                self._done[index] = item
+                self._lock.notify_all()
+
+    def _decode(self, index: int, stream: Any) -> dict[str, Any]:
+        import torch
+
+        start = time.perf_counter()
+        results = list(self._readers.map(_read, self._batches[index]))
+        keys = [key for _, key, _ in results]
+        errors = [(i, reason) for i, (data, _, reason) in enumerate(results) if data is None]
+        readable = [i for i, (data, _, _) in enumerate(results) if data is not None]
+        datas = [results[i][0] for i in readable]
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                pixels, rows, decode_errors = self.decoder.decode(datas)
+            stream.synchronize()
+        else:
+            pixels, rows, decode_errors = self.decoder.decode(datas)
+        errors += [(readable[i], reason) for i, reason in decode_errors]
+        return {"rows": [readable[i] for i in rows], "keys": keys, "pixels": pixels,
+                "errors": sorted(errors), "seconds": time.perf_counter() - start}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for _ in self._batches:
-            item = self._queue.get()
+        for index in range(len(self._batches)):
+            with self._lock:
+                while index not in self._done:
+                    self._lock.wait()
+                item = self._done.pop(index)
+            self._room.release()
             if isinstance(item, BaseException):
                 raise item
             yield item
 
     def close(self) -> None:
         self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
         self._readers.shutdown(wait=True, cancel_futures=True)
+        self._done.clear()
 
 
 def as_numpy_pixels(pixels: Any) -> np.ndarray:

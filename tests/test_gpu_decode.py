@@ -118,3 +118,33 @@ def test_gpu_decode_matches_the_cpu_decode_on_cuda():
     for data, got in zip(datas, pixels.cpu().numpy(), strict=True):
         reference = preprocess.to_pixels(bytes(data), SPEC).astype(np.float64)
         assert np.abs(got.astype(np.float64) - reference).mean() < 6.0
+
+
+def test_batches_come_back_in_order_from_several_decode_threads(tmp_path):
+    from embedx import fsio
+
+    paths = []
+    for i in range(23):
+        path = tmp_path / f"{i:02d}.jpg"
+        path.write_bytes(jpeg_bytes(_photo(seed=i)))
+        paths.append(str(path))
+    batches = [paths[i : i + 3] for i in range(0, len(paths), 3)]
+    source = gpu.GpuDecodeSource(SPEC, batches, device="cpu", read_threads=2, decode_threads=3)
+    try:
+        got = [batch["keys"] for batch in source]
+    finally:
+        source.close()
+    assert got == [[fsio.sha256_file(p) for p in batch] for batch in batches]
+
+
+def test_closing_early_stops_the_threads(tmp_path):
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"{i:02d}.jpg"
+        path.write_bytes(jpeg_bytes(_photo(seed=i)))
+        paths.append(str(path))
+    source = gpu.GpuDecodeSource(SPEC, [[p] for p in paths], device="cpu", decode_threads=2)
+    first = next(iter(source))
+    assert len(first["rows"]) == 1
+    source.close()
+    assert not any(thread.is_alive() for thread in source._threads)
