@@ -52,7 +52,7 @@ from embedx.serve.calibrate import (
     release_larger_batches,
     resolve_batch_cap,
 )
-from embedx.serve.metrics import ServeMetrics
+from embedx.serve.prometheus import ServeMetrics
 
 logger = logging.getLogger(__name__)
 
