@@ -3,8 +3,8 @@
 A head directory holds ``head.json`` (this record, written last) and the head's weights.
 :class:`HeadRecord` is the only code that parses the file: it refuses another
 ``schema_version`` and a field of the wrong type with one ``HeadError`` line that says
-how to fix it. :func:`head_record` builds the record of a fitted head trained on a
-cache's features (``fit_head``, ``finetune``); :meth:`HeadRecord.backbone_onnx` finds
+how to fix it. :func:`head_record` builds the record of a head fitted on a cache's
+features (``fit_head``); :meth:`HeadRecord.backbone_onnx` finds
 the backbone ONNX those features came from and checks its sha256 (``predict --head``,
 ``bundle``).
 
