@@ -1,9 +1,9 @@
 """One deployable ONNX file: backbone + head + softmax(logits / T).
 
 ``bundle(head_dir, output)`` reads the head directory written by ``embedx fit-head``,
-takes the backbone ONNX named in its ``head.json`` (checking its sha256), the head's
-own graph (``head.to_onnx()``: ``"features"`` -> ``"logits"``), and joins them with
-``onnx.compose.merge_models``.  The result maps ``"input"`` (N,3,H,W) float32 to
+takes the backbone ONNX named in its ``head.json`` (``HeadRecord.backbone_onnx``, which
+checks its sha256), the head's own graph (``head.to_onnx()``: ``"features"`` ->
+``"logits"``), and joins them with ``onnx.compose.merge_models``.  The result maps ``"input"`` (N,3,H,W) float32 to
 ``"probabilities"`` (N,C) (and ``"logits"``), and carries in ``metadata_props`` the
 class names, the preprocessing, the backbone and weights tag, the head summary and the
 temperature, so that ``predict`` and ``serve-onnx`` need nothing else.
@@ -18,21 +18,21 @@ Needs ``onnx`` (not torch) to build; the bundle runs with onnxruntime alone.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embedx import __version__, onnxmeta
-from embedx.errors import CacheMismatchError, ExportError, HeadError, OnnxModelError
+from embedx.errors import ExportError, HeadError, OnnxModelError
+from embedx.fsio import atomic_path
 from embedx.preprocess import PreprocessSpec
-from embedx.runtime import file_sha256
 
 logger = logging.getLogger(__name__)
 
 FEATURES = "features"
 LOGITS = "logits"
+#: the bundle's output of class probabilities (``predict`` reads it by this name)
 PROBABILITIES = "probabilities"
 FLOAT_INPUT = "input"
 UINT8_INPUT = "image"
@@ -47,47 +47,22 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
     """Write backbone + head + softmax as one ONNX file at ``output``; return its path."""
     import onnx
 
-    from embedx.predict import read_head_json
+    from embedx.heads import HeadRecord, load_head
 
-    head_dir = Path(head_dir)
-    output = Path(output)
-    info = read_head_json(head_dir)
-    cache = info.get("cache") or {}
-    onnx_path = cache.get("onnx_path")
-    if not onnx_path:
-        raise HeadError(f"{head_dir}/head.json has no cache.onnx_path; refit the head from a current cache")
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise OnnxModelError(
-            f"the backbone ONNX this head was trained on, {onnx_path}, is missing; "
-            f"re-export it with `embedx export {cache.get('backbone', 'BACKBONE')}` "
-            "(the same backbone and weights give the same file)"
-        )
-    expected = cache.get("onnx_sha256")
-    if expected:
-        found = file_sha256(onnx_path)
-        if found != expected:
-            raise CacheMismatchError(
-                f"{onnx_path} has sha256 {found[:16]}… but the head was trained on features of a "
-                f"file with sha256 {expected[:16]}…; re-extract the cache and refit the head with "
-                "the current export, or restore the original ONNX file"
-            )
-    from embedx.heads import load_head
-
-    head = load_head(head_dir)
+    record = HeadRecord.read(head_dir)
+    onnx_path = record.backbone_onnx()  # checked before the head's weights are read
+    head = load_head(record)
+    cache = record.cache
     backbone_model = onnx.load(str(onnx_path))
     head_model = head.to_onnx()
-    classes = [str(c) for c in head.classes_]
-    temperature = float(getattr(head, "temperature_", None) or info.get("temperature") or 1.0)
-    spec = PreprocessSpec.from_dict(cache["preprocess"])
     backbone_meta = onnxmeta.from_proto(backbone_model)
     head_summary = {
-        key: info[key]
+        key: record.fields[key]
         for key in ("schema_version", "embedx_version", "head_type", "params", "feature_dim", "metrics")
-        if key in info
+        if key in record.fields
     }
     head_summary["cache_fingerprint"] = cache.get("fingerprint")
-    head_summary["backbone_onnx_sha256"] = expected
+    head_summary["backbone_onnx_sha256"] = cache.get("onnx_sha256")
     metadata = {
         "backbone": cache.get("backbone") or backbone_meta.get("backbone", "unknown"),
         "weights": cache.get("weights_tag") or backbone_meta.get("weights", "unknown"),
@@ -98,9 +73,9 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
     model = compose(
         backbone_model,
         head_model,
-        classes=classes,
-        temperature=temperature,
-        preprocess=spec,
+        classes=record.class_names,
+        temperature=record.temperature,
+        preprocess=record.preprocess(),
         with_preprocess=with_preprocess,
         metadata=metadata,
     )
@@ -295,8 +270,7 @@ def save(model: Any, output: str | Path) -> Path:
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(output) as tmp:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.save(model, str(tmp))
         else:
@@ -304,8 +278,5 @@ def save(model: Any, output: str | Path) -> Path:
                 model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=output.name + ".data",
             )
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.info("wrote bundle %s (%.1f MB)", output, output.stat().st_size / 1e6)
     return output

@@ -4,7 +4,8 @@
 the class names, the preprocessing and the input format come from the bundle's
 ``metadata_props`` (read through onnxruntime, not the ``onnx`` package).
 ``predict_files(..., head="heads/mine")`` runs the two stages separately: the
-backbone ONNX named in ``head.json`` and the head's numpy inference.
+backbone ONNX named in ``head.json`` (found and sha256-checked by
+``HeadRecord.backbone_onnx``) and the head's numpy inference.
 
 ``load_model`` (an ``OnnxClassifier``) and ``HeadPipeline`` give the same small interface
 (``prepare`` one image, ``predict_proba`` a batch, ``top_k``), which the server and
@@ -13,7 +14,6 @@ the bundle parity tests share.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from embedx import onnxmeta, preprocess
+from embedx.bundle import PROBABILITIES
 from embedx.data import is_image_name
-from embedx.errors import ConfigError, HeadError, ImageDecodeError, OnnxModelError
+from embedx.errors import ConfigError, ImageDecodeError, OnnxModelError
 from embedx.preprocess import ImageSource, PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("float_nchw", "uint8_nhwc")
-PROBABILITIES = "probabilities"
 
 
 class _Classifier:
@@ -159,31 +159,19 @@ class OnnxClassifier(_Classifier):
 
 
 class HeadPipeline(_Classifier):
-    """The two-stage pipeline: backbone ONNX (from head.json) -> saved head (numpy)."""
+    """The two-stage pipeline: backbone ONNX (from head.json, sha256 checked) -> saved head (numpy)."""
 
     def __init__(self, head_dir: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
-        from embedx.heads import load_head
+        from embedx.heads import HeadRecord, load_head
         from embedx.runtime import OrtModel
 
         self.head_dir = Path(head_dir)
-        info = read_head_json(self.head_dir)
-        self.head = load_head(self.head_dir)
-        cache = info.get("cache") or {}
-        onnx_path = cache.get("onnx_path")
-        if not onnx_path:
-            raise HeadError(
-                f"{self.head_dir}/head.json has no cache.onnx_path; refit the head with "
-                "`embedx fit-head` from a cache made by this embedx version"
-            )
-        self.backbone_path = Path(onnx_path)
-        if not self.backbone_path.is_file():
-            raise OnnxModelError(
-                f"the backbone ONNX of head {self.head_dir}, {self.backbone_path}, is missing; "
-                f"re-export it with `embedx export {cache.get('backbone', 'BACKBONE')}`"
-            )
+        record = HeadRecord.read(self.head_dir)
+        self.backbone_path = record.backbone_onnx()
+        self.head = load_head(record)
         self.backbone = OrtModel(self.backbone_path, device=device, threads=threads)
-        self.classes = [str(c) for c in self.head.classes_]
-        self.spec = PreprocessSpec.from_dict(cache["preprocess"])
+        self.classes = record.class_names
+        self.spec = record.preprocess()
         self.input_format = "float_nchw"
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
@@ -193,17 +181,6 @@ class HeadPipeline(_Classifier):
 def decode_reason(error: ImageDecodeError, name: object = "<bytes>") -> str:
     """Why an image could not be read, without the ``"<name>: "`` the message starts with."""
     return getattr(error, "reason", None) or str(error).removeprefix(f"{name}: ")
-
-
-def read_head_json(head_dir: str | Path) -> dict[str, Any]:
-    head_dir = Path(head_dir)
-    path = head_dir / "head.json"
-    if not path.is_file():
-        raise HeadError(f"{head_dir} is not a head directory: {path} is missing; run `embedx fit-head` first")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise HeadError(f"cannot read {path}: {e}") from e
 
 
 def load_model(

@@ -80,3 +80,13 @@ def test_evaluate_json_and_mismatch(runner, cache_file, tmp_path):
     result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(other)])
     assert result.exit_code == 1
     assert "resnet18" in result.stderr and "embedx extract --backbone fakenet" in result.stderr
+
+
+def test_evaluate_with_a_malformed_head_json_is_one_line(runner, cache_file, tmp_path):
+    assert runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"), "--json"]).exit_code == 0
+    head_json = tmp_path / "h" / "head.json"
+    head_json.write_text(json.dumps({**json.loads(head_json.read_text()), "classes": {"ants": 0}}))
+    result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "'classes' must be a non-empty list of class names" in result.stderr

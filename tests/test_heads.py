@@ -182,6 +182,93 @@ def test_load_refuses_other_schema_and_missing_dir(fitted, tmp_path):
         load_head(tmp_path / "nothing")
 
 
+# --------------------------------------------------------------------------- head.json: HeadRecord
+
+
+def saved_fields(head, tmp_path: Path, **cache) -> dict:
+    head.save(tmp_path / "h", extra={"cache": cache} if cache else None)
+    return json.loads((tmp_path / "h" / "head.json").read_text())
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("schema_version", 2, "schema_version 2 .*reads schema_version 1.*refit"),
+    ("classes", "ants", "'classes' must be a non-empty list of class names"),
+    ("classes", [], "'classes' must be a non-empty list"),
+    ("classes", [["ants"], "bees"], "'classes' must be a non-empty list"),
+    ("feature_dim", "12", "'feature_dim' must be a positive integer"),
+    ("feature_dim", True, "'feature_dim' must be a positive integer"),
+    ("head_type", None, "'head_type' must be the name of a head type"),
+    ("temperature", 0, "'temperature' must be a positive number"),
+    ("temperature", "1.0", "'temperature' must be a positive number"),
+    ("weights_file", "../elsewhere.safetensors", "'weights_file' must be a file name in the head directory"),
+    ("init_params", [], "'init_params' must be an object"),
+    ("cache", {"onnx_path": 3}, "cache.onnx_path must be a string"),
+])
+def test_a_malformed_head_json_is_one_head_error_line(field, value, message, fitted, tmp_path):
+    from embedx.heads import HeadRecord
+
+    fields = {**saved_fields(fitted["logreg"], tmp_path), field: value}
+    (tmp_path / "h" / "head.json").write_text(json.dumps(fields))
+    with pytest.raises(HeadError, match=message) as raised:
+        HeadRecord.read(tmp_path / "h")
+    assert "\n" not in str(raised.value) and "head.json" in str(raised.value)
+    with pytest.raises(HeadError, match=message):
+        load_head(tmp_path / "h")
+
+
+def test_head_json_that_is_not_an_object_is_refused(tmp_path):
+    from embedx.heads import HeadRecord
+
+    (tmp_path / "head.json").write_text("[1, 2]")
+    with pytest.raises(HeadError, match="JSON list, not an object"):
+        HeadRecord.read(tmp_path)
+
+
+def test_record_round_trips_and_loads_from_the_record(fitted, data, tmp_path):
+    from embedx.heads import HeadRecord
+
+    fields = saved_fields(fitted["knn"], tmp_path)
+    record = HeadRecord.read(tmp_path / "h")
+    assert record.to_dict() == fields and record.classes == (0, 1, 2) and record.class_names == ["0", "1", "2"]
+    assert record.feature_dim == 12 and record.head_type == "knn" and record.cache == {}
+    _, _, Xv, _ = data
+    np.testing.assert_array_equal(load_head(record).predict_proba(Xv), fitted["knn"].predict_proba(Xv))
+
+
+def test_backbone_onnx_is_found_and_checked_against_its_sha256(fitted, tmp_path):
+    from embedx.errors import CacheMismatchError, OnnxModelError
+    from embedx.fsio import sha256_file
+    from embedx.heads import HeadRecord
+
+    backbone = tmp_path / "backbone.onnx"
+    backbone.write_bytes(b"stand-in for an ONNX file")
+    saved_fields(fitted["logreg"], tmp_path, backbone="fakenet", onnx_path=str(backbone),
+                 onnx_sha256=sha256_file(backbone))
+    assert HeadRecord.read(tmp_path / "h").backbone_onnx() == backbone
+    backbone.write_bytes(b"another file at the same path")
+    with pytest.raises(CacheMismatchError, match="sha256 .*re-extract the cache and refit"):
+        HeadRecord.read(tmp_path / "h").backbone_onnx()
+    backbone.unlink()
+    with pytest.raises(OnnxModelError, match="is missing; re-export it with `embedx export fakenet`"):
+        HeadRecord.read(tmp_path / "h").backbone_onnx()
+    saved_fields(fitted["logreg"], tmp_path)  # a head saved without a cache record
+    with pytest.raises(HeadError, match="no cache.onnx_path"):
+        HeadRecord.read(tmp_path / "h").backbone_onnx()
+
+
+def test_head_record_builds_the_cache_fields_from_the_cache_meta(fitted):
+    from embedx.cache import CacheMeta
+    from embedx.heads import head_record
+
+    meta = CacheMeta(backbone="fakenet", weights_tag="none", weights_arg="none", onnx_path="/x.onnx",
+                     onnx_sha256="0" * 64, feature_layer="pool", feature_dim=12, preprocess={"input_size": 32})
+    record = head_record(fitted["mlp"], meta, cache_path="feats.h5", metrics={"n_val": 3}, val_source="val",
+                         fit_seconds=1.5)
+    assert record.cache == {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": "feats.h5"}
+    assert record.fields["metrics"] == {"n_val": 3} and record.fields["fit_seconds"] == 1.5
+    assert record.head_type == "mlp" and record.fields["schema_version"] == 1
+
+
 # --------------------------------------------------------------------------- choices the heads make
 
 

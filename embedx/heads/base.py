@@ -5,7 +5,7 @@ state whose names end in ``_`` and returns ``self``.  Inference (``logits``,
 ``predict_proba``, ``predict``) is numpy only, and so is ``load_head``: torch is
 imported inside the training code of the torch heads and nowhere else.
 
-A saved head is a directory: ``head.json`` (schema below, written last) and
+A saved head is a directory: ``head.json`` (``heads.record.HeadRecord``, written last) and
 ``weights.safetensors`` (numpy arrays, no pickle), plus the PNGs ``fit_head``
 draws.  ``predict_proba`` returns ``softmax(logits / temperature_)``, the same
 numbers a bundle computes.
@@ -13,9 +13,7 @@ numbers a bundle computes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,12 +22,11 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
+from embedx.fsio import atomic_path
+from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-HEAD_JSON = "head.json"
-WEIGHTS_FILE = "weights.safetensors"
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 #: Registry of head types: name -> class (filled by ``register``).
@@ -211,19 +208,31 @@ class Head:
             "fit_seconds": float(getattr(self, "fit_seconds_", 0.0)),
         }
 
-    def save(self, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``weights.safetensors`` then ``head.json`` (last, so a head.json means a whole head)."""
+    def save(self, directory: str | Path, *, extra: dict[str, Any] | None = None,
+             record: HeadRecord | None = None) -> Path:
+        """Write ``weights.safetensors`` then ``head.json`` (last, so a head.json means a whole head).
+
+        head.json is ``record`` (built by ``heads.record.head_record``) or, without one,
+        this head's own fields with ``extra`` added.
+        """
         from safetensors.numpy import save_file
 
-        info = {**self.summary(), **(extra or {})}
+        if record is not None and extra:
+            raise HeadError("pass extra= or record= to save, not both")
+        record = record or HeadRecord.of(self, **(extra or {}))
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
-        _replace_atomically(directory / WEIGHTS_FILE, lambda p: save_file(arrays, str(p), metadata={"format": "embedx-head"}))
-        text = json.dumps(info, indent=2, sort_keys=False) + "\n"
-        _replace_atomically(directory / HEAD_JSON, lambda p: p.write_text(text))
+        with atomic_path(directory / record.weights_file) as tmp:
+            save_file(arrays, str(tmp), metadata={"format": "embedx-head"})
+        record.write(directory)
         logger.info("saved %s head to %s", self.head_type, directory)
         return directory
+
+    @property
+    def info_(self) -> dict[str, Any]:
+        """head.json as ``load_head`` read it (``record_.fields``)."""
+        return self.record_.fields
 
     # -- ONNX
 
@@ -334,59 +343,44 @@ def all_finite(X: np.ndarray) -> bool:
     return all(np.isfinite(X[start:start + _CHUNK_ROWS]).all() for start in range(0, len(X), _CHUNK_ROWS))
 
 
-def load_head(directory: str | Path) -> Head:
-    """A saved head, ready for ``predict_proba`` (torch-free)."""
+def load_head(directory: str | Path | HeadRecord) -> Head:
+    """A saved head, ready for ``predict_proba`` (torch-free): from its directory, or from the
+    record already read from it (``HeadRecord.read``), so head.json is read once."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    directory = Path(directory)
-    path = directory / HEAD_JSON
-    if not path.is_file():
-        raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise HeadError(f"{path} is not valid JSON ({e}); refit the head with `embedx fit-head`") from e
-    version = info.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise HeadError(
-            f"{path} has head schema_version {version!r} (written by embedx {info.get('embedx_version', '?')}) "
-            f"but this embedx {__version__} reads schema_version {SCHEMA_VERSION}; refit the head with "
-            f"`embedx fit-head` or use the embedx version that wrote it"
-        )
-    head_type = info.get("head_type")
-    if head_type not in HEAD_TYPES:
-        raise HeadError(f"{path} names head type {head_type!r}; known types: {sorted(HEAD_TYPES)}")
-    weights_path = directory / info.get("weights_file", WEIGHTS_FILE)
+    record = directory if isinstance(directory, HeadRecord) else HeadRecord.read(directory)
+    if record.directory is None:
+        raise HeadError("load_head needs a record read from a head directory (HeadRecord.read)")
+    directory = record.directory
+    info = record.fields
+    if record.head_type not in HEAD_TYPES:
+        raise HeadError(f"{directory / HEAD_JSON} names head type {record.head_type!r}; known types: {sorted(HEAD_TYPES)}")
+    weights_path = directory / record.weights_file
     try:
         arrays = load_file(str(weights_path))
     except (OSError, SafetensorError) as e:
         raise HeadError(f"cannot read the head weights {weights_path}: {e}; refit the head") from e
-    cls = HEAD_TYPES[head_type]
-    head = cls(**info.get("init_params", {}))
-    head.classes_ = np.asarray(info["classes"])
-    head.feature_dim_ = int(info["feature_dim"])
-    head.temperature_ = float(info.get("temperature", 1.0))
+    cls = HEAD_TYPES[record.head_type]
+    init_params = info.get("init_params", {})
+    try:
+        head = cls(**init_params)
+    except TypeError as e:
+        raise HeadError(f"{directory / HEAD_JSON}: init_params {init_params} do not fit a {record.head_type} head "
+                        f"({e}); refit the head") from e
+    head.classes_ = np.asarray(record.classes)
+    head.feature_dim_ = record.feature_dim
+    head.temperature_ = record.temperature
     head.n_train_ = int(info.get("n_train", 0))
     head.sweep_ = info.get("sweep", [])
     head.fit_seconds_ = float(info.get("fit_seconds", 0.0))
-    head.chosen_params_ = {k: v for k, v in info.get("params", {}).items() if info.get("init_params", {}).get(k) != v}
-    head.info_ = info
+    head.chosen_params_ = {k: v for k, v in info.get("params", {}).items() if init_params.get(k) != v}
+    head.record_ = record
     try:
         head._set_arrays(arrays)
     except KeyError as e:
-        raise HeadError(f"{weights_path} lacks the array {e} a {head_type} head needs; refit the head") from e
+        raise HeadError(f"{weights_path} lacks the array {e} a {record.head_type} head needs; refit the head") from e
     return head
-
-
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:

@@ -21,6 +21,7 @@ from embedx import paths
 from embedx.errors import ConfigError, FeatureMismatchError, HeadError
 from embedx.heads.base import HEAD_TYPES, Head, load_head
 from embedx.heads.linear import fixed_params, holdout_split
+from embedx.heads.record import HeadRecord, head_record
 from embedx.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,6 @@ def _read(cache: Any, *, load_features: bool = True):
         if not hasattr(cache, attribute):
             raise ConfigError(f"expected a cache path or CacheData, got {type(cache).__name__} without .{attribute}")
     return cache
-
-
-def _cache_record(data) -> dict[str, Any]:
-    meta = data.meta
-    record = dict(meta.to_dict())
-    record["fingerprint"] = meta.fingerprint
-    record["path"] = str(getattr(data, "path", ""))
-    return record
 
 
 def _feature_rows(data, rows: np.ndarray) -> np.ndarray:
@@ -215,8 +208,9 @@ def fit_head(
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)
     report(steps_total - 2, "save")
-    extra = {"cache": _cache_record(data), "metrics": metrics, "fit_seconds": fit_seconds, "val_source": val_source}
-    final.save(output_dir, extra=extra)
+    record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics,
+                         val_source=val_source, fit_seconds=fit_seconds)
+    final.save(output_dir, record=record)
     if plots:
         report(steps_total - 1, "plots")
         class_names = [str(c) for c in final.classes_]
@@ -235,12 +229,12 @@ def default_output(data, head: str) -> Path:
     return paths.cache_dir() / "heads" / f"{stem}-{head}"
 
 
-def check_compatible(info: dict[str, Any], data, *, head_dir: Path) -> None:
+def check_compatible(record: HeadRecord, data, *, head_dir: Path) -> None:
     """Refuse a cache whose features are not what the head was trained on (says how to fix it)."""
-    expected = info.get("cache", {})
+    expected = record.cache
     meta = data.meta
     where = getattr(data, "path", "the cache")
-    want_backbone, want_dim = expected.get("backbone", "?"), int(info.get("feature_dim", -1))
+    want_backbone, want_dim = expected.get("backbone", "?"), record.feature_dim
     fix = f"run `embedx extract --backbone {want_backbone} …` to build a cache this head can read"
     if int(meta.feature_dim) != want_dim or meta.backbone != want_backbone:
         raise FeatureMismatchError(
@@ -266,7 +260,7 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
     head_dir = Path(head_dir)
     model = load_head(head_dir)
     data = _read(cache, load_features=False)
-    check_compatible(model.info_, data, head_dir=head_dir)
+    check_compatible(model.record_, data, head_dir=head_dir)
     names = np.asarray(data.classes, dtype=str)
     y_names = names[np.asarray(data.labels, dtype=np.int64)]
     row_splits = np.asarray(data.splits).astype(str)

@@ -55,7 +55,7 @@ from embedx.serve.calibrate import (
     resolve_batch_cap,
     runs_on_gpu,
 )
-from embedx.serve.metrics import ServeMetrics
+from embedx.serve.prometheus import ServeMetrics
 
 logger = logging.getLogger(__name__)
 

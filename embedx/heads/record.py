@@ -1,0 +1,219 @@
+"""head.json: the one reader, writer and builder of a saved head's record.
+
+A head directory holds ``head.json`` (this record, written last) and the head's weights.
+:class:`HeadRecord` is the only code that parses the file: it refuses another
+``schema_version`` and a field of the wrong type with one ``HeadError`` line that says
+how to fix it. :func:`head_record` builds the record of a head fitted on a cache's
+features (``fit_head``); :meth:`HeadRecord.backbone_onnx` finds
+the backbone ONNX those features came from and checks its sha256 (``predict --head``,
+``bundle``).
+
+Fields (schema_version 1): ``schema_version``, ``embedx_version``, ``head_type``,
+``classes`` (class names: strings, or the numbers or booleans a head was fitted on),
+``feature_dim``, ``temperature``, ``weights_file``, ``params`` / ``init_params``,
+``n_train``, ``sweep``, ``fit_seconds``, and from ``fit_head``: ``cache`` (the
+``CacheMeta`` of the training features plus ``fingerprint`` and ``path``), ``metrics``,
+``val_source``; ``finetune`` adds ``finetune``.
+
+torch-, scikit-learn- and numpy-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedx import __version__
+from embedx.errors import CacheMismatchError, HeadError, OnnxModelError
+from embedx.fsio import atomic_write, sha256_file
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+HEAD_JSON = "head.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+#: Optional fields the record relies on: name -> (accepted types, what to call them).
+_TYPED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "embedx_version": ((str,), "a string"),
+    "weights_file": ((str,), "a file name"),
+    "temperature": ((int, float), "a positive number"),
+    "params": ((dict,), "an object"),
+    "init_params": ((dict,), "an object"),
+    "n_train": ((int,), "an integer"),
+    "fit_seconds": ((int, float), "a number"),
+    "sweep": ((list,), "a list"),
+    "cache": ((dict, type(None)), "an object"),
+}
+#: Fields of ``cache`` the record relies on (bundle, predict --head, evaluate).
+_CACHE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "backbone": ((str,), "a string"),
+    "onnx_path": ((str,), "a string"),
+    "onnx_sha256": ((str,), "a string"),
+    "fingerprint": ((str,), "a string"),
+    "feature_dim": ((int,), "an integer"),
+    "preprocess": ((dict,), "an object"),
+}
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """A validated head.json. ``fields`` is the whole object as read or to be written;
+    the typed attributes are the fields the readers rely on."""
+
+    head_type: str
+    classes: tuple[str | int | float | bool, ...]
+    feature_dim: int
+    temperature: float
+    weights_file: str
+    cache: dict[str, Any]
+    fields: dict[str, Any] = field(repr=False)
+    #: the head directory it was read from (None for a record not yet written)
+    directory: Path | None = None
+
+    # -- reading
+
+    @classmethod
+    def read(cls, directory: str | Path) -> HeadRecord:
+        """The record of the head directory ``directory``; HeadError if it is missing or malformed."""
+        directory = Path(directory)
+        path = directory / HEAD_JSON
+        if not path.is_file():
+            raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise HeadError(f"{path} is not valid JSON ({e}); refit the head with `embedx fit-head`") from e
+        return cls.from_fields(fields, directory=directory)
+
+    @classmethod
+    def from_fields(cls, fields: Any, *, directory: Path | None = None) -> HeadRecord:
+        """Validate a head.json object (as parsed JSON) into a record."""
+        where = directory / HEAD_JSON if directory is not None else HEAD_JSON
+        if not isinstance(fields, dict):
+            raise HeadError(f"{where} holds a JSON {type(fields).__name__}, not an object; refit the head")
+        version = fields.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise HeadError(
+                f"{where} has head schema_version {version!r} (written by embedx "
+                f"{fields.get('embedx_version', '?')}) but this embedx {__version__} reads schema_version "
+                f"{SCHEMA_VERSION}; refit the head with `embedx fit-head` or use the embedx version that wrote it"
+            )
+
+        def malformed(name: str, expected: str) -> HeadError:
+            value = repr(fields.get(name, "<missing>"))
+            return HeadError(f"{where}: {name!r} must be {expected}, found {value[:80]}; refit the head with "
+                             "`embedx fit-head`")
+
+        head_type = fields.get("head_type")
+        if not isinstance(head_type, str) or not head_type:
+            raise malformed("head_type", "the name of a head type")
+        classes = fields.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int, float)) for c in classes):
+            raise malformed("classes", "a non-empty list of class names")
+        feature_dim = fields.get("feature_dim")
+        if not _has_type(feature_dim, (int,)) or feature_dim < 1:
+            raise malformed("feature_dim", "a positive integer")
+        for name, (types, expected) in _TYPED_FIELDS.items():
+            if name in fields and not _has_type(fields[name], types):
+                raise malformed(name, expected)
+        temperature = float(fields.get("temperature", 1.0))
+        if not temperature > 0:
+            raise malformed("temperature", "a positive number")
+        weights_file = fields.get("weights_file", WEIGHTS_FILE)
+        if Path(weights_file).name != weights_file:
+            raise malformed("weights_file", "a file name in the head directory")
+        cache = fields.get("cache") or {}
+        for name, (types, expected) in _CACHE_FIELDS.items():
+            if name in cache and not _has_type(cache[name], types):
+                raise HeadError(f"{where}: cache.{name} must be {expected}, found {cache[name]!r:.80}; refit "
+                                "the head with `embedx fit-head` from a current cache")
+        return cls(
+            head_type=head_type,
+            classes=tuple(classes),
+            feature_dim=int(feature_dim),
+            temperature=temperature,
+            weights_file=weights_file,
+            cache=cache,
+            fields=fields,
+            directory=directory,
+        )
+
+    @classmethod
+    def of(cls, head: Any, **fields: Any) -> HeadRecord:
+        """The record of a fitted head (``head.summary()``) with ``fields`` added or replaced."""
+        return cls.from_fields({**head.summary(), **fields})
+
+    # -- use
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.classes]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The head.json object (a copy of its top level)."""
+        return dict(self.fields)
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``directory/head.json`` atomically; returns its path."""
+        text = json.dumps(self.fields, indent=2, sort_keys=False) + "\n"
+        return atomic_write(Path(directory) / HEAD_JSON, text)
+
+    def preprocess(self):
+        """The ``PreprocessSpec`` of the training features (``cache.preprocess``)."""
+        from embedx.preprocess import PreprocessSpec
+
+        if "preprocess" not in self.cache:
+            raise HeadError(f"{self._where()} has no cache.preprocess; refit the head with `embedx fit-head` "
+                            "from a cache made by this embedx version")
+        return PreprocessSpec.from_dict(self.cache["preprocess"])
+
+    def backbone_onnx(self) -> Path:
+        """The backbone ONNX whose features this head was trained on, checked against ``cache.onnx_sha256``.
+
+        HeadError when head.json names none, OnnxModelError when the file is missing,
+        CacheMismatchError when its sha256 differs from the one recorded at extraction.
+        """
+        onnx_path = self.cache.get("onnx_path")
+        if not onnx_path:
+            raise HeadError(f"{self._where()} has no cache.onnx_path; refit the head with `embedx fit-head` "
+                            "from a cache made by this embedx version")
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise OnnxModelError(
+                f"the backbone ONNX this head was trained on, {path}, is missing; re-export it with "
+                f"`embedx export {self.cache.get('backbone', 'BACKBONE')}` (the same backbone and weights "
+                "give the same file)"
+            )
+        expected = self.cache.get("onnx_sha256")
+        if expected:
+            found = sha256_file(path)
+            if found != expected:
+                raise CacheMismatchError(
+                    f"{path} has sha256 {found[:16]}… but the head was trained on features of a file with "
+                    f"sha256 {expected[:16]}…; re-extract the cache and refit the head with the current "
+                    "export, or restore the original ONNX file"
+                )
+        return path
+
+    def _where(self) -> str:
+        return str(self.directory / HEAD_JSON) if self.directory is not None else HEAD_JSON
+
+
+def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metrics: dict[str, Any],
+                val_source: str, **fields: Any) -> HeadRecord:
+    """The record of ``head`` fitted on features described by ``cache_meta`` (a ``CacheMeta``).
+
+    ``cache_path``: the cache file ("" when the features did not come from one);
+    ``metrics`` and ``val_source``: as ``fit_head`` reports them; ``fields``: any other
+    head.json fields (``fit_seconds``, ``finetune``).
+    """
+    cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint, "path": str(cache_path)}
+    return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
