@@ -55,11 +55,14 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--preprocess", "preprocess_mode", type=click.Choice(["fast", "exact"]), default=None,
               help="How pixels are made: fast (libjpeg-turbo + OpenCV, the default) or exact "
                    "(pixel for pixel torchvision's transform on PIL images).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Who decodes and resizes: gpu (nvJPEG + resize on the device; other files fall back to "
+                   "the CPU one by one), cpu (decode workers), auto (gpu when the model runs on CUDA).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings, start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, preprocess_mode, overwrite, as_json, quiet) -> None:
+                    dtype, val_fraction, manifest, preprocess_mode, decode, overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
@@ -85,7 +88,7 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
-            progress=progress,
+            decode=decode, progress=progress,
         )
     result = summary.to_dict()
     if as_json:

@@ -42,12 +42,16 @@ def _batch_cap(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1),
               help="Classes per image in answers (a request may ask ?top_k=K).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]))
+@click.option("--buckets", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Pad every batch to 1, 2, 4, ... --max-batch images, each size warmed before the server is "
+                   "ready (auto: on a GPU, where each new shape costs a kernel search).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log", is_flag=True, help="Log every request.")
 def serve_command(model: Path, host: str, port: int, max_batch: int, batch_cap: str | int, max_delay_ms: float, no_batching: bool,
                   max_queue: int, max_body_mb: float, timeout_s: float, workers_decode: int,
-                  threads: int | None, top_k: int, device: str, log_level: str, access_log: bool) -> None:
+                  threads: int | None, top_k: int, device: str, buckets: str, log_level: str,
+                  access_log: bool) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, GET /v1/model, /health/*, /metrics."""
     from embedx.serve import run
 
@@ -68,6 +72,7 @@ def serve_command(model: Path, host: str, port: int, max_batch: int, batch_cap: 
         threads=threads,
         top_k=top_k,
         device=device,
+        buckets={"auto": None, "on": True, "off": False}[buckets],
     )
 
 
