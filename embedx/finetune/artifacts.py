@@ -77,31 +77,18 @@ def check_onnx(path: Path, backbone: nn.Module, *, input_size: int) -> dict[str,
     return parity
 
 
-def _head_record(exported, old_cache: dict[str, Any], *, metrics: dict[str, Any], n_val: int,
-                 finetune: dict[str, Any]) -> dict[str, Any]:
-    """head.json's fields beyond the head's own summary: the new backbone's cache section,
-    the val metrics and the fine-tuning record (``Head.save(extra=...)``)."""
+def _head_record(head: Any, exported, old_cache: dict[str, Any], *, metrics: dict[str, Any], n_val: int,
+                 finetune: dict[str, Any]):
+    """head.json of the fine-tuned head (``heads.head_record``, the one builder): the new
+    backbone's cache section, the val metrics and the fine-tuning record."""
     from embedx.cache import CacheMeta
+    from embedx.heads import head_record
 
-    meta = CacheMeta(
-        backbone=exported.backbone,
-        weights_tag=exported.weights_tag,
-        weights_arg=exported.weights_arg,
-        onnx_path=str(Path(exported.path).resolve()),
-        onnx_sha256=exported.sha256,
-        feature_layer=str(exported.feature_layer),
-        feature_dim=int(exported.feature_dim),
-        preprocess=exported.preprocess.to_dict(),
-        dtype=old_cache.get("dtype", "float16"),
-        precision=old_cache.get("precision", "fp32"),
-    )
+    meta = CacheMeta.from_export(exported, dtype=old_cache.get("dtype", "float16"),
+                                 precision=old_cache.get("precision", "fp32"))
     val_source = "val images of the fine-tuning data (eval preprocessing)"
-    return {
-        "cache": {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": ""},
-        "metrics": {"val_source": val_source, "n_val": n_val, "val": metrics},
-        "val_source": val_source,
-        "finetune": finetune,
-    }
+    return head_record(head, meta, metrics={"val_source": val_source, "n_val": n_val, "val": metrics},
+                       val_source=val_source, finetune=finetune)
 
 
 def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, val_loader,
@@ -128,8 +115,8 @@ def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, v
     head = copy.deepcopy(start.head)
     head._set_arrays(model.head.arrays())  # the same arrays load_head reads back
     head.temperature_ = temperature
-    head.save(output_dir, extra=_head_record(
-        exported, start.head_json.get("cache") or {}, metrics=metrics, n_val=int(len(labels)),
+    head.save(output_dir, record=_head_record(
+        head, exported, start.head_json.get("cache") or {}, metrics=metrics, n_val=int(len(labels)),
         finetune={**record, "parity": parity, "temperature": temperature},
     ))
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, output_dir / "confusion_matrix.png",
