@@ -372,7 +372,7 @@ def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec
     that the images are decoded only when no int8 model for them is cached; it sets
     ``run.calibration_keys`` to the images used.
     """
-    from embedx.runtime import CalibrationSource
+    from embedx.quantize import CalibrationSource
 
     first_index: dict[str, int] = {}
     for index, key in enumerate(run.keys):
