@@ -497,12 +497,13 @@ class _Start:
 def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     from embedx.backbones import build_feature_extractor, feature_blocks
     from embedx.heads import load_head
+    from embedx.onnxgraph import is_onnx_path
 
     head = load_head(head_dir)
     head_json = head.info_  # head.json as load_head read it
     cache = head_json.get("cache") or {}
     backbone_name = cache.get("backbone")
-    if not backbone_name or str(backbone_name).startswith("onnx:") or str(backbone_name).endswith(".onnx"):
+    if not backbone_name or str(backbone_name).startswith("onnx:") or is_onnx_path(backbone_name):
         raise ConfigError(
             f"the head in {head_dir} was fitted on features of {backbone_name!r}, which is not a torch "
             "backbone from the registry; fine-tuning needs one (see `embedx backbones`)"
