@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -143,6 +145,11 @@ def test_only_a_name_ending_in_onnx_is_an_onnx_file(tmp_path):
     # the default cache of an ONNX backbone is named after the file, not its folder
     output = default_output(tmp_path / "data", str(tmp_path / "sub" / "Model.ONNX"))
     assert output == paths.cache_dir() / "data-Model.h5"
+
+
+def test_onnx_surgery_is_torch_free():
+    code = "import embedx.onnxgraph, sys; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_unknown_backbone_through_resolve():
