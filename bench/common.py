@@ -42,7 +42,7 @@ def machine_info() -> dict[str, Any]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    from embedx.runtime import gpu_available
+    from embedx.providers import gpu_available
 
     info["gpu"] = gpu_available()
     return info

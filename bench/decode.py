@@ -171,7 +171,8 @@ def model_accuracy(data_root: Path, backbone: str = "efficientnet_lite0") -> dic
     from embedx.data import discover
     from embedx.export import export_backbone
     from embedx.heads import fit_head
-    from embedx.runtime import OrtModel, cosine_similarity_rows
+    from embedx.quantize import cosine_similarity_rows
+    from embedx.runtime import OrtModel
 
     exported = export_backbone(backbone)
     model = OrtModel(exported.path, device="cpu")

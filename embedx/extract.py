@@ -330,10 +330,11 @@ def default_workers() -> int:
 def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> Path:
     """``cache_dir()/<data name>-<backbone>.h5`` (``-int8``/``-fp16`` added for those)."""
     from embedx import paths
+    from embedx.onnxgraph import is_onnx_path
 
     data_path = Path(data).resolve()
     data_name = data_path.stem if data_path.suffix.lower() == ".csv" else data_path.name
-    backbone_name = Path(backbone).stem if str(backbone).lower().endswith(".onnx") else str(backbone)
+    backbone_name = Path(backbone).stem if is_onnx_path(backbone) else str(backbone)
     suffix = "" if precision == "fp32" else f"-{precision}"
     return paths.cache_dir() / f"{data_name}-{backbone_name}{suffix}.h5"
 
@@ -362,7 +363,7 @@ def _calibration(run: Any, items: Sequence[Any], spec: preprocess.PreprocessSpec
     that the images are decoded only when no int8 model for them is cached; it sets
     ``run.calibration_keys`` to the images used.
     """
-    from embedx.runtime import CalibrationSource
+    from embedx.quantize import CalibrationSource
 
     first_index: dict[str, int] = {}
     for index, key in enumerate(run.keys):
@@ -671,7 +672,7 @@ def extract(
         raise ConfigError(f"preprocess_mode must be one of {list(preprocess.MODES)}, got {preprocess_mode!r}")
 
     started = time.perf_counter()
-    from embedx.export import is_onnx_path
+    from embedx.onnxgraph import is_onnx_path
 
     if not is_onnx_path(backbone):
         from embedx.backbones import get_spec

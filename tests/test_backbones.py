@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from embedx import backbones
+from embedx.backbones import registry
 from embedx.errors import ConfigError, UnknownBackboneError, WeightsNotFoundError
 
 torch = pytest.importorskip("torch")
+from embedx.backbones import build  # noqa: E402 - imports torch
 
 ALL_SPECS = backbones.list_specs()
 REQUIRED = (
@@ -32,13 +36,18 @@ def _meta_extractor(spec, layer=None):
     layer = spec.check_layer(layer)
     try:
         with torch.device("meta"):
-            net = backbones._build_net(spec, random_init=False)
+            net = build._build_net(spec, random_init=False)
     except NotImplementedError:  # regnet computes its widths with real tensors
-        net = backbones._build_net(spec, random_init=False).to("meta")
-    mode = backbones._remove_head(net, spec, layer)
-    return backbones.feature_extractor_class()(
+        net = build._build_net(spec, random_init=False).to("meta")
+    mode = build._remove_head(net, spec, layer)
+    return build.FeatureExtractor(
         net, mode=mode, name=spec.name, feature_layer=layer, feature_dim=spec.dim_of(layer), family=spec.family
     ).eval()
+
+
+def test_importing_the_registry_does_not_import_torch():
+    code = "import embedx.backbones, sys; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_registry_covers_the_zoo():
@@ -143,7 +152,7 @@ def test_feature_extractor_pickles():
 
     model = backbones.build_feature_extractor("squeezenet1_1", weights="none")
     clone = pickle.loads(pickle.dumps(model))
-    assert isinstance(clone, backbones.FeatureExtractor)
+    assert isinstance(clone, build.FeatureExtractor)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), model(x))
@@ -227,7 +236,7 @@ def test_other_torchvision_weights_by_name(tmp_path, monkeypatch):
     from embedx import export
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    members = backbones._torchvision_members(backbones.get_spec("mobilenet_v2"))
+    members = registry.torchvision_members(backbones.get_spec("mobilenet_v2"))
     v1 = members["IMAGENET1K_V1"]
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -246,10 +255,10 @@ def test_other_torchvision_weights_by_name(tmp_path, monkeypatch):
 def test_vit_swag_weights_build_at_their_image_size():
     spec = backbones.get_spec("vit_b_16")
     with torch.device("meta"):
-        net = backbones._build_net(spec, random_init=False, member="IMAGENET1K_SWAG_E2E_V1")
+        net = build._build_net(spec, random_init=False, member="IMAGENET1K_SWAG_E2E_V1")
     assert net.image_size == 384
     assert tuple(net.encoder.pos_embedding.shape) == (1, (384 // 16) ** 2 + 1, 768)
-    swag = backbones._preprocess_of(backbones._torchvision_members(spec)["IMAGENET1K_SWAG_E2E_V1"])
+    swag = registry._preprocess_of(registry.torchvision_members(spec)["IMAGENET1K_SWAG_E2E_V1"])
     assert swag.input_size == 384 and swag.interpolation == "bicubic"
 
 

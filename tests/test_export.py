@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from embedx import backbones, export, onnxmeta
+from embedx import backbones, export, fsio, onnxcache, onnxmeta, paths
 from embedx.errors import ConfigError, OnnxModelError, ParityError, UnknownBackboneError
 
 torch = pytest.importorskip("torch")
@@ -85,7 +87,7 @@ def test_truncated_cache_file_is_rebuilt():
     first.path.write_bytes(data[: len(data) // 2])
     rebuilt = export.export_backbone("squeezenet1_1", weights="none")
     assert not rebuilt.cached and rebuilt.path == first.path
-    assert rebuilt.path.read_bytes() == data or rebuilt.sha256 == export.file_sha256(rebuilt.path)
+    assert rebuilt.path.read_bytes() == data or rebuilt.sha256 == fsio.sha256_file(rebuilt.path)
     assert export.export_backbone("squeezenet1_1", weights="none").cached
     # same size, other bytes (bit rot, a bad copy): caught by the hash, as the mtime moved
     data = first.path.read_bytes()
@@ -96,7 +98,7 @@ def test_truncated_cache_file_is_rebuilt():
     first.path.write_bytes(first.path.read_bytes())
     assert export.export_backbone("squeezenet1_1", weights="none").cached
     # an ONNX file without its completion record (a crash between the two) is rebuilt too
-    export._sidecar(first.path).unlink()
+    onnxcache._sidecar(first.path).unlink()
     assert not export.export_backbone("squeezenet1_1", weights="none").cached
 
 
@@ -104,7 +106,7 @@ def test_output_copy_and_force(tmp_path):
     target = tmp_path / "out" / "sq.onnx"
     result = export.export_backbone("squeezenet1_1", weights="none", output=target)
     assert result.path == target and target.is_file()
-    assert export.file_sha256(target) == result.sha256
+    assert fsio.sha256_file(target) == result.sha256
     stages = []
     rebuilt = export.export_backbone("squeezenet1_1", weights="none", force=True,
                                      progress=lambda done, total, info: stages.append(info["stage"]))
@@ -126,7 +128,28 @@ def test_parity_gate_raises(monkeypatch):
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(ParityError, match="disagree"):
         export.export_backbone("squeezenet1_1", weights="none")
-    assert not list((export.paths.onnx_dir()).glob("*.onnx"))
+    assert not list((paths.onnx_dir()).glob("*.onnx"))
+
+
+def test_only_a_name_ending_in_onnx_is_an_onnx_file(tmp_path):
+    from embedx.extract import default_output
+    from embedx.onnxgraph import is_onnx_path
+
+    suffixless = tmp_path / "model"
+    suffixless.write_bytes(b"an existing file without the suffix")
+    assert is_onnx_path("m.onnx") and is_onnx_path(Path("models") / "B.ONNX")
+    assert not is_onnx_path("resnet18") and not is_onnx_path(suffixless)
+    assert not is_onnx_path(tmp_path / "m.onnx.json")
+    with pytest.raises(UnknownBackboneError, match=r"\.onnx file"):
+        export.resolve_backbone(suffixless)
+    # the default cache of an ONNX backbone is named after the file, not its folder
+    output = default_output(tmp_path / "data", str(tmp_path / "sub" / "Model.ONNX"))
+    assert output == paths.cache_dir() / "data-Model.h5"
+
+
+def test_onnx_surgery_is_torch_free():
+    code = "import embedx.onnxgraph, sys; sys.exit(int('torch' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_unknown_backbone_through_resolve():
@@ -176,7 +199,7 @@ def test_prepare_onnx_uses_the_output_by_default(tiny_onnx):
     result = export.prepare_onnx(path)
     assert result.feature_dim == 5 and result.backbone == "onnx:tiny.onnx"
     assert result.preprocess.input_size == 32
-    assert result.weights_tag == f"file:{export.file_sha256(path)[:16]}"
+    assert result.weights_tag == f"file:{fsio.sha256_file(path)[:16]}"
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()

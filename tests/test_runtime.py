@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedx import onnxmeta, runtime
+from embedx import onnxmeta, providers, quantize, runtime
 from embedx.errors import BackendError, ConfigError, OnnxModelError, QuantizationError
 
 torch = pytest.importorskip("torch")
@@ -103,10 +103,10 @@ def test_forcing_a_gpu_without_one_is_refused(tiny, device):
 
 
 def test_auto_prefers_tensorrt_then_cuda(monkeypatch):
-    monkeypatch.setattr(runtime, "gpu_available", lambda: True)
-    monkeypatch.setattr(runtime, "_tensorrt_loadable", lambda: True)
+    monkeypatch.setattr(providers, "gpu_available", lambda: True)
+    monkeypatch.setattr(providers, "tensorrt_loadable", lambda: True)
     assert runtime.resolve_providers("auto") == [runtime.TENSORRT, runtime.CUDA, runtime.CPU]
-    monkeypatch.setattr(runtime, "_tensorrt_loadable", lambda: False)
+    monkeypatch.setattr(providers, "tensorrt_loadable", lambda: False)
     assert runtime.resolve_providers("auto") == [runtime.CUDA, runtime.CPU]
     assert runtime.resolve_providers("cuda") == [runtime.CUDA, runtime.CPU]
     with pytest.raises(BackendError, match="TensorRT"):
@@ -116,8 +116,8 @@ def test_auto_prefers_tensorrt_then_cuda(monkeypatch):
 @needs_no_gpu
 def test_silent_fallback_to_cpu_is_caught(tiny, monkeypatch):
     """Pretend a GPU exists: ORT cannot start CUDA, falls back, and OrtModel notices."""
-    monkeypatch.setattr(runtime, "gpu_available", lambda: True)
-    monkeypatch.setattr(runtime, "_preload_gpu_libraries", lambda: None)
+    monkeypatch.setattr(providers, "gpu_available", lambda: True)
+    monkeypatch.setattr(runtime, "preload_gpu_libraries", lambda: None)
     with pytest.raises(BackendError, match="asked for CUDAExecutionProvider but runs"):
         runtime.OrtModel(tiny[1], device="cuda")
 
@@ -214,12 +214,12 @@ def test_int8_calibration_source_is_loaded_only_when_not_cached(tiny, calibratio
 def test_metadata_probe_reads_what_onnx_reads(tiny, calibration, tmp_path):
     int8_path, _ = runtime.quantize_int8(tiny[1], calibration, min_cosine=0.9)
     for path in (tiny[1], int8_path):
-        assert runtime._embedx_metadata(Path(path)) == onnxmeta.read(path)
-    assert runtime._embedx_metadata(Path(int8_path))["precision"] == "int8"
+        assert onnxmeta.probe(Path(path)) == onnxmeta.read(path)
+    assert onnxmeta.probe(Path(int8_path))["precision"] == "int8"
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(Path(int8_path).read_bytes()[:-3])  # a damaged file goes the slow way, which says why
     with pytest.raises(Exception):  # noqa: B017 - onnx's own decode error
-        runtime._embedx_metadata(cut)
+        onnxmeta.probe(cut)
 
 
 def test_int8_gate_refuses_with_the_figure(tiny, calibration):
@@ -231,7 +231,7 @@ def test_int8_gate_refuses_with_the_figure(tiny, calibration):
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_refusal_says_when_the_cpu_forced_7_bit_weights(tiny, calibration, monkeypatch, vnni):
-    monkeypatch.setattr(runtime, "_cpu_has_vnni", lambda: vnni)
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: vnni)
     with pytest.raises(QuantizationError) as refused:
         runtime.quantize_int8(tiny[1], calibration, min_cosine=1.5)
     message = str(refused.value)
@@ -296,7 +296,7 @@ def test_resnet18_int8_gate(tmp_path):
 def test_gpu_providers_and_fp16(tiny, device, precision):
     if not runtime.gpu_available():
         pytest.skip("no NVIDIA GPU on this machine")
-    if device == "tensorrt" and not runtime._tensorrt_loadable():
+    if device == "tensorrt" and not providers.tensorrt_loadable():
         pytest.skip("TensorRT (libnvinfer) is not installed")
     net, path = tiny
     model = runtime.OrtModel(path, device=device, precision=precision)
@@ -353,8 +353,8 @@ def test_fp16_copy_for_cuda_keeps_float32_io(tiny):
     """The CUDA fp16 model is built on any machine; only running it needs the GPU."""
     import onnx
 
-    converted = runtime._fp16_model(tiny[1])
-    assert converted == runtime._fp16_model(tiny[1])  # cached by the source's sha256
+    converted = quantize.fp16_model(tiny[1])
+    assert converted == quantize.fp16_model(tiny[1])  # cached by the source's sha256
     model = onnx.load(str(converted))
     float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     assert model.graph.input[0].type.tensor_type.elem_type == float32

@@ -121,7 +121,7 @@ class _Start:
 
 def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     from embedx.backbones import build_feature_extractor, feature_blocks
-    from embedx.export import is_onnx_path
+    from embedx.onnxgraph import is_onnx_path
     from embedx.heads import load_head
 
     head = load_head(head_dir)
