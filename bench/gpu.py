@@ -115,10 +115,7 @@ def ort_alone(exported, spec, *, seconds: float = 3.0) -> list[dict]:
 
     from embedx.iobinding import BoundRunner
     from embedx.pixel_input import pixel_model
-    try:
-        from embedx.quantize import fp16_model
-    except ImportError:  # before the runtime split
-        from embedx.runtime import _fp16_model as fp16_model
+    from embedx.quantize import fp16_model
 
     u8_path = pixel_model(exported.path, spec)
     fp16_path = fp16_model(u8_path)

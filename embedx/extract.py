@@ -691,7 +691,7 @@ def extract(
         # the ONNX model is the same; only how pixels are made changes (and is recorded)
         exported = dataclasses.replace(exported, preprocess=dataclasses.replace(exported.preprocess, mode=preprocess_mode))
     from embedx.gpu import resolve_decode
-    from embedx.runtime import GPU_PROVIDERS, resolve_providers
+    from embedx.providers import GPU_PROVIDERS, resolve_providers
 
     decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode)

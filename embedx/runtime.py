@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions: ``OrtModel``, float32 NCHW in, float32 ``(N, D)`` out (torch-free).
+"""ONNX Runtime sessions: ``OrtModel``, a batch in, float32 ``(N, D)`` out (torch-free).
+
+The input is what the model declares: float32 NCHW for a backbone export, uint8 NHWC
+pixels for a pixel-input copy (``pixel_input``) or a bundle made ``--with-preprocess``.
 
 - The providers come from ``providers.resolve_providers(device)`` (TensorRT > CUDA > CPU
   under ``"auto"``).  After the session is made, the providers it really uses are
@@ -25,7 +28,6 @@ import numpy as np
 
 from embedx import fsio, onnxmeta
 from embedx.errors import BackendError, ConfigError, OnnxModelError
-from embedx.fsio import sha256_file as file_sha256
 from embedx.providers import (
     CPU,
     CUDA,
@@ -54,7 +56,7 @@ from embedx.quantize import (
 
 __all__ = [
     "CALIBRATION_BATCH", "CPU", "CUDA", "DEVICES", "GPU_PROVIDERS", "PRECISIONS", "QUANTIZATION_SETTINGS",
-    "TENSORRT", "CalibrationSource", "OrtModel", "array_sha256", "cosine_similarity_rows", "file_sha256",
+    "TENSORRT", "CalibrationSource", "OrtModel", "array_sha256", "cosine_similarity_rows",
     "gpu_available", "physical_cores", "quantize_int8", "resolve_providers",
 ]
 
@@ -166,6 +168,7 @@ class OrtModel:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.input_name: str = inputs[0].name
         self.input_shape = list(inputs[0].shape)
+        self.input_dtype = np.dtype(np.uint8 if inputs[0].type == "tensor(uint8)" else np.float32)
         output_names = [o.name for o in outputs]
         self.output_name: str = "features" if "features" in output_names else output_names[0]
         custom = self.session.get_modelmeta().custom_metadata_map
@@ -230,9 +233,24 @@ class OrtModel:
             )
         return quantize_int8(self.source_path, calibration, min_cosine=min_cosine, source_sha256=source_sha256)
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the session runs on CUDA or TensorRT."""
+        return self.providers[0] in GPU_PROVIDERS
+
+    def bound(self, batch_size: int) -> Any:
+        """A ``iobinding.BoundRunner`` of this session at ``batch_size``: one fixed input shape
+        (short batches padded), inputs and outputs bound in place (device-to-device for
+        torch CUDA tensors). What extraction uses on a GPU."""
+        from embedx.iobinding import BoundRunner
+
+        return BoundRunner(self.session, batch_size=batch_size, input_name=self.input_name,
+                           output_name=self.output_name)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 NCHW batch -> float32 ``(N, D)`` (outputs of higher rank are flattened)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        """A batch in the model's input layout and dtype (float32 NCHW, or uint8 NHWC pixels)
+        -> float32 ``(N, D)`` (outputs of higher rank are flattened)."""
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         expected_rank = len(self.input_shape)
         if batch.ndim != expected_rank:
             raise BackendError(

@@ -13,8 +13,8 @@ import pytest
 from embedx import onnxmeta, preprocess
 from embedx.bundle import bundle, compose, save
 from embedx.errors import CacheMismatchError, HeadError, OnnxModelError
+from embedx.fsio import sha256_file as file_sha256
 from embedx.preprocess import PreprocessSpec
-from embedx.runtime import file_sha256
 from tests.bundle_fixtures import CLASSES, SPEC, make_bundle, tiny_backbone, tiny_head, write_images
 
 

@@ -121,8 +121,8 @@ class _Start:
 
 def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
     from embedx.backbones import build_feature_extractor, feature_blocks
-    from embedx.onnxgraph import is_onnx_path
     from embedx.heads import load_head
+    from embedx.onnxgraph import is_onnx_path
 
     head = load_head(head_dir)
     head_json = head.info_  # head.json as load_head read it
