@@ -505,13 +505,19 @@ def test_unchanged_files_are_not_read_again(tmp_path, backbone):
 
 
 def test_padded_batches_give_the_same_features(tmp_path, backbone, monkeypatch):
-    """TensorRT gets fixed-size batches (zero rows padded); the padding never reaches the cache."""
-    from embedx import extract as extract_module
+    """On a GPU the session runs IO-bound at one batch shape (the last batch padded); the
+    padding never reaches the cache. The same runner works on the CPU provider, so the
+    GPU's code path is taken here by saying the model is on a GPU."""
+    from embedx import runtime
 
     data = class_folders(tmp_path / "data", per_class=3)  # 6 images, batch 4: the last batch has 2
     plain = run(data, backbone, tmp_path / "a.h5", dtype="float32")
-    monkeypatch.setattr(extract_module, "_fixed_shape", lambda model: True)
+    bound = []
+    original = runtime.OrtModel.bound
+    monkeypatch.setattr(runtime.OrtModel, "on_gpu", property(lambda self: True))
+    monkeypatch.setattr(runtime.OrtModel, "bound", lambda self, size: bound.append(size) or original(self, size))
     padded = run(data, backbone, tmp_path / "b.h5", dtype="float32")
+    assert bound == [4]
     assert plain.images == padded.images == 6
     np.testing.assert_allclose(read_cache(tmp_path / "a.h5").features, read_cache(tmp_path / "b.h5").features,
                                rtol=1e-5, atol=1e-6)
@@ -552,3 +558,86 @@ def test_cli_preprocess_option(tmp_path, backbone):
     result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--preprocess", "fast", "-q")
     assert result.exit_code == 1 and "preprocess" in result.output and "--overwrite" in result.output
     assert cli_run("extract", "--backbone", backbone, data, "--preprocess", "pretty").exit_code == 2
+
+
+# -- decode: cpu | gpu ------------------------------------------------------------------
+
+
+def test_gpu_decode_needs_a_gpu_and_says_so(tmp_path, backbone):
+    from embedx.errors import BackendError
+
+    data = class_folders(tmp_path / "data", per_class=2)
+    with pytest.raises(BackendError, match="--decode gpu needs"):
+        run(data, backbone, tmp_path / "g.h5", decode="gpu")
+    assert not (tmp_path / "g.h5").exists()
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        run(data, backbone, tmp_path / "g.h5", decode="nvjpeg")
+
+
+def test_the_cache_records_the_decoder_and_cpu_caches_keep_their_fingerprint(tmp_path, backbone):
+    from embedx.cache import CacheMeta
+
+    data = class_folders(tmp_path / "data", per_class=2)
+    summary = run(data, backbone, tmp_path / "c.h5")
+    assert summary.decode == "cpu"
+    meta = read_cache(tmp_path / "c.h5").meta
+    assert meta.decode == "cpu"
+    fields = meta.to_dict()
+    older = CacheMeta.from_dict({k: v for k, v in fields.items() if k != "decode"})  # before decode existed
+    assert older.fingerprint == meta.fingerprint
+    on_gpu = CacheMeta.from_dict({**fields, "decode": "gpu"})
+    assert on_gpu.fingerprint != meta.fingerprint
+    assert on_gpu.differences(meta) == ["decode: 'gpu' vs 'cpu'"]
+
+
+def test_cli_decode_option(tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    result = cli_run("extract", data, "--backbone", backbone, "--device", "cpu", "--decode", "gpu",
+                     "-o", tmp_path / "x.h5", "-q")
+    assert result.exit_code == 1 and "--decode gpu needs" in result.output
+    result = cli_run("extract", data, "--backbone", backbone, "--device", "cpu", "--decode", "cpu",
+                     "-o", tmp_path / "x.h5", "-q", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decode"] == "cpu"
+
+
+def _needs_cuda_decode():
+    from embedx.gpu import cuda_decode_available
+    from embedx.providers import gpu_available
+
+    if not (gpu_available() and cuda_decode_available()):
+        pytest.skip("needs an NVIDIA GPU with ONNX Runtime's CUDA provider and torch with CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_extraction_on_the_gpu_agrees_with_the_cpu(tmp_path, backbone, precision, decode):
+    _needs_cuda_decode()
+    data = class_folders(tmp_path / "data", per_class=5)  # 10 images, batch 4: padded last batch
+    reference = run(data, backbone, tmp_path / "cpu.h5", dtype="float32")
+    summary = extract_on_gpu(data, backbone, tmp_path / "gpu.h5", precision=precision, decode=decode)
+    assert summary.decode == decode and summary.providers[0] == "CUDAExecutionProvider"
+    assert summary.images == reference.images == 10
+    a, b = read_cache(tmp_path / "cpu.h5"), read_cache(tmp_path / "gpu.h5")
+    assert a.keys.tolist() == b.keys.tolist() and b.meta.decode == decode
+    cosine = (a.features * b.features).sum(1) / np.linalg.norm(a.features, axis=1) / np.linalg.norm(b.features, axis=1)
+    assert cosine.min() >= (0.9999 if decode == "cpu" and precision == "fp32" else 0.99), cosine
+
+
+@pytest.mark.gpu
+def test_gpu_decode_records_the_bad_input_table_of_the_cpu(tmp_path, backbone):
+    _needs_cuda_decode()
+    corpus = make_corpus(tmp_path / "data")
+    run(tmp_path / "data", backbone, tmp_path / "cpu.h5")
+    extract_on_gpu(tmp_path / "data", backbone, tmp_path / "gpu.h5", decode="gpu")
+    a, b = read_cache(tmp_path / "cpu.h5"), read_cache(tmp_path / "gpu.h5")
+    assert sorted(b.paths.tolist()) == sorted(a.paths.tolist()) == sorted(corpus["decode"])
+    assert sorted(b.errors) == sorted(a.errors)
+
+
+def extract_on_gpu(data, backbone, output, **options):
+    from embedx.extract import extract
+
+    return extract(data, backbone=backbone, output=output, device="cuda", batch_size=4, workers=0,
+                   dtype="float32", **options)
