@@ -97,3 +97,26 @@ def test_buckets_are_off_by_default_on_the_cpu(bundle):
 
 
 assert httpx  # the in-process client comes from tests.test_serve
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_buckets_are_on_and_every_bucket_is_warmed(bundle):
+    from embedx.providers import gpu_available
+    from embedx.serve import create_app
+
+    if not gpu_available():
+        pytest.skip("no NVIDIA GPU with ONNX Runtime's CUDA provider")
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        info = (await client.get("/v1/model")).json()["server"]
+        assert info["buckets"] == [1, 2, 4, 8]
+        cap = info["batching"]
+        assert cap["mode"] == "auto" and set(cap["img_per_s"]) == {"1", "2", "4", "8"}
+        answers = await asyncio.gather(*[
+            client.post("/v1/predict", content=image_bytes(i), headers=PNG) for i in range(5)
+        ])
+        assert all(answer.status_code == 200 for answer in answers)
+
+    in_process(create_app(bundle, device="cuda", max_batch=8), scenario)
