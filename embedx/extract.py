@@ -25,6 +25,7 @@ Torch is imported only by ``export`` (to export a named backbone once).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -53,6 +54,8 @@ CALIBRATION_IMAGES = 64
 PREFETCH_PER_WORKER = 2
 #: With the default ``workers``, jobs of at most this many batches decode inline.
 SMALL_JOB_BATCHES = 2
+#: Threads that hash files before a run (hashlib and file reads release the GIL).
+HASH_THREADS = 16
 #: With the default ``workers``, one worker per this many batches after the first
 #: (the first is decoded in the main process while the workers start), up to one per core.
 BATCHES_PER_WORKER = 3
@@ -482,7 +485,7 @@ def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
             keys[index] = known[2]
         else:
             to_hash.append(index)
-    hashed = _hash_all([items[i].path for i in to_hash], threads=min(4, max(2, workers)))
+    hashed = _hash_all([items[i].path for i in to_hash], threads=min(HASH_THREADS, max(2, workers)))
     read_errors: dict[int, str] = {}
     for index, (key, reason) in zip(to_hash, hashed, strict=True):
         keys[index] = key
@@ -498,6 +501,38 @@ def _plan(items: Sequence[Any], writer: Any, workers: int) -> _Run:
     run = _Run(keys=keys, read_errors=read_errors, todo=todo, stats=stats, hashed=len(to_hash))
     run.seconds["hash"] = time.perf_counter() - tick
     return run
+
+
+class _Journal:
+    """The cache writer's calls (``append``, ``record_error``, ``flush``), in order, in one
+    background thread at most ``depth`` batches behind, so that a batch's journal write and
+    fsync overlap the next batch's inference. A write that fails is raised at the next call
+    or at ``close``; a crash loses at most the ``depth`` batches not yet journaled, which a
+    rerun computes again."""
+
+    def __init__(self, writer: Any, depth: int = 2) -> None:
+        self.writer = writer
+        self.depth = depth
+        self.seconds = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedx-journal")
+        self._pending: deque = deque()
+
+    def _timed(self, name: str, *args: Any, **kwargs: Any) -> None:
+        tick = time.perf_counter()
+        getattr(self.writer, name)(*args, **kwargs)
+        self.seconds += time.perf_counter() - tick
+
+    def submit(self, name: str, *args: Any, **kwargs: Any) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.depth):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._timed, name, *args, **kwargs))
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
@@ -532,6 +567,7 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
     batches = [run.todo[i : i + batch_size] for i in range(0, len(run.todo), batch_size)]
     decoder = _decoder(run, spec, [[str(items[i].path) for i in batch] for batch in batches],
                        workers=workers, decode=decode)
+    journal = _Journal(writer)
     try:
         from embedx.runtime import OrtModel
 
@@ -566,7 +602,7 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             for position, reason in result["errors"]:
                 index = batch[position]
                 run.decode_errors[index] = reason
-                writer.record_error(items[index].relpath, reason, key=run.keys[index])
+                journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
             rows = [batch[position] for position in result["rows"]]
             tick = time.perf_counter()
             if rows:
@@ -578,18 +614,21 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
                     pixels = _normalize_into(as_numpy_pixels(pixels), spec, pad_to)
                 features = (runner or run.model).run(pixels)[: len(rows)]
             run.seconds["inference"] += time.perf_counter() - tick
-            tick = time.perf_counter()
             if rows:
-                writer.append([run.keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
+                journal.submit("append", [run.keys[i] for i in rows], features,
+                               paths=[items[i].relpath for i in rows])
             else:
-                writer.flush()
-            run.seconds["write"] += time.perf_counter() - tick
+                journal.submit("flush")
             run.new += len(rows)
             done += len(batch)
             if progress is not None:
                 progress(done, len(run.todo), {"errors": len(run.decode_errors)})
             waited = time.perf_counter()
+        journal.close()  # a failed journal write is raised here
     finally:
+        with contextlib.suppress(Exception):  # already raised above, or another error is on its way
+            journal.close()
+        run.seconds["write"] += journal.seconds
         decoder.close()
 
 

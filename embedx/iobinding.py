@@ -74,6 +74,9 @@ class BoundRunner:
                      np.int8: torch.int8}[self.input_dtype.type]
             self._torch_input = torch.zeros(shape, dtype=dtype, device=f"cuda:{device_id}")
             self._pinned = torch.zeros(shape, dtype=dtype).pin_memory()
+            # copies on a stream of their own: work on the legacy default stream would wait for,
+            # and hold up, every other stream (the GPU decoders', ONNX Runtime's)
+            self._stream = torch.cuda.Stream(device=f"cuda:{device_id}")
             self.binding.bind_input(self.input_name, "cuda", device_id, self.input_dtype, list(shape),
                                     self._torch_input.data_ptr())
             self._input = None
@@ -110,13 +113,14 @@ class BoundRunner:
         if self._torch_input is not None:
             import torch
 
-            if _is_torch_tensor(batch):
-                self._torch_input[:count].copy_(batch)
-            else:
-                source = self._pinned[:count]
-                source.numpy()[...] = np.asarray(batch, dtype=self.input_dtype)
-                self._torch_input[:count].copy_(source, non_blocking=True)
-            torch.cuda.current_stream().synchronize()  # ORT computes on its own stream
+            with torch.cuda.stream(self._stream):
+                if _is_torch_tensor(batch):
+                    self._torch_input[:count].copy_(batch, non_blocking=True)
+                else:
+                    source = self._pinned[:count]
+                    source.numpy()[...] = np.asarray(batch, dtype=self.input_dtype)
+                    self._torch_input[:count].copy_(source, non_blocking=True)
+            self._stream.synchronize()  # ORT computes on its own stream
         else:
             if _is_torch_tensor(batch):
                 batch = batch.cpu().numpy()
