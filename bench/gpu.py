@@ -176,21 +176,39 @@ def ort_alone(exported, spec, *, seconds: float = 3.0) -> list[dict]:
 
 
 def decode_alone(folder: Path, spec) -> dict:
+    """img/s of the decoders alone over every image (the clock includes their start), and
+    GPU decode's steady state by thread count (after one batch of warm-up), and what
+    reading + hashing alone allow."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embedx import gpu
     from embedx.extract import _Decoder
-    from embedx.gpu import GpuDecodeSource
 
     files = [str(p) for p in sorted(folder.rglob("*.jpg"))]
     batches = [files[i : i + BATCH] for i in range(0, len(files), BATCH)]
-    out = {}
-    began = time.perf_counter()
-    source = GpuDecodeSource(spec, batches)
-    try:
-        count = sum(len(item["rows"]) for item in source)
-    finally:
-        source.close()
-    out["gpu_decode_img_s"] = count / (time.perf_counter() - began)
-    out["gpu_decoded_on_device"] = source.decoder.gpu_images
-    log(f"decode alone: GPU {out['gpu_decode_img_s']:.0f} img/s ({source.decoder.gpu_images} on the device)")
+    out: dict = {}
+
+    def gpu_rate(threads: int, warm: bool) -> float:
+        source = gpu.GpuDecodeSource(spec, batches, decode_threads=threads)
+        try:
+            iterator = iter(source)
+            count = 0
+            if warm:
+                next(iterator)
+            began = time.perf_counter()
+            count = sum(len(item["rows"]) for item in iterator)
+        finally:
+            source.close()
+        return count / (time.perf_counter() - began)
+
+    out["gpu_decode_img_s"] = gpu_rate(gpu.DECODE_THREADS, warm=False)
+    for threads in (1, 2, 4):
+        out[f"gpu_decode_steady_{threads}_threads_img_s"] = gpu_rate(threads, warm=True)
+    with ThreadPoolExecutor(gpu.READ_THREADS) as pool:
+        began = time.perf_counter()
+        count = sum(1 for _ in pool.map(gpu._read, files))
+        out["read_and_hash_only_img_s"] = count / (time.perf_counter() - began)
+    log(f"decode alone: {out}")
     workers = max(1, (os.cpu_count() or 2) - 1)
     began = time.perf_counter()
     decoder = _Decoder(spec, workers, batches)
