@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import RESULTS, machine_info  # noqa: E402
 
-SECTIONS = ("data", "ort", "decode", "extract", "torch", "reference", "lite0", "serve", "parity")
+SECTIONS = ("data", "ort", "lite0_ort", "decode", "extract", "torch", "reference", "lite0", "serve", "parity")
 BATCH = 128
 RESNET = "resnet50"
 LITE = "efficientnet_lite0"
@@ -109,67 +109,95 @@ def subset(folder: Path, count: int, target: Path) -> Path:
 # -- ONNX Runtime alone ---------------------------------------------------------------------
 
 
-def ort_alone(exported, spec, *, seconds: float = 3.0) -> list[dict]:
-    """resnet50 in ORT alone, one configuration per row, on one batch already on the device."""
+def _time_session(name: str, path: Path, spec, *, batch: int, options: dict, bound: bool = True,
+                  seconds: float = 3.0) -> dict:
+    """img/s of one ORT CUDA session configuration on one batch already on the device."""
     import onnxruntime as ort
     import torch
 
     from embedx.iobinding import BoundRunner
+
+    try:
+        started = time.perf_counter()
+        session = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", options)])
+        if bound:
+            runner = BoundRunner(session, batch_size=batch)
+            pixels = torch.randint(0, 256, (batch, spec.input_size, spec.input_size, 3), dtype=torch.uint8,
+                                   device="cuda")
+
+            def step():
+                return runner.run(pixels)
+        else:
+            floats = np.random.default_rng(0).normal(size=(batch, 3, spec.input_size, spec.input_size))
+            floats = floats.astype(np.float32)
+            input_name = session.get_inputs()[0].name
+
+            def step():
+                return session.run(None, {input_name: floats})
+        for _ in range(3):
+            step()
+        setup = time.perf_counter() - started
+        runs, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            step()
+            runs += 1
+        rate = runs * batch / (time.perf_counter() - began)
+        log(f"ort alone: {name}, batch {batch}: {rate:.0f} img/s (setup {setup:.1f} s)")
+        return {"config": name, "batch": batch, "img_s": rate, "setup_s": setup, "options": options,
+                "providers": session.get_providers()[:1]}
+    except Exception as e:  # noqa: BLE001 - one configuration failing is a result, not the end
+        log(f"ort alone: {name}, batch {batch}: FAILED {e}")
+        return {"config": name, "batch": batch, "error": f"{type(e).__name__}: {e}"}
+
+
+def _options(*, tf32: bool = True, nhwc: bool = False, graph: bool = False, algo: str = "EXHAUSTIVE") -> dict:
+    return {"cudnn_conv_algo_search": algo, "use_tf32": "1" if tf32 else "0", "prefer_nhwc": "1" if nhwc else "0",
+            "enable_cuda_graph": "1" if graph else "0"}
+
+
+def ort_alone(exported, spec) -> list[dict]:
+    """resnet50 in ORT alone, one configuration per row, on one batch already on the device."""
     from embedx.pixel_input import pixel_model
     from embedx.quantize import fp16_model
 
-    u8_path = pixel_model(exported.path, spec)
-    fp16_path = fp16_model(u8_path)
-    configs = [
-        {"name": "float32 numpy, session.run (the old way)", "path": exported.path, "bound": False, "tf32": True},
-        {"name": "uint8 bound, fp32, TF32 off", "path": u8_path, "tf32": False},
-        {"name": "uint8 bound, fp32, TF32 on", "path": u8_path, "tf32": True},
-        {"name": "uint8 bound, fp16", "path": fp16_path, "tf32": True},
-        {"name": "uint8 bound, fp16, prefer_nhwc", "path": fp16_path, "tf32": True, "nhwc": True},
-        {"name": "uint8 bound, fp16, prefer_nhwc, CUDA graph", "path": fp16_path, "tf32": True, "nhwc": True,
-         "graph": True},
-        {"name": "uint8 bound, fp16, prefer_nhwc, batch 256", "path": fp16_path, "tf32": True, "nhwc": True,
-         "batch": 256},
-        {"name": "uint8 bound, fp16, HEURISTIC search", "path": fp16_path, "tf32": True, "algo": "HEURISTIC"},
+    u8 = pixel_model(exported.path, spec)
+    fp16 = fp16_model(u8)
+    return [
+        _time_session("float32 numpy, session.run (the old way)", exported.path, spec, batch=BATCH,
+                      options=_options(), bound=False),
+        _time_session("uint8 bound, fp32, TF32 off", u8, spec, batch=BATCH, options=_options(tf32=False)),
+        _time_session("uint8 bound, fp32, TF32 on", u8, spec, batch=BATCH, options=_options()),
+        _time_session("uint8 bound, fp16", fp16, spec, batch=BATCH, options=_options()),
+        _time_session("uint8 bound, fp16, prefer_nhwc", fp16, spec, batch=BATCH, options=_options(nhwc=True)),
+        _time_session("uint8 bound, fp16, prefer_nhwc, CUDA graph", fp16, spec, batch=BATCH,
+                      options=_options(nhwc=True, graph=True)),
+        _time_session("uint8 bound, fp16, prefer_nhwc, batch 256", fp16, spec, batch=256, options=_options(nhwc=True)),
+        _time_session("uint8 bound, fp16, HEURISTIC search", fp16, spec, batch=BATCH,
+                      options=_options(algo="HEURISTIC")),
     ]
+
+
+def lite_ort_alone() -> list[dict]:
+    """efficientnet_lite0 in ORT alone: cuDNN's algorithm search x layout x precision, at a
+    serving batch (4) and an extraction batch (128)."""
+    from embedx.export import export_backbone
+    from embedx.pixel_input import pixel_model
+    from embedx.quantize import fp16_model
+
+    exported = export_backbone(LITE, weights="DEFAULT")
+    spec = exported.preprocess
+    u8 = pixel_model(exported.path, spec)
+    fp16 = fp16_model(u8)
     rows = []
-    for config in configs:
-        batch = config.get("batch", BATCH)
-        options = {"cudnn_conv_algo_search": config.get("algo", "EXHAUSTIVE"),
-                   "use_tf32": "1" if config["tf32"] else "0",
-                   "prefer_nhwc": "1" if config.get("nhwc") else "0",
-                   "enable_cuda_graph": "1" if config.get("graph") else "0"}
-        try:
-            started = time.perf_counter()
-            session = ort.InferenceSession(str(config["path"]), providers=[("CUDAExecutionProvider", options)])
-            if config.get("bound", True):
-                runner = BoundRunner(session, batch_size=batch)
-                pixels = torch.randint(0, 256, (batch, spec.input_size, spec.input_size, 3), dtype=torch.uint8,
-                                       device="cuda")
-
-                def step(runner=runner, pixels=pixels):
-                    return runner.run(pixels)
-            else:
-                floats = np.random.default_rng(0).normal(size=(batch, 3, spec.input_size, spec.input_size))
-                floats = floats.astype(np.float32)
-                name = session.get_inputs()[0].name
-
-                def step(session=session, floats=floats, name=name):
-                    return session.run(None, {name: floats})
-            for _ in range(3):
-                step()
-            setup = time.perf_counter() - started
-            runs, began = 0, time.perf_counter()
-            while time.perf_counter() - began < seconds:
-                step()
-                runs += 1
-            rate = runs * batch / (time.perf_counter() - began)
-            rows.append({"config": config["name"], "batch": batch, "img_s": rate, "setup_s": setup,
-                         "providers": session.get_providers()[:1]})
-            log(f"ort alone: {config['name']}: {rate:.0f} img/s (setup {setup:.1f} s)")
-        except Exception as e:  # noqa: BLE001 - one configuration failing is a result, not the end
-            rows.append({"config": config["name"], "batch": batch, "error": f"{type(e).__name__}: {e}"})
-            log(f"ort alone: {config['name']}: FAILED {e}")
+    for algo in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        for label, path, options in (
+            ("fp32 (TF32 off)", u8, _options(tf32=False, algo=algo)),
+            ("fp16 NCHW", fp16, _options(algo=algo)),
+            ("fp16 prefer_nhwc", fp16, _options(nhwc=True, algo=algo)),
+        ):
+            for batch in (4, 128):
+                rows.append(_time_session(f"lite0 {label}, {algo}", path, spec, batch=batch, options=options,
+                                          seconds=0.7))
     return rows
 
 
@@ -406,6 +434,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="embedx-bench-gpu-"))
     os.environ.setdefault("EMBEDX_CACHE_DIR", str(work / "cache"))
     result: dict = {"benchmark": "gpu", "machine": machine_info(), "gpu": torch.cuda.get_device_name(0),
+                    "cuda_options_override": os.environ.get("EMBEDX_CUDA_OPTIONS", ""),
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "images": args.images, "batch": BATCH, "sections": {}, "errors": {}}
 
@@ -441,6 +470,7 @@ def main() -> None:
     resnet = export_backbone(RESNET, weights="none")
     spec = resnet.preprocess
     section("ort", lambda: ort_alone(resnet, spec))
+    section("lite0_ort", lite_ort_alone)
     section("decode", lambda: decode_alone(data, spec))
     rows: list[dict] = []
 

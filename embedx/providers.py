@@ -227,12 +227,28 @@ def provider_options(provider: str, precision: str) -> dict[str, str]:
             "trt_timing_cache_path": str(engines),
         }
     if provider == CUDA:
-        return {
+        options = {
             "use_tf32": "0" if precision == "fp32" else "1",
             "prefer_nhwc": "1" if precision == "fp16" else "0",
             "cudnn_conv_algo_search": "EXHAUSTIVE",
         }
+        return {**options, **cuda_options_override()}
     return {}
+
+
+def cuda_options_override() -> dict[str, str]:
+    """``$EMBEDX_CUDA_OPTIONS`` (``key=value,key=value``): CUDA provider options that replace
+    embedx's choices, for a model or a GPU where another setting measures faster."""
+    text = os.environ.get("EMBEDX_CUDA_OPTIONS", "").strip()
+    if not text:
+        return {}
+    options = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"EMBEDX_CUDA_OPTIONS must be key=value,key=value; got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def cpu_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:

@@ -641,3 +641,19 @@ def extract_on_gpu(data, backbone, output, **options):
 
     return extract(data, backbone=backbone, output=output, device="cuda", batch_size=4, workers=0,
                    dtype="float32", **options)
+
+
+def test_copies_of_one_image_are_computed_once_in_a_fresh_run(tmp_path, backbone):
+    """A fresh cache is not hashed up front (the decoders hash what they read); copies of one
+    image under other names are still computed once, and every name gets its row."""
+    data = class_folders(tmp_path / "data", per_class=3)
+    shutil.copy(data / "alpha" / "alpha_0.jpg", data / "alpha" / "copy_a.jpg")
+    shutil.copy(data / "alpha" / "alpha_0.jpg", data / "beta" / "copy_b.jpg")
+    summary = run(data, backbone, tmp_path / "c.h5", dtype="float32")
+    cache = read_cache(tmp_path / "c.h5")
+    assert summary.images == 8 and summary.new == 6 and summary.reused == 2
+    paths = cache.paths.tolist()
+    rows = [paths.index(p) for p in ("alpha/alpha_0.jpg", "alpha/copy_a.jpg", "beta/copy_b.jpg")]
+    assert len({cache.keys[r] for r in rows}) == 1
+    np.testing.assert_array_equal(cache.features[rows[0]], cache.features[rows[2]])
+    assert cache.classes[cache.labels[rows[2]]] == "beta"
