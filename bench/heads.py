@@ -14,7 +14,7 @@ In one run, per kind:
 
 Library imports (torch, scikit-learn) happen before the clocks start, for both.
 
-* embedx: ``embedx.heads.linear.sweep`` on standardized features (what
+* embedx: ``embedx.heads.sweep.sweep`` on standardized features (what
   ``LogRegHead(C="auto")`` runs): for a problem this size, ``large_l2_sweep``: class-mean
   warm start, the 8 grid values and 3 refinement values as per-member batched L-BFGS on a
   row sample, then the winner on all rows, each phase keeping its best validation
@@ -26,13 +26,26 @@ Library imports (torch, scikit-learn) happen before the clocks start, for both.
   seconds; the time of the fits it skipped is extrapolated from the mean of the
   fits it ran, and the output says which were run and which extrapolated.
 
+Then ``embedx fit-head`` as a fresh process on a small generated cache (default 800 rows x
+1280 float16 dims, 2 classes, 3/4 train and 1/4 val: the size of a cats/dogs set), the
+import time included: the default path (numpy solvers up to ``sweep.NUMPY_MAX_ROWS``
+training rows, torch never imported) and the torch path (the same sweep with numpy's row
+limit at 0), alternated, median wall seconds of ``--fit-head-repeats`` runs each, with the
+chosen C and val accuracy of both (they must agree).
+
     python bench/heads.py [--quick] [--kind gaussian|correlated|both] [--out bench/results/heads.json]
+    python bench/heads.py --only-fit-head [--fit-head-rows 800]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -68,8 +81,7 @@ def run_embedx(X, y, Xv, yv, classes: int) -> dict:
     import torch  # noqa: F401 - imported before the clock starts, like scikit-learn below
 
     from embedx.heads.base import standardize, standardizer
-    from embedx.heads.linear import sweep
-    from embedx.heads.sweep import DEFAULT_GRID
+    from embedx.heads.sweep import DEFAULT_GRID, sweep
 
     start, cpu = time.perf_counter(), time.process_time()
     mean, scale = standardizer(X)
@@ -163,6 +175,67 @@ def run_kind(kind: str, rows: int, dim: int, classes: int, separation: float, bu
             "table": table, "summary": summary}
 
 
+#: The torch path of ``fit-head``: the same command with numpy's row limit at 0.
+TORCH_PATH = "from embedx.heads import sweep; sweep.NUMPY_MAX_ROWS = 0; from embedx.cli.main import main; main()"
+
+
+def small_cache(path: Path, rows: int, dim: int, classes: int) -> Path:
+    """A real float16 cache file (``embedx.cache.CacheWriter``) of generated features, 3/4 train, 1/4 val."""
+    import hashlib
+
+    from embedx.cache import CacheMeta, CacheWriter
+
+    X, y = generated_features(rows, dim, classes, separation=0.1)
+    meta = CacheMeta(backbone="generated", weights_tag="none", weights_arg="none", onnx_path="/nowhere/generated.onnx",
+                     onnx_sha256="0" * 64, feature_layer="pool", feature_dim=dim, preprocess={"input_size": 224},
+                     dtype="float16", precision="fp32")
+    keys = [hashlib.sha256(f"row-{i}".encode()).hexdigest() for i in range(rows)]
+    names = [f"class{c}" for c in range(classes)]
+    paths = [f"{names[label]}/{i}.jpg" for i, label in enumerate(y)]
+    splits = ["train" if i < rows * 3 // 4 else "val" for i in range(rows)]
+    with CacheWriter(path, meta, overwrite=True) as writer:
+        writer.append(keys, X.astype(np.float16), paths=paths)
+        writer.finalize(keys=keys, paths=paths, labels=[int(v) for v in y], splits=splits, classes=names, errors=[])
+    return path
+
+
+def run_fit_head_process(rows: int, dim: int, classes: int, repeats: int) -> dict:
+    """``embedx fit-head --json`` as fresh processes, default path and torch path alternated."""
+    root = Path(__file__).resolve().parent.parent
+    commands = {"numpy (default)": [sys.executable, "-m", "embedx"], "torch": [sys.executable, "-c", TORCH_PATH]}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = small_cache(Path(tmp) / "small.h5", rows, dim, classes)
+        env = {**os.environ, "PYTHONPATH": str(root), "EMBEDX_CACHE_DIR": tmp}
+        walls: dict[str, list[float]] = {name: [] for name in commands}
+        summaries: dict[str, dict] = {}
+        for run in range(repeats + 1):  # the first round warms the file cache and is not counted
+            for name, command in commands.items():
+                start = time.perf_counter()
+                done = subprocess.run([*command, "fit-head", "--cache", str(cache), "-o", str(Path(tmp) / "head"),
+                                       "--json"], env=env, cwd=tmp, capture_output=True, text=True, check=True)
+                if run:
+                    walls[name].append(time.perf_counter() - start)
+                summaries[name] = json.loads(done.stdout)
+    result = {"rows": rows, "dim": dim, "classes": classes, "repeats": repeats, "paths": {}}
+    for name in commands:
+        summary = summaries[name]
+        result["paths"][name] = {"wall_seconds": statistics.median(walls[name]), "wall_runs": walls[name],
+                                 "fit_seconds": summary["fit_seconds"], "C": summary["params"]["C"],
+                                 "val_accuracy": summary["val_accuracy"]}
+        print(f"[fit-head] {name}: {result['paths'][name]['wall_seconds']:.2f} s wall (median of {repeats}), "
+              f"C={summary['params']['C']:.4g}, val acc {summary['val_accuracy']:.4f}", file=sys.stderr, flush=True)
+    numpy_path, torch_path = result["paths"].values()
+    result["ratio"] = torch_path["wall_seconds"] / numpy_path["wall_seconds"]
+    result["same_choice"] = numpy_path["C"] == torch_path["C"] and numpy_path["val_accuracy"] == torch_path["val_accuracy"]
+    result["table"] = [{"data": f"cache {rows}x{dim} float16, {classes} classes", "method": f"embedx fit-head, {name} path",
+                        "seconds": values["wall_seconds"], "val_accuracy": values["val_accuracy"], "C": values["C"]}
+                       for name, values in result["paths"].items()]
+    result["summary"] = {"what": f"fit-head as a fresh process, {rows}x{dim} cache: wall seconds",
+                         "baseline": f"{torch_path['wall_seconds']:.2f} s (torch path)",
+                         "embedx": f"{numpy_path['wall_seconds']:.2f} s (numpy path)", "ratio": result["ratio"]}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10,000 x 512, 20 classes, short sklearn budget")
@@ -176,7 +249,20 @@ def main() -> None:
     parser.add_argument("--sklearn-budget", type=float, default=None,
                         help="seconds (per kind) before sklearn stops starting fits")
     parser.add_argument("--sklearn-max-iter", type=int, default=100, help="scikit-learn's default")
+    parser.add_argument("--fit-head-rows", type=int, default=800, help="rows of the fresh-process fit-head cache")
+    parser.add_argument("--fit-head-dim", type=int, default=1280)
+    parser.add_argument("--fit-head-classes", type=int, default=2)
+    parser.add_argument("--fit-head-repeats", type=int, default=3)
+    parser.add_argument("--only-fit-head", action="store_true", help="skip the sweep comparison")
     args = parser.parse_args()
+    fit_head = run_fit_head_process(args.fit_head_rows, args.fit_head_dim, args.fit_head_classes,
+                                    args.fit_head_repeats)
+    if args.only_fit_head:
+        print(markdown_table(fit_head["table"], ["data", "method", "seconds", "val_accuracy", "C"]))
+        path = write_result("heads_fit_process", {"fit_head_process": fit_head, "summary": [fit_head["summary"]]},
+                            args.out)
+        print(f"wrote {path}", file=sys.stderr)
+        return
     rows = args.rows or (10_000 if args.quick else 50_000)
     dim = args.dim or (512 if args.quick else 2048)
     classes = args.classes or (20 if args.quick else 100)
@@ -186,7 +272,7 @@ def main() -> None:
 
     results = {kind: run_kind(kind, rows, dim, classes, separations.get(kind, args.separation), budget,
                               args.sklearn_max_iter) for kind in kinds}
-    print(markdown_table([row for r in results.values() for row in r["table"]],
+    print(markdown_table([row for r in results.values() for row in r["table"]] + fit_head["table"],
                          ["data", "method", "seconds", "val_accuracy", "C"]))
     first = results[kinds[0]]
     payload = {
@@ -199,7 +285,8 @@ def main() -> None:
         "sklearn_grid": first["sklearn_grid"],
         "speedup": first["speedup"],
         "kinds": {kind: {k: v for k, v in r.items() if k != "summary"} for kind, r in results.items()},
-        "summary": [r["summary"] for r in results.values()],
+        "fit_head_process": fit_head,
+        "summary": [r["summary"] for r in results.values()] + [fit_head["summary"]],
     }
     path = write_result("heads", payload, args.out)
     print(f"wrote {path}", file=sys.stderr)

@@ -499,7 +499,7 @@ def anisotropic_classes(n: int, dim: int, classes: int, seed: int) -> tuple[np.n
 
 
 def test_class_mean_init_is_the_weighted_class_means():
-    from embedx.heads.sweep import class_mean_init
+    from embedx.heads.lbfgs import class_mean_init
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 4)).astype(np.float32)
@@ -515,7 +515,7 @@ def test_class_mean_init_is_the_weighted_class_means():
 
 
 def test_fit_scales_minimizes_each_members_objective():
-    from embedx.heads.sweep import fit_scales
+    from embedx.heads.members import fit_scales
     from embedx.metrics import log_loss, softmax
 
     X, y = anisotropic_classes(400, 6, 3, seed=1)
@@ -535,7 +535,7 @@ def test_lbfgs_members_reach_scikit_learns_optimum():
     """Every member converges to its own L2 optimum: curvature pairs and steps are per member."""
     from sklearn.linear_model import LogisticRegression
 
-    from embedx.heads.sweep import lbfgs_members
+    from embedx.heads.lbfgs import lbfgs_members
 
     X, y = anisotropic_classes(600, 10, 4, seed=3)
     X = (X - X.mean(0)) / X.std(0)
@@ -556,14 +556,14 @@ def test_large_l2_sweep_phases_accuracy_and_determinism(monkeypatch):
     iterations improve on that start where the class means are not optimal."""
     from sklearn.linear_model import LogisticRegression
 
-    from embedx.heads import linear
+    from embedx.heads import sweep
     from embedx.heads.base import standardize, standardizer
-    from embedx.heads.linear import large_l2_sweep
-    from embedx.heads.sweep import DEFAULT_GRID, class_mean_init
+    from embedx.heads.lbfgs import class_mean_init
+    from embedx.heads.sweep import DEFAULT_GRID, large_l2_sweep
 
     # the sizes of 50,000 x 2048 rows scaled down: 1,500 sampled rows of 5,000, 1,000 of 2,000 val rows
-    monkeypatch.setattr(linear, "LARGE_COARSE_WORK", 64 * 10 * len(DEFAULT_GRID) * 1500)
-    monkeypatch.setattr(linear, "SCORE_ROWS", 1000)
+    monkeypatch.setattr(sweep, "LARGE_COARSE_WORK", 64 * 10 * len(DEFAULT_GRID) * 1500)
+    monkeypatch.setattr(sweep, "SCORE_ROWS", 1000)
 
     X, y = anisotropic_classes(7000, 64, 10, seed=4)
     X, y, Xv, yv = X[:5000], y[:5000], X[5000:], y[5000:]

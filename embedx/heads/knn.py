@@ -64,7 +64,7 @@ class KNNHead(Head):
         self.chosen_params_ = {"k": int(min(self.k_, len(y)))}
 
     def _choose_k(self, X_val: np.ndarray, y_val: np.ndarray) -> int:
-        from embedx.heads.sweep import calibrated_nll, pick_best
+        from embedx.heads.members import calibrated_nll, pick_best
         from embedx.metrics import log_loss, softmax
 
         calibrated = []

@@ -1,22 +1,23 @@
 """Linear heads (logreg, linear) and the MLP head: standardized features, one sweep.
 
 All three standardize features with the training mean/std (saved with the head)
-and choose their regularization on validation data with ``sweep.train_members``:
-8 values on a log grid trained side by side, then 4 values around the best
-(warm-started from it).  Without validation data they hold out a seeded 20% of
+and choose their regularization on validation data with ``embedx.heads.sweep.sweep``:
+8 values on a log grid trained side by side, then 5 values around the best (itself
+included, warm-started from it).  Without validation data they hold out a seeded 20% of
 the training rows for that choice.
 
-* ``logreg`` (default): the sweep trains softmax regression with an L2 penalty
+* ``logreg`` (default): the sweep solves softmax regression with an L2 penalty
   ``lam/2 ||W||^2`` on the mean loss, which is scikit-learn's objective with
   ``C = 1 / (lam * sum(sample_weight))`` (twice that for 2 classes, where
-  scikit-learn fits one weight vector).  The final model is scikit-learn's
-  ``LogisticRegression(C, lbfgs)`` on all training rows, warm-started from the
-  sweep's solution so L-BFGS only polishes it.  Problems too large to solve to
+  scikit-learn fits one weight vector), with the exact solvers of ``embedx.heads.lbfgs``
+  (on numpy up to ``sweep.NUMPY_MAX_ROWS`` rows: no torch import).  The final model is
+  scikit-learn's ``LogisticRegression(C, lbfgs)`` on all training rows, warm-started
+  from the sweep's solution so L-BFGS only polishes it.  Problems too large to solve to
   convergence once per grid value (50,000 x 2048 x 100 classes) go through
-  ``large_l2_sweep`` instead: class-mean warm start, per-member batched L-BFGS on a
-  row sample for the grid and the refinement, then the winner on all rows; its model
-  is the head (``solver="auto"`` skips scikit-learn's polish at that size).
-* ``linear``: the same linear model trained with AdamW (decoupled weight decay
+  ``sweep.large_l2_sweep`` instead: its model is the head (``solver="auto"`` skips
+  scikit-learn's polish at that size; ``solver="torch"`` names the sweep's own model,
+  whichever array library trained it).
+* ``linear``: the same linear model trained with AdamW in torch (decoupled weight decay
   swept), cosine schedule, optional label smoothing, early stopping on val loss.
 * ``mlp``: one hidden ReLU layer with dropout, otherwise like ``linear``.
 """
@@ -29,48 +30,18 @@ from typing import Any
 import numpy as np
 
 from embedx.errors import HeadError
+from embedx.heads.adam import plan_steps, train_members
 from embedx.heads.base import GraphBuilder, Head, register, standardize, standardizer
-from embedx.heads.sweep import (
-    DEFAULT_GRID,
-    REFINE_FACTORS,
-    WORK_BUDGET,
-    best_member,
-    best_model,
-    class_mean_init,
-    fit_scales,
-    lbfgs_members,
-    plan_steps,
-    sweep_table,
-    train_members,
-)
+from embedx.heads.sweep import DEFAULT_GRID, sweep
 
 logger = logging.getLogger(__name__)
 
 #: AdamW's decoupled decay per step is lr * wd, so its useful range sits higher than an L2 coefficient's.
 ADAMW_GRID = tuple(float(v) for v in np.logspace(-3, 2.5, 8))
 HOLDOUT_FRACTION = 0.2
-#: Learning-rate factor of the refinement phase (warm-started from the coarse winner).
-REFINE_LR_FACTOR = 0.3
-#: Full-batch L-BFGS iterations for the logreg sweep, used when they cost at most LBFGS_BUDGET multiply-adds.
-LBFGS_ITERATIONS = 200
-LBFGS_BUDGET = 2.0e10
-#: Above this many multiply-adds per pass (rows x dims x classes), logreg keeps the sweep's torch solution
+#: Above this many multiply-adds per pass (rows x dims x classes), logreg keeps the sweep's own solution
 #: instead of polishing it with scikit-learn (whose L-BFGS would then cost more than the whole sweep).
 SKLEARN_FINAL_LIMIT = 2.0e8
-#: Large L2 sweeps (see ``large_l2_sweep``): multiply-adds of one function evaluation of the coarse
-#: grid on its row sample, L-BFGS iterations of the coarse and the refinement phases.
-LARGE_COARSE_WORK = 1.0e10
-LARGE_COARSE_ITERATIONS = 20
-LARGE_REFINE_ITERATIONS = 10
-LARGE_FINAL_ITERATIONS = 20
-#: ...each phase stops earlier once its best validation accuracy has not risen for this many iterations.
-LARGE_PATIENCE = 1
-#: The refinement around the coarse winner: its L2 value times these factors.
-LARGE_REFINE_FACTORS = (10.0**-0.5, 1.0, 10.0**0.5)
-#: Validation rows scoring the coarse grid and the refinement: the final model is scored on all of them.
-SCORE_ROWS = 4096
-#: Training rows fitting the class-mean classifier's scale per member (one number each).
-SCALE_ROWS = 2048
 
 
 def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -83,141 +54,6 @@ def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FR
         val.append(rows[:cut])
         train.append(rows[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def sweep(
-    X: np.ndarray,
-    y: np.ndarray,
-    n_classes: int,
-    val: tuple[np.ndarray, np.ndarray],
-    sample_weight: np.ndarray | None,
-    *,
-    grid: tuple[float, ...],
-    name: str,
-    decoupled: bool,
-    early_stopping: bool,
-    hidden: int = 0,
-    dropout: float = 0.0,
-    label_smoothing: float = 0.0,
-    lr: float = 3e-3,
-    max_epochs: float = 10,
-    batch_size: int = 256,
-    seed: int = 0,
-) -> tuple[float, list[tuple[np.ndarray, np.ndarray]], list[dict], int]:
-    """Coarse grid, then the best value and its neighbours trained on from the best model.
-
-    Returns (chosen value, its layers, the sweep table, optimizer steps of the chosen
-    model).  Full-batch L-BFGS when the L2 objective is small enough to solve exactly
-    200 times over, minibatch Adam within ``WORK_BUDGET`` otherwise.
-    """
-    dim = X.shape[1]
-    outputs = (dim * hidden + hidden * n_classes) if hidden else dim * n_classes
-    lbfgs = not decoupled and not early_stopping and len(X) * outputs * len(grid) * LBFGS_ITERATIONS <= LBFGS_BUDGET
-    if not lbfgs and not decoupled and not early_stopping and not hidden and not label_smoothing:
-        return large_l2_sweep(X, y, n_classes, val, sample_weight, grid=grid, name=name, seed=seed)
-    phases = []
-    for members, budget, factor in ((len(grid), WORK_BUDGET, 1.0), (len(REFINE_FACTORS), WORK_BUDGET / 2, 0.5)):
-        if lbfgs:
-            phases.append(int(LBFGS_ITERATIONS * factor))
-        else:
-            phases.append(plan_steps(len(X), outputs * members, batch_size=batch_size, budget=budget,
-                                     min_epochs=2 * factor, max_epochs=max_epochs * factor, min_steps=int(200 * factor)))
-    common = dict(
-        X_val=val[0], y_val=val[1], sample_weight=sample_weight, hidden=hidden, dropout=dropout,
-        label_smoothing=label_smoothing, decoupled=decoupled, lr=lr, batch_size=batch_size, seed=seed,
-        early_stopping=early_stopping, optimizer="lbfgs" if lbfgs else "adam",
-    )
-    coarse = train_members(X, y, n_classes, weight_decays=np.asarray(grid), steps=phases[0], **common)
-    table = sweep_table(coarse, name, "grid")
-    best = best_member(coarse, val[0], val[1])
-    center = float(coarse.weight_decays[best])
-    values = np.asarray([center * f for f in REFINE_FACTORS])
-    if decoupled:  # the decay factor 1 - lr * wd must stay positive
-        values = values[values * lr < 0.5]
-    # Fine-tune around the best model rather than shake it with a fresh optimizer at the full lr.
-    common["lr"] = lr * REFINE_LR_FACTOR
-    refined = train_members(X, y, n_classes, weight_decays=values, steps=phases[1], init=coarse.member(best), **common)
-    table += sweep_table(refined, name, "refine")
-    # The coarse winner as it is stays a candidate: refining must beat it to replace it.
-    accuracy = np.append(refined.val_accuracy, coarse.val_accuracy[best])
-    models = [refined.member(i) for i in range(len(values))] + [coarse.member(best)]
-    chosen = best_model(models, accuracy, val[0], val[1])
-    if chosen == len(values):
-        logger.debug("%s sweep: refinement did not beat the coarse best %g", name, center)
-        return center, models[chosen], table, int(coarse.best_step[best])
-    steps = int(coarse.best_step[best]) + int(refined.best_step[chosen])
-    return float(values[chosen]), models[chosen], table, steps
-
-
-def large_l2_sweep(
-    X: np.ndarray,
-    y: np.ndarray,
-    n_classes: int,
-    val: tuple[np.ndarray, np.ndarray],
-    sample_weight: np.ndarray | None,
-    *,
-    grid: tuple[float, ...],
-    name: str,
-    seed: int = 0,
-) -> tuple[float, list[tuple[np.ndarray, np.ndarray]], list[dict], int]:
-    """The L2 sweep for problems too large to solve to convergence once per grid value.
-
-    Softmax regression costs passes over the data (rows x dims x classes multiply-adds
-    each), so this sweep spends few, and where they count:
-
-    1. every member starts from the nearest-class-mean classifier (one pass over the
-       rows), scaled per member by the factor optimal for its L2 penalty;
-    2. coarse grid and refinement (three values around the winner, warm-started from it)
-       with per-member L-BFGS (``lbfgs_members``) on a seeded sample of rows sized to
-       ``LARGE_COARSE_WORK``, scored on a seeded sample of validation rows;
-    3. the winner, its L2 value rescaled to the full row count (the same scikit-learn
-       ``C``), trained on all rows from where it stands, scored on all validation rows.
-
-    Each member keeps its best validation iterate: the number of iterations is chosen on
-    validation data along with the L2 strength.  Same return as ``sweep``.
-    """
-    n, dim = X.shape
-    y = np.asarray(y)
-    weights = None if sample_weight is None else np.asarray(sample_weight)
-    rng = np.random.default_rng(seed)
-
-    def rows_of(total: int, size: int) -> np.ndarray:
-        return np.sort(rng.choice(total, size, replace=False)) if size < total else np.arange(total)
-
-    rows = rows_of(n, max(int(LARGE_COARSE_WORK / (dim * n_classes * len(grid))), 20 * n_classes))
-    scored = rows_of(len(val[1]), SCORE_ROWS)
-    X_sample, y_sample = X[rows], y[rows]
-    w_sample = None if weights is None else weights[rows]
-    val_sample = (val[0][scored], val[1][scored])
-
-    W, b = class_mean_init(X, y, n_classes, weights)
-    fitted = rows[: min(len(rows), SCALE_ROWS)]
-    scales = fit_scales(X[fitted] @ W + b, y[fitted], np.asarray(grid), float(np.sum(W * W)))
-    common = dict(X_val=val_sample[0], y_val=val_sample[1], sample_weight=w_sample, patience=LARGE_PATIENCE)
-    coarse = lbfgs_members(X_sample, y_sample, n_classes, weight_decays=np.asarray(grid),
-                           init=(scales[:, None, None] * W[None], scales[:, None] * b[None]),
-                           iterations=LARGE_COARSE_ITERATIONS, **common)
-    table = sweep_table(coarse, name, "grid")
-    best = best_member(coarse, *val_sample)
-    values = np.asarray([float(coarse.weight_decays[best]) * f for f in LARGE_REFINE_FACTORS])
-    W_best, b_best = coarse.member(best)[0]
-    refined = lbfgs_members(X_sample, y_sample, n_classes, weight_decays=values,
-                            init=(np.repeat(W_best[None], len(values), 0), np.repeat(b_best[None], len(values), 0)),
-                            iterations=LARGE_REFINE_ITERATIONS, **common)
-    table += sweep_table(refined, name, "refine")
-    # The coarse winner as it is stays a candidate: refining must beat it to replace it.
-    models = [refined.member(i) for i in range(len(values))] + [coarse.member(best)]
-    chosen = best_model(models, np.append(refined.val_accuracy, coarse.val_accuracy[best]), *val_sample)
-    lam = float(np.append(values, coarse.weight_decays[best])[chosen]) * len(rows) / n  # the same C on all rows
-    steps = int(coarse.best_step[best]) + (int(refined.best_step[chosen]) if chosen < len(values) else 0)
-    if len(rows) == n and len(scored) == len(val[1]):
-        return lam, models[chosen], table, steps
-    (W_final, b_final), = models[chosen]
-    final = lbfgs_members(X, y, n_classes, weight_decays=np.asarray([lam]), init=(W_final[None], b_final[None]),
-                          iterations=LARGE_FINAL_ITERATIONS, X_val=val[0], y_val=val[1], sample_weight=weights,
-                          patience=LARGE_PATIENCE)
-    table += sweep_table(final, name, "final")
-    return lam, final.member(0), table, steps + int(final.best_step[0])
 
 
 class _Standardized(Head):
