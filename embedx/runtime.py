@@ -198,6 +198,9 @@ class OrtModel:
 
         if requested[0] in GPU_PROVIDERS:
             preload_gpu_libraries()
+            # the GPU runs the graph; ORT's CPU pool only waits, and its spinning threads take
+            # cores from the thread that launches the kernels and from the decoders
+            threads, spinning = threads or 1, False
         providers = [(p, provider_options(p, self.precision)) for p in requested]
         try:
             if requested == [CPU] and cache_optimized:
