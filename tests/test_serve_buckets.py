@@ -11,7 +11,7 @@ import pytest
 from embedx.predict import load_model
 from embedx.serve.calibrate import Buckets, batch_sizes, bucket_for, runs_on_gpu
 from tests.bundle_fixtures import image_bytes, make_bundle
-from tests.test_serve import PNG, _wait_ready, in_process
+from tests.test_serve import PNG, _wait_ready, check_answer, expected_probabilities, in_process
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,27 @@ def test_on_a_gpu_buckets_are_on_and_every_bucket_is_warmed(bundle):
         assert all(answer.status_code == 200 for answer in answers)
 
     in_process(create_app(bundle, device="cuda", max_batch=8), scenario)
+
+
+def test_a_session_per_bucket_gives_the_same_answers_and_each_sees_one_shape(bundle):
+    from embedx.serve import create_app
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        server = app.state.server
+        info = (await client.get("/v1/model")).json()["server"]
+        assert info["buckets"] == [1, 2, 4] and info["bucket_sessions"] is True
+        runners = server.run_batch.runners
+        assert sorted(runners) == [1, 2]  # max_batch (4) stays on the loaded model
+        sessions = {id(runner.__self__.session) for runner in runners.values()} | {id(server.model.session)}
+        assert len(sessions) == 3
+        answers = await asyncio.gather(*[
+            client.post("/v1/predict", content=image_bytes(i), headers=PNG) for i in range(3)
+        ])
+        assert all(answer.status_code == 200 for answer in answers)
+        for i, answer in enumerate(answers):
+            check_answer(answer.json(), expected_probabilities(bundle, image_bytes(i)), top_k=3)
+
+    app = create_app(bundle, device="cpu", max_batch=4, buckets=True, bucket_sessions=True)
+    in_process(app, scenario)

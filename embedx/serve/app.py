@@ -79,6 +79,8 @@ class ServeConfig:
     threads: int | None = None
     #: pad batches to fixed sizes (1, 2, 4, ... max_batch) warmed at start-up: None = on a GPU only
     buckets: bool | None = None
+    #: one session per bucket (each sees one batch shape): None = when buckets are on, on a GPU
+    bucket_sessions: bool | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -162,10 +164,14 @@ class _Server:
         self.decode_pool: ThreadPoolExecutor | None = None
         self.ort_pool: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
-        bucketed = runs_on_gpu(model) if config.buckets is None else config.buckets
+        on_gpu = runs_on_gpu(model)
+        bucketed = on_gpu if config.buckets is None else config.buckets
         #: the batch sizes the model ever sees, all warmed before ready (None: any size)
         self.buckets: list[int] | None = batch_sizes(config.max_batch) if bucketed else None
         self.run_batch = Buckets(model.predict_proba, self.buckets) if bucketed else model.predict_proba
+        sessions = on_gpu if config.bucket_sessions is None else config.bucket_sessions
+        #: sessions of their own for the buckets below max_batch (opened at warm-up)
+        self.bucket_sessions = bool(bucketed and sessions and hasattr(model, "path"))
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -205,8 +211,10 @@ class _Server:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
+            if self.bucket_sessions:
+                await loop.run_in_executor(self.ort_pool, self._open_bucket_sessions)
             for size in sorted(set(self.buckets or ()) | {1, self.config.max_batch}, reverse=True):
-                await loop.run_in_executor(self.ort_pool, self.model.predict_proba, self.model.warmup_input(size))
+                await loop.run_in_executor(self.ort_pool, self.run_batch, self.model.warmup_input(size))
             cap = await loop.run_in_executor(self.ort_pool, functools.partial(
                 resolve_batch_cap, self.model, batch_cap=self.config.batch_cap, max_batch=self.config.max_batch,
                 run_batch=self.run_batch))
@@ -220,6 +228,14 @@ class _Server:
         self._set_batch_cap(cap)
         self.ready = True
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
+
+    def _open_bucket_sessions(self) -> None:
+        """A session per bucket below max_batch (the loaded model keeps max_batch), each warmed."""
+        for size in self.buckets[:-1]:
+            model = load_model(self.model.path, device=self.config.device, threads=self.config.threads,
+                               spinning=False)
+            model.predict_proba(self.model.warmup_input(size))
+            self.run_batch.runners[size] = model.predict_proba
 
     def _set_batch_cap(self, cap: BatchCap) -> None:
         self.batch_cap = cap
@@ -254,6 +270,7 @@ class _Server:
             # the cap in use and the img/s by batch size it was chosen from; None before warm-up
             "batching": self.batch_cap.to_dict() if self.batch_cap else None,
             "buckets": self.buckets,
+            "bucket_sessions": self.bucket_sessions,
         }
         return JSONResponse(info)
 

@@ -115,13 +115,15 @@ class Buckets:
             raise ValueError("Buckets needs at least one size")
         self.run_batch = run_batch
         self.sizes = sorted(set(sizes))
+        #: bucket size -> its own runner (a session of its own), where one is set
+        self.runners: dict[int, Callable[[np.ndarray], Any]] = {}
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
         bucket = bucket_for(count, self.sizes)
         if bucket > count:
             batch = np.concatenate([batch, np.repeat(batch[-1:], bucket - count, axis=0)])
-        return np.asarray(self.run_batch(batch))[:count]
+        return np.asarray(self.runners.get(bucket, self.run_batch)(batch))[:count]
 
 
 def runs_on_gpu(model: Any) -> bool:
