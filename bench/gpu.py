@@ -504,9 +504,46 @@ def main() -> None:
     section("parity", lambda: parity(args.real_data, data))
     result["summary"] = summarize(result)
     save()
+    plot(result, args.out.with_suffix(".png"))
     log(f"wrote {args.out}")
     print(json.dumps(result["summary"], indent=2))
     shutil.rmtree(work / "tutorial", ignore_errors=True)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """A bar chart of the end-to-end and reference img/s of ``result`` (resnet50 on the GPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = result["sections"]
+    bars: list[tuple[str, float, str]] = []
+    for row in sections.get("torch") or []:
+        label = row["pipeline"].replace("configuration", "config").split("), first")[0]
+        bars.append((label + (")" if "(" in label and not label.endswith(")") else ""), row["img_s"], "#999999"))
+    if sections.get("reference"):
+        bars.append(("nvJPEG + torch AMP script", sections["reference"]["img_s"], "#666666"))
+    for row in sections.get("extract") or []:
+        bars.append((row["pipeline"].replace("embedx extract ", "embedx "), row["img_s"], "#1f77b4"))
+    ort = [row for row in sections.get("ort") or [] if "img_s" in row]
+    if ort:
+        best = max(ort, key=lambda row: row["img_s"])
+        bars.append((f"ORT alone, best ({best['config'].replace('uint8 bound, ', '')})", best["img_s"], "#ff7f0e"))
+    figure, axis = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.2))
+    labels = [label for label, _, _ in bars]
+    axis.barh(range(len(bars)), [rate for _, rate, _ in bars], color=[color for _, _, color in bars])
+    axis.set_yticks(range(len(bars)), labels, fontsize=8)
+    axis.invert_yaxis()
+    for index, (_, rate, _) in enumerate(bars):
+        axis.text(rate, index, f" {rate:,.0f}", va="center", fontsize=8)
+    axis.set_xlabel("images per second (resnet50, 500x375 JPEGs, batch 128)")
+    axis.set_title(f"{result.get('gpu', 'GPU')}, {result.get('images')} images, {result.get('measured_at', '')[:10]}",
+                   fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def summarize(result: dict) -> dict:
