@@ -21,11 +21,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from embedx import __version__, onnxmeta
 from embedx.errors import ExportError, HeadError, OnnxModelError
 from embedx.fsio import atomic_path
+from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -34,11 +33,9 @@ FEATURES = "features"
 LOGITS = "logits"
 #: the bundle's output of class probabilities (``predict`` reads it by this name)
 PROBABILITIES = "probabilities"
-FLOAT_INPUT = "input"
-UINT8_INPUT = "image"
+UINT8_INPUT = PIXEL_INPUT
 HEAD_PREFIX = "head/"
 POST_PREFIX = "bundle/"
-PRE_PREFIX = "preprocess/"
 #: protobuf cannot serialize more than 2 GiB; larger models keep weights beside the file
 _PROTO_LIMIT = 2_000_000_000
 
@@ -133,7 +130,7 @@ def compose(
         ]
     )
     if with_preprocess:
-        _prepend_normalization(model, preprocess, batch_dim)
+        prepend_normalization(model, preprocess, batch_dim=batch_dim)
 
     values = dict(metadata or {})
     values.update(
@@ -154,38 +151,6 @@ def compose(
     model.graph.name = "embedx_bundle"
     _check(model)
     return model
-
-
-def _prepend_normalization(model: Any, spec: PreprocessSpec, batch_dim: Any) -> None:
-    """uint8 NHWC -> Cast -> Transpose -> x * 1/(255 std) + (-mean/std) -> "input".
-
-    The same multiply-add as ``preprocess.normalize``, so both formats agree.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1).astype(np.float32)
-    bias = (-mean / std).reshape(1, 3, 1, 1).astype(np.float32)
-    size = spec.input_size
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(scale, PRE_PREFIX + "scale"),
-            numpy_helper.from_array(bias, PRE_PREFIX + "bias"),
-        ]
-    )
-    nodes = [
-        helper.make_node("Cast", [UINT8_INPUT], [PRE_PREFIX + "float"], to=TensorProto.FLOAT, name=PRE_PREFIX + "cast"),
-        helper.make_node("Transpose", [PRE_PREFIX + "float"], [PRE_PREFIX + "nchw"], perm=[0, 3, 1, 2], name=PRE_PREFIX + "transpose"),
-        helper.make_node("Mul", [PRE_PREFIX + "nchw", PRE_PREFIX + "scale"], [PRE_PREFIX + "scaled"], name=PRE_PREFIX + "mul"),
-        helper.make_node("Add", [PRE_PREFIX + "scaled", PRE_PREFIX + "bias"], [FLOAT_INPUT], name=PRE_PREFIX + "add"),
-    ]
-    existing = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + existing)
-    del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [batch_dim, size, size, 3]))
 
 
 def _require_io(model: Any, *, inputs: list[str], outputs: list[str], what: str) -> None:

@@ -3,24 +3,28 @@
 Stages (see docs/cache-format.md for what lands on disk):
 
 1. ``data.discover`` lists the images; ``export.resolve_backbone`` gives the ONNX.
-2. Every file gets its key, the sha256 of its bytes, hashed in a few threads (a
+2. Every file gets its key, the sha256 of its bytes, hashed in up to 16 threads (a
    file whose path, size and mtime match a row of the previous cache keeps that
    row's key unread).  Keys already in the cache or its resume journal are not
-   decoded again, nor are keys that failed to decode before.
-3. Worker *processes* (spawned: the parent holds ORT/torch threads) read, decode,
-   resize and crop one batch each (``preprocess.to_pixels``, the same code predict
-   and serve use) and send back uint8 pixels, a quarter of the bytes of float32.
-   At most two batches per worker are in flight, so memory stays flat; the first
-   batch is decoded in the main process while the workers start, and the ORT
-   session is created while they decode.  A worker that dies costs only the file
-   it died on.
-4. The main process normalizes (``preprocess.normalize``, one multiply-add), runs
-   ONNX Runtime on the batch and journals the features (``CacheWriter.append``).
+   decoded again, nor are keys that failed to decode before.  A cache with nothing
+   in it yet is not hashed up front: the decoders hash the bytes they read.
+3. Decoding: worker *processes* (spawned: the parent holds ORT/torch threads) read,
+   decode, resize and crop one batch each (``preprocess.to_pixels``, the same code
+   predict and serve use) and send back uint8 pixels; at most two batches per worker
+   are in flight, and a worker that dies costs only the file it died on.  Or, with
+   ``decode="gpu"``, ``gpu.GpuDecodeSource``: nvJPEG and resizing on the device.
+4. The main process runs ONNX Runtime on the batch: a pixel-input copy of the
+   backbone (``pixel_input``: uint8 NHWC in, normalization in the graph) for every
+   precision but int8 (whose calibrated model takes float32, normalized here).  On a
+   GPU the session runs IO-bound at one padded batch shape (``OrtModel.bound``).
+   The features are journaled (``CacheWriter.append``) by a background thread, two
+   batches deep at most.
 5. ``CacheWriter.finalize`` writes the cache in the data set's order and drops
-   the journal.  A killed run loses at most the batch in flight.
+   the journal.  A killed run loses at most the batches not yet journaled.
 
 Library code: no printing; progress via the ``progress(done, total, info)`` callback.
-Torch is imported only by ``export`` (to export a named backbone once).
+Torch is imported by ``export`` for a named backbone (its fingerprint holds the torch
+version) and by GPU decode; a run from an ``.onnx`` file on the CPU never imports it.
 """
 
 from __future__ import annotations

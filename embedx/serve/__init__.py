@@ -2,7 +2,7 @@
 
 - ``app``: the Starlette app (``create_app``), its routes and errors, ``run`` (uvicorn).
 - ``batcher``: ``DynamicBatcher``, which turns concurrent requests into one ORT call.
-- ``metrics``: the Prometheus metrics of one app, in a registry of its own.
+- ``prometheus``: the Prometheus metrics of one app, in a registry of its own.
 """
 
 from embedx.serve.app import ServeConfig, create_app, run
