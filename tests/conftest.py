@@ -11,6 +11,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
+#: Fixtures that read ../shared/assets: a test using one of them is marked ``data``.
+DATA_FIXTURES = {"assets", "hymenoptera", "mobilenet_int8_onnx"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", action="store_true",
+                     help="also run the `zoo` tests (every backbone's export; `make test-zoo`)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that read ../shared/assets ``data``; leave out the ``zoo`` tests unless --zoo."""
+    zoo = config.getoption("--zoo")
+    selected, deselected = [], []
+    for item in items:
+        if DATA_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.data)
+        (deselected if item.get_closest_marker("zoo") and not zoo else selected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @contextmanager

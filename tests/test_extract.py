@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import time
 import warnings
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -397,12 +397,19 @@ def test_a_decoder_that_dies_while_the_main_process_is_busy_costs_only_its_file(
 
     data = class_folders(tmp_path / "data", per_class=8)
     monkeypatch.setenv(extract_module.CRASH_TEST_VARIABLE, "alpha_5.jpg")
-    normalize = extract_module._normalize_into
+    normalize, submit = extract_module._normalize_into, extract_module._Decoder._submit
+    submitted = []
+
+    def recorded_submit(self, paths):
+        submitted.append(submit(self, paths))
+        return submitted[-1]
 
     def slow_normalize(*args, **kwargs):
-        time.sleep(0.5)  # the worker decodes ahead and dies meanwhile
+        # the worker decodes every batch submitted so far, dying on alpha_5's, meanwhile
+        assert not futures.wait(submitted, timeout=60).not_done, "the decoder never finished"
         return normalize(*args, **kwargs)
 
+    monkeypatch.setattr(extract_module._Decoder, "_submit", recorded_submit)
     monkeypatch.setattr(extract_module, "_normalize_into", slow_normalize)
     summary = run(data, backbone, tmp_path / "f.h5", workers=1, batch_size=2)
     cache = read_cache(tmp_path / "f.h5")
