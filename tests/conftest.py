@@ -86,6 +86,23 @@ def hymenoptera(assets) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hymenoptera_lite0(hymenoptera, shared_cache_dir):
+    """hymenoptera_data extracted once per session with efficientnet_lite0's real weights
+    (extract's defaults, on the CPU): ``(cache path, ExtractSummary)``, for the tests that
+    check the extraction, a head fitted on it and fine-tuning from that head."""
+    from embedx.backbones import get_spec, weights_status
+    from embedx.extract import extract
+
+    if not weights_status(get_spec("efficientnet_lite0"))["available"]:
+        pytest.skip("efficientnet_lite0 weights are not installed")
+    output = shared_cache_dir / "hymenoptera-efficientnet_lite0.h5"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDX_CACHE_DIR", str(shared_cache_dir))
+        summary = extract(hymenoptera, backbone="efficientnet_lite0", output=output, device="cpu")
+    return output, summary
+
+
+@pytest.fixture(scope="session")
 def mobilenet_int8_onnx(assets) -> Path:
     path = assets / "onnx" / "mobilenetv2-12-int8.onnx"
     if not path.is_file():

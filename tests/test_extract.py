@@ -357,13 +357,14 @@ def test_cli_exit_codes(tmp_path, backbone):
 
 
 @pytest.mark.slow
-def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
+@pytest.mark.timeout(300)  # the first user of hymenoptera_lite0 extracts it
+def test_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_lite0):
     """398 files: 397 JPEGs and imageNotFound.gif, whose first frame decodes like any image."""
     from embedx.data import discover
 
     dataset = discover(hymenoptera)
-    summary = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5", workers=None, batch_size=32)
-    cache = read_cache(tmp_path / "ants.h5")
+    path, summary = hymenoptera_lite0
+    cache = read_cache(path)
     assert cache.classes == ["ants", "bees"]
     assert cache.features.shape == (len(dataset.items), 1280) == (398, 1280)
     assert (summary.images, summary.new, summary.errors) == (398, 398, 0)
@@ -373,7 +374,7 @@ def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
     assert len(set(cache.paths.tolist())) == len(cache.paths)
     assert np.isfinite(cache.features).all() and (np.abs(cache.features).sum(1) > 0).all()
     # a rerun computes nothing
-    again = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5")
+    again = run(hymenoptera, "efficientnet_lite0", path)
     assert (again.new, again.images) == (0, 398)
 
 
