@@ -11,6 +11,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
+#: Fixtures that read ../shared/assets: a test using one of them is marked ``data``.
+DATA_FIXTURES = {"assets", "hymenoptera", "mobilenet_int8_onnx"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", action="store_true",
+                     help="also run the `zoo` tests (every backbone's export; `make test-zoo`)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that read ../shared/assets ``data``; leave out the ``zoo`` tests unless --zoo."""
+    zoo = config.getoption("--zoo")
+    selected, deselected = [], []
+    for item in items:
+        if DATA_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.data)
+        (deselected if item.get_closest_marker("zoo") and not zoo else selected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @contextmanager
@@ -62,6 +83,23 @@ def hymenoptera(assets) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_lite0(hymenoptera, shared_cache_dir):
+    """hymenoptera_data extracted once per session with efficientnet_lite0's real weights
+    (extract's defaults, on the CPU): ``(cache path, ExtractSummary)``, for the tests that
+    check the extraction, a head fitted on it and fine-tuning from that head."""
+    from embedx.backbones import get_spec, weights_status
+    from embedx.extract import extract
+
+    if not weights_status(get_spec("efficientnet_lite0"))["available"]:
+        pytest.skip("efficientnet_lite0 weights are not installed")
+    output = shared_cache_dir / "hymenoptera-efficientnet_lite0.h5"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDX_CACHE_DIR", str(shared_cache_dir))
+        summary = extract(hymenoptera, backbone="efficientnet_lite0", output=output, device="cpu")
+    return output, summary
 
 
 @pytest.fixture(scope="session")

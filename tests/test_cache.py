@@ -234,10 +234,10 @@ def test_lock_held_by_another_process(tmp_path):
     path = tmp_path / "feats.h5"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
-         "print('held', flush=True); time.sleep(30)", str(cache.lock_path(path))],
-        stdout=subprocess.PIPE, text=True,
-    )
+         "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(cache.lock_path(path))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # holds the lock until killed (or its stdin closes), however long the test takes
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(CacheLockedError):

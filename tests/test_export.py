@@ -20,6 +20,11 @@ ort = pytest.importorskip("onnxruntime")
 
 #: Exported in the fast suite; every other backbone is `slow`.
 FAST = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x1_0", "efficientnet_lite0")
+#: With FAST, one small backbone of each family (and so each head-removal branch in
+#: backbones._remove_head) in the default suite; the other backbones are `zoo` (`make test-zoo`).
+FAMILIES = ("alexnet", "vgg11", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet",
+            "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "regnet_x_400mf", "swin_t",
+            "vit_b_32")
 META_KEYS = {"version", "kind", "backbone", "weights", "feature_layer", "feature_dim", "preprocess",
              "parity", "fingerprint"}
 
@@ -38,10 +43,20 @@ def shared_cache(shared_cache_dir, monkeypatch):
     return shared_cache_dir
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(spec.name, marks=[] if spec.name in FAST else [pytest.mark.slow])
-    for spec in backbones.list_specs()
-])
+def _sweep_marks(name: str) -> list:
+    if name in FAST:
+        return []
+    return [pytest.mark.slow] if name in FAMILIES else [pytest.mark.slow, pytest.mark.zoo]
+
+
+def test_the_default_suite_exports_every_family():
+    families = {spec.family for spec in backbones.list_specs()}
+    assert {backbones.get_spec(name).family for name in FAST + FAMILIES} == families
+
+
+@pytest.mark.timeout(600)  # swin_b: 69 s on an idle 2-core machine
+@pytest.mark.parametrize("name", [pytest.param(spec.name, marks=_sweep_marks(spec.name))
+                                  for spec in backbones.list_specs()])
 def test_every_backbone_exports_with_parity(name, request):
     # The fast exports are reused by later tests; the slow ones (16 GB together, measured)
     # stay in this test's own cache, which is deleted when it ends.

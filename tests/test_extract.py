@@ -8,8 +8,8 @@ import json
 import multiprocessing
 import os
 import shutil
-import time
 import warnings
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -361,13 +361,14 @@ def test_cli_exit_codes(tmp_path, backbone):
 
 
 @pytest.mark.slow
-def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
+@pytest.mark.timeout(300)  # the first user of hymenoptera_lite0 extracts it
+def test_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_lite0):
     """398 files: 397 JPEGs and imageNotFound.gif, whose first frame decodes like any image."""
     from embedx.data import discover
 
     dataset = discover(hymenoptera)
-    summary = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5", workers=None, batch_size=32)
-    cache = read_cache(tmp_path / "ants.h5")
+    path, summary = hymenoptera_lite0
+    cache = read_cache(path)
     assert cache.classes == ["ants", "bees"]
     assert cache.features.shape == (len(dataset.items), 1280) == (398, 1280)
     assert (summary.images, summary.new, summary.errors) == (398, 398, 0)
@@ -377,7 +378,7 @@ def test_hymenoptera_with_efficientnet_lite0(tmp_path, hymenoptera):
     assert len(set(cache.paths.tolist())) == len(cache.paths)
     assert np.isfinite(cache.features).all() and (np.abs(cache.features).sum(1) > 0).all()
     # a rerun computes nothing
-    again = run(hymenoptera, "efficientnet_lite0", tmp_path / "ants.h5")
+    again = run(hymenoptera, "efficientnet_lite0", path)
     assert (again.new, again.images) == (0, 398)
 
 
@@ -413,16 +414,24 @@ def test_a_decoder_that_dies_while_the_main_process_is_busy_costs_only_its_file(
     """The pool breaks on a batch decoded ahead while the main process is still busy with an
     earlier one: the next submit finds the pool broken, which must cost only the crashing file."""
     from embedx import extract as extract_module
+    from embedx import runtime
 
     data = class_folders(tmp_path / "data", per_class=8)
     die_decoding(monkeypatch, "alpha_5.jpg")
-    normalize = extract_module._normalize_into
+    run_model, submit = runtime.OrtModel.run, extract_module._Decoder._submit
+    submitted = []
 
-    def slow_normalize(*args, **kwargs):
-        time.sleep(0.5)  # the worker decodes ahead and dies meanwhile
-        return normalize(*args, **kwargs)
+    def recorded_submit(self, paths):
+        submitted.append(submit(self, paths))
+        return submitted[-1]
 
-    monkeypatch.setattr(extract_module, "_normalize_into", slow_normalize)
+    def slow_run(self, batch):
+        # the worker decodes every batch submitted so far, dying on alpha_5's, meanwhile
+        assert not futures.wait(submitted, timeout=60).not_done, "the decoder never finished"
+        return run_model(self, batch)
+
+    monkeypatch.setattr(extract_module._Decoder, "_submit", recorded_submit)
+    monkeypatch.setattr(runtime.OrtModel, "run", slow_run)
     summary = run(data, backbone, tmp_path / "f.h5", workers=1, batch_size=2)
     cache = read_cache(tmp_path / "f.h5")
     assert summary.images == 15 and len(cache.paths) == 15

@@ -369,16 +369,14 @@ def test_finetune_on_the_gpu_with_amp_and_channels_last(request, tmp_path, unfre
 
 
 @pytest.mark.slow
-def test_lpft_on_hymenoptera_with_efficientnet_lite0(hymenoptera, tmp_path):
+@pytest.mark.timeout(600)  # 23 s idle; the first user of hymenoptera_lite0 also extracts it
+def test_lpft_on_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_lite0, tmp_path):
     """The whole loop on real data: extract -> fit-head -> finetune -> extract with the new weights -> evaluate."""
-    from embedx.backbones import get_spec, weights_status
     from embedx.extract import extract
     from embedx.heads import evaluate, fit_head
 
-    if not weights_status(get_spec("efficientnet_lite0"))["available"]:
-        pytest.skip("efficientnet_lite0 weights are not installed")
-    extract(hymenoptera, backbone="efficientnet_lite0", output=tmp_path / "feats.h5", workers=1)
-    fitted = fit_head(tmp_path / "feats.h5", head="logreg", output=tmp_path / "head", plots=False)
+    features, _ = hymenoptera_lite0
+    fitted = fit_head(features, head="logreg", output=tmp_path / "head", plots=False)
     cached_accuracy = fitted.metrics["val"]["accuracy"]
     result = ft.finetune(tmp_path / "head", hymenoptera, epochs=1, unfreeze=1, batch_size=16, num_workers=1)
     val_count = result.history[0]["val_count"]

@@ -708,7 +708,8 @@ def test_batcher_waits_for_announced_requests_up_to_the_delay():
         with batcher.incoming():
             first = batcher.submit([np.ones(2)])
             with batcher.incoming():  # a second request, still decoding
-                await asyncio.sleep(0.05)
+                for _ in range(10):  # the batcher's turns to (wrongly) run the first one alone
+                    await asyncio.sleep(0)
                 second = batcher.submit([np.full(2, 3.0)])
         together = await asyncio.gather(*first, *second)
         with batcher.incoming():
