@@ -64,7 +64,8 @@ def timed(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> tuple[
 def write_result(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine_info(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
+    payload = {"benchmark": name, "machine": machine_info(),
+               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 

@@ -256,7 +256,8 @@ def main() -> None:
                 int8 = results["embedx_int8"]
                 rate = int8["images_per_second"]
                 summary.append({"what": f"resnet50 int8 extract img/s vs torch eager fp32 tutorial "
-                                        f"(cosine {int8['int8_cosine']:.4f}; vs torch at batch 32 {rate / batch32:.2f}x; "
+                                        f"(cosine {int8['int8_cosine']:.4f}; "
+                                        f"vs torch at batch 32 {rate / batch32:.2f}x; "
                                         f"int8 model-only {results['ort_model_only_int8']['images_per_second']:.1f})",
                                 "baseline": f"{base:.1f}", "embedx": f"{rate:.1f}", "ratio": rate / base})
             print(markdown_table([r for r in rows if r["backbone"] == backbone],
@@ -265,7 +266,8 @@ def main() -> None:
             print(f"load average before {load_before}, after {load_after}", file=sys.stderr, flush=True)
         images = sum(1 for _ in data.rglob("*") if _.is_file())
     path = write_result("extract", {"quick": args.quick, "data": str(args.data), "images": images,
-                                    "batch_size": BATCH_SIZE, "tutorial": TUTORIAL, "batch32": BATCH32, "repeats": repeats, "warmup": warmup,
+                                    "batch_size": BATCH_SIZE, "tutorial": TUTORIAL, "batch32": BATCH32,
+                                    "repeats": repeats, "warmup": warmup,
                                     "rows": rows, "summary": summary}, args.out)
     print(markdown_table(rows, ["backbone", "mode", "images_per_second", "vs_torch_eager", "vs_torch_batch32",
                                 "pct_of_model_only", "int8_cosine", "load_after"]))

@@ -580,8 +580,10 @@ def summarize(result: dict) -> dict:
             out[f"lite0_fp16_over_fp32_{decode}_decode"] = fp16 / fp32
     serve_rows = (sections.get("serve") or {}).get("rows") or []
     for clients in (1, 8, 32):
-        on = next((r["throughput_rps"] for r in serve_rows if r["batching"] == "on" and r["concurrency"] == clients), None)
-        off = next((r["throughput_rps"] for r in serve_rows if r["batching"] == "off" and r["concurrency"] == clients), None)
+        on = next((r["throughput_rps"] for r in serve_rows
+                   if r["batching"] == "on" and r["concurrency"] == clients), None)
+        off = next((r["throughput_rps"] for r in serve_rows
+                    if r["batching"] == "off" and r["concurrency"] == clients), None)
         if on and off:
             out[f"serve_on_over_off_{clients}_clients"] = on / off
     return out

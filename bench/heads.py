@@ -135,7 +135,8 @@ def run_sklearn(X, y, Xv, yv, budget: float, max_iter: int, center: float) -> di
     ran = [r for r in rows if r["status"] == "run"]
     mean_seconds = spent / len(ran)
     total = spent + mean_seconds * (len(rows) - len(ran))
-    return {"seconds": total, "measured_seconds": spent, "measured_cpu_seconds": cpu, "fits_run": len(ran), "fits_extrapolated": len(rows) - len(ran),
+    return {"seconds": total, "measured_seconds": spent, "measured_cpu_seconds": cpu, "fits_run": len(ran),
+            "fits_extrapolated": len(rows) - len(ran),
             "val_accuracy": max(r["val_accuracy"] for r in ran), "max_iter": max_iter, "rows": rows}
 
 
@@ -151,7 +152,8 @@ def run_kind(kind: str, rows: int, dim: int, classes: int, separation: float, bu
     print(f"[{kind}] embedx sweep: {embedx['seconds']:.1f} s ({embedx['cpu_seconds']:.1f} s CPU), "
           f"val acc {embedx['val_accuracy']:.4f}", file=sys.stderr, flush=True)
     head = run_logreg_head(X, y, Xv, yv)
-    print(f"[{kind}] logreg head: {head['seconds']:.1f} s, val acc {head['val_accuracy']:.4f}", file=sys.stderr, flush=True)
+    print(f"[{kind}] logreg head: {head['seconds']:.1f} s, val acc {head['val_accuracy']:.4f}",
+          file=sys.stderr, flush=True)
     sk = run_sklearn(X, y, Xv, yv, budget, max_iter, embedx["l2"])
     print(f"[{kind}] sklearn grid: {sk['seconds']:.1f} s ({sk['fits_run']} run in {sk['measured_seconds']:.1f} s, "
           f"{sk['measured_cpu_seconds']:.1f} s CPU; {sk['fits_extrapolated']} extrapolated), "
@@ -226,8 +228,10 @@ def run_fit_head_process(rows: int, dim: int, classes: int, repeats: int) -> dic
               f"C={summary['params']['C']:.4g}, val acc {summary['val_accuracy']:.4f}", file=sys.stderr, flush=True)
     numpy_path, torch_path = result["paths"].values()
     result["ratio"] = torch_path["wall_seconds"] / numpy_path["wall_seconds"]
-    result["same_choice"] = numpy_path["C"] == torch_path["C"] and numpy_path["val_accuracy"] == torch_path["val_accuracy"]
-    result["table"] = [{"data": f"cache {rows}x{dim} float16, {classes} classes", "method": f"embedx fit-head, {name} path",
+    result["same_choice"] = (numpy_path["C"] == torch_path["C"]
+                             and numpy_path["val_accuracy"] == torch_path["val_accuracy"])
+    result["table"] = [{"data": f"cache {rows}x{dim} float16, {classes} classes",
+                        "method": f"embedx fit-head, {name} path",
                         "seconds": values["wall_seconds"], "val_accuracy": values["val_accuracy"], "C": values["C"]}
                        for name, values in result["paths"].items()]
     result["summary"] = {"what": f"fit-head as a fresh process, {rows}x{dim} cache: wall seconds",

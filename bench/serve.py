@@ -360,7 +360,8 @@ def model_ceiling(model: Path, images: list[bytes], server_args: str) -> dict:
     rates = {f"batch_{size}_img_s": 1 / seconds for size, seconds in best.items()}
     ceiling = {**rates, "ratio_32_over_1": rates["batch_32_img_s"] / rates["batch_1_img_s"],
                "best_over_1": max(rates.values()) / rates["batch_1_img_s"]}
-    print(f"{model.name} alone (onnxruntime, no HTTP, no decode): {', '.join(f'{k} {v:.0f}' for k, v in rates.items())}; "
+    print(f"{model.name} alone (onnxruntime, no HTTP, no decode): "
+          f"{', '.join(f'{k} {v:.0f}' for k, v in rates.items())}; "
           f"batch 32 / batch 1 = {ceiling['ratio_32_over_1']:.2f}x", file=sys.stderr)
     return ceiling
 
@@ -402,7 +403,8 @@ def main() -> None:
     model = args.model or build_bundle(args.backbone, args.weights, workdir)
     images = good_images(64)
     good = [request(image, "image/jpeg") for image in images]
-    print(f"model {model}; {len(images)} images, mean {statistics.mean(map(len, images)) / 1024:.0f} KiB", file=sys.stderr)
+    print(f"model {model}; {len(images)} images, mean {statistics.mean(map(len, images)) / 1024:.0f} KiB",
+          file=sys.stderr)
 
     modes = {"on": ["--max-batch", str(args.max_batch), "--batch-cap", args.batch_cap, "--max-delay-ms", "5"],
              "off": MODES["off"]}
@@ -484,7 +486,8 @@ def main() -> None:
     print(f"batching speed-up at 32 clients: {ratio:.2f}x; soak: {soak}; memory: {memory}", file=sys.stderr)
     path = write_result("serve", {
         "quick": args.quick, "model": str(model), "backbone": args.backbone, "weights": args.weights,
-        "modes": modes, "server_args": args.server_args, "rows": rows, "soak": soak, "memory": memory, "summary": summary,
+        "modes": modes, "server_args": args.server_args, "rows": rows, "soak": soak, "memory": memory,
+        "summary": summary,
         "speedup_32": ratio, "table": table, "model_alone": ceilings, "batch_caps": caps,
         # a shared machine makes the ratio move: CPU contention hurts the 2-thread batched runs most
         "loadavg_before_after": [load_before, os.getloadavg()],

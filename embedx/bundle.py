@@ -116,8 +116,10 @@ def compose(
     )
     graph.node.extend(
         [
-            helper.make_node("Div", [LOGITS, POST_PREFIX + "temperature"], [POST_PREFIX + "scaled"], name=POST_PREFIX + "div"),
-            helper.make_node("Softmax", [POST_PREFIX + "scaled"], [PROBABILITIES], axis=-1 if _opset(model) >= 13 else 1, name=POST_PREFIX + "softmax"),
+            helper.make_node("Div", [LOGITS, POST_PREFIX + "temperature"], [POST_PREFIX + "scaled"],
+                             name=POST_PREFIX + "div"),
+            helper.make_node("Softmax", [POST_PREFIX + "scaled"], [PROBABILITIES],
+                             axis=-1 if _opset(model) >= 13 else 1, name=POST_PREFIX + "softmax"),
         ]
     )
     batch_dim = _batch_dim(graph.input[0])

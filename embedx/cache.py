@@ -209,16 +209,19 @@ def _open_checked(path: Path, *, allow_incomplete: bool = False):
     if not path.exists():
         hint = ""
         if journal_dir(path).is_dir():
-            hint = " (an interrupted extraction left a journal next to it; rerun the same `embedx extract` command to finish it)"
+            hint = (" (an interrupted extraction left a journal next to it; "
+                    "rerun the same `embedx extract` command to finish it)")
         raise CacheError(f"cache {path} does not exist{hint}; create it with `embedx extract`")
     try:
         handle = h5py.File(path, "r")
     except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 file ({e}); rebuild it with `embedx extract --overwrite`") from e
+        raise CacheError(f"{path} is not a readable HDF5 file ({e}); "
+                         "rebuild it with `embedx extract --overwrite`") from e
     try:
         attrs = {k: _attr(v) for k, v in handle.attrs.items()}
         if "schema_version" not in attrs or attrs.get("format") != "embedx-features":
-            raise CacheError(f"{path} is an HDF5 file but not an embedx feature cache; point to a file made by `embedx extract`")
+            raise CacheError(f"{path} is an HDF5 file but not an embedx feature cache; "
+                             "point to a file made by `embedx extract`")
         version = int(attrs["schema_version"])
         if version > SCHEMA_VERSION:
             raise CacheError(
@@ -242,7 +245,8 @@ def _meta_from_attrs(path: Path, attrs: dict[str, Any]) -> CacheMeta:
     try:
         return CacheMeta.from_dict(json.loads(attrs["meta"]))
     except (KeyError, ValueError) as e:
-        raise CacheError(f"{path}: cache metadata is missing or unreadable ({e}); rebuild it with `embedx extract --overwrite`") from e
+        raise CacheError(f"{path}: cache metadata is missing or unreadable ({e}); "
+                         "rebuild it with `embedx extract --overwrite`") from e
 
 
 def _read_errors(handle) -> list[tuple[str, str, str]]:
@@ -305,7 +309,8 @@ def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
     with handle:
         dataset = handle["features"]
         if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.shape[0]):
-            raise CacheError(f"{path} has {dataset.shape[0]} rows; asked for row {rows[0] if rows[0] < 0 else rows[-1]}")
+            raise CacheError(f"{path} has {dataset.shape[0]} rows; "
+                             f"asked for row {rows[0] if rows[0] < 0 else rows[-1]}")
         return _read_features(dataset, rows)
 
 
@@ -386,7 +391,8 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         if extra:
             info["extra"] = json.loads(extra)
     if journal_dir(path).is_dir():
-        info["journal"] = {"path": str(journal_dir(path)), **{k: v for k, v in _scan_journal(journal_dir(path)).items() if k != "meta"}}
+        info["journal"] = {"path": str(journal_dir(path)),
+                           **{k: v for k, v in _scan_journal(journal_dir(path)).items() if k != "meta"}}
     return info
 
 
@@ -693,7 +699,8 @@ class CacheWriter:
             raise CacheError("finalize needs keys, paths, labels, splits (and stats) of the same length")
         missing = [k for k in keys if k not in self._sources]
         if missing:
-            raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); this is a bug in the caller")
+            raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); "
+                             "this is a bug in the caller")
         h5py = _h5py()
         dim = self.meta.feature_dim
         dtype = np.dtype(self.meta.dtype)
@@ -757,7 +764,8 @@ class CacheWriter:
             if source not in shards:
                 data = _load_shard(self.journal / source, self.meta.feature_dim, with_features=True)
                 if data is None:
-                    raise CacheError(f"journal shard {source} became unreadable while finalizing; rerun the same command")
+                    raise CacheError(f"journal shard {source} became unreadable while finalizing; "
+                                     "rerun the same command")
                 shards[source] = data["features"]
                 while len(shards) > 16:
                     shards.popitem(last=False)

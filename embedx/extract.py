@@ -757,7 +757,8 @@ def extract(
     exported = resolve_backbone(backbone, weights=weights, layer=layer)
     if preprocess_mode is not None and preprocess_mode != exported.preprocess.mode:
         # the ONNX model is the same; only how pixels are made changes (and is recorded)
-        exported = dataclasses.replace(exported, preprocess=dataclasses.replace(exported.preprocess, mode=preprocess_mode))
+        exported = dataclasses.replace(exported,
+                                       preprocess=dataclasses.replace(exported.preprocess, mode=preprocess_mode))
     from embedx.gpu import resolve_decode
     from embedx.providers import GPU_PROVIDERS, resolve_providers
 

@@ -109,7 +109,8 @@ class BoundRunner:
         if count > self.batch_size or count == 0:
             raise BackendError(f"a batch of {count} rows for a runner bound at {self.batch_size}")
         if tuple(batch.shape[1:]) != self.item_shape:
-            raise BackendError(f"{self.input_name} expects items of shape {self.item_shape}, got {tuple(batch.shape[1:])}")
+            raise BackendError(f"{self.input_name} expects items of shape {self.item_shape}, "
+                               f"got {tuple(batch.shape[1:])}")
         if self._torch_input is not None:
             import torch
 

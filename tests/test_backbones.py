@@ -91,7 +91,8 @@ def test_preprocess_comes_from_torchvision_weights():
     assert (b3.input_size, b3.resize_size, b3.interpolation) == (300, 320, "bicubic")
     vit = backbones.get_spec("vit_b_16").preprocess
     assert (vit.input_size, vit.resize_size, vit.interpolation) == (224, 256, "bilinear")
-    lite = {n: backbones.get_spec(n).preprocess for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
+    lite = {n: backbones.get_spec(n).preprocess
+            for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
     assert [p.input_size for p in lite.values()] == [224, 240, 260]
     assert all(p.mean == (0.5, 0.5, 0.5) and p.std == (0.5, 0.5, 0.5) for p in lite.values())
     assert backbones.get_spec("vgg16").layers == ("fc7", "fc6", "pool")

@@ -64,7 +64,8 @@ def test_with_preprocess_takes_uint8_pixels_and_agrees(image_batch):
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]] == [16, 16, 3]
     pixels = np.stack([preprocess.to_pixels(f, SPEC) for f in files])
     (probabilities,) = session(model).run(["probabilities"], {"image": pixels})
-    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0),
+                               rtol=1e-5, atol=1e-6)
     assert onnxmeta.from_proto(model)["input_format"] == "uint8_nhwc"
 
 
@@ -87,7 +88,8 @@ def test_head_of_another_opset_is_converted(image_batch):
     head, weight, bias = tiny_head(opset=13)
     model = compose(tiny_backbone(opset=17), head, classes=CLASSES, temperature=1.0, preprocess=SPEC)
     (probabilities,) = session(model).run(["probabilities"], {"input": batch})
-    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_head_names_never_clash_with_backbone_names(image_batch):
@@ -103,7 +105,8 @@ def test_head_names_never_clash_with_backbone_names(image_batch):
     head, weight, bias = tiny_head()
     model = compose(backbone, head, classes=CLASSES, temperature=1.0, preprocess=SPEC)
     (probabilities,) = session(model).run(["probabilities"], {"input": batch})
-    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probabilities, two_stage(tiny_backbone(), weight, bias, batch, 1.0),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_wrong_graph_names_are_refused():
@@ -222,7 +225,8 @@ def assert_bundle_matches_two_stage(bundle_path: Path, head_dir: Path, files: li
 
 @pytest.mark.parametrize("head_type", ["logreg", "linear", "mlp", "knn"])
 @pytest.mark.parametrize("with_preprocess", [False, True], ids=["float_nchw", "uint8_nhwc"])
-def test_bundle_of_every_head_equals_the_two_stage_pipeline(head_dirs, head_type, with_preprocess, tiny_images, tmp_path):
+def test_bundle_of_every_head_equals_the_two_stage_pipeline(head_dirs, head_type, with_preprocess, tiny_images,
+                                                            tmp_path):
     head_dir = head_dirs[head_type]
     path = bundle(head_dir, tmp_path / "model.onnx", with_preprocess=with_preprocess)
     assert_bundle_matches_two_stage(path, head_dir, sorted(tiny_images.rglob("*.*")), atol=1e-5)
@@ -269,7 +273,8 @@ def test_cli_bundle_then_predict(head_dirs, tiny_images, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "model.onnx"
-    made = runner.invoke(cli, ["bundle", "--head", str(head_dirs["knn"]), "-o", str(out), "--with-preprocess", "--json"])
+    made = runner.invoke(cli, ["bundle", "--head", str(head_dirs["knn"]), "-o", str(out), "--with-preprocess",
+                               "--json"])
     assert made.exit_code == 0, made.output
     summary = json.loads(made.stdout)
     assert summary["path"] == str(out) and summary["classes"] == ["ants", "bees"]
@@ -277,7 +282,8 @@ def test_cli_bundle_then_predict(head_dirs, tiny_images, tmp_path):
     predicted = runner.invoke(cli, ["predict", "--model", str(out), str(tiny_images / "bees"), "--json", "-k", "1"])
     assert predicted.exit_code == 0, predicted.output
     assert len(predicted.stdout.splitlines()) == 8
-    by_head = runner.invoke(cli, ["predict", "--head", str(head_dirs["knn"]), str(tiny_images / "bees"), "--json", "-k", "1"])
+    by_head = runner.invoke(cli, ["predict", "--head", str(head_dirs["knn"]), str(tiny_images / "bees"),
+                                  "--json", "-k", "1"])
     assert by_head.exit_code == 0, by_head.output
     assert [json.loads(line)["top_k"][0]["label"] for line in by_head.stdout.splitlines()] == [
         json.loads(line)["top_k"][0]["label"] for line in predicted.stdout.splitlines()

@@ -68,12 +68,14 @@ def test_bad_options_exit_2(runner, cache_file):
 
 
 def test_evaluate_json_and_mismatch(runner, cache_file, tmp_path):
-    assert runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"), "--json"]).exit_code == 0
+    assert runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"),
+                               "--json"]).exit_code == 0
     result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file), "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["all"]["n"] == 200 and set(metrics) >= {"train", "val", "all"}
-    result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file), "--split", "val"])
+    result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file),
+                                 "--split", "val"])
     assert result.exit_code == 0 and "all: accuracy" in result.stdout
     other = write_cache(tmp_path / "other.h5", np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1]), ["val"] * 4,
                         ["ants", "bees"], backbone="resnet18")
@@ -83,7 +85,8 @@ def test_evaluate_json_and_mismatch(runner, cache_file, tmp_path):
 
 
 def test_evaluate_with_a_malformed_head_json_is_one_line(runner, cache_file, tmp_path):
-    assert runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"), "--json"]).exit_code == 0
+    assert runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"),
+                               "--json"]).exit_code == 0
     head_json = tmp_path / "h" / "head.json"
     head_json.write_text(json.dumps({**json.loads(head_json.read_text()), "classes": {"ants": 0}}))
     result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file)])

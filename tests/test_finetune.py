@@ -18,7 +18,8 @@ from tests.conftest import scratch
 # --------------------------------------------------------------------------- data
 
 
-def make_images(root: Path, *, per_class: dict[str, int] | None = None, classes=("blue", "red"), size=(40, 48), seed=0) -> Path:
+def make_images(root: Path, *, per_class: dict[str, int] | None = None, classes=("blue", "red"), size=(40, 48),
+                seed=0) -> Path:
     """Class folders under train/ and val/: noisy images tinted by class (easy to tell apart)."""
     per_class = per_class or {"train": 12, "val": 6}
     rng = np.random.default_rng(seed)

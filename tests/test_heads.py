@@ -121,7 +121,8 @@ def test_to_onnx_matches_numpy_logits(name, fitted, data):
 def test_float16_features_and_string_labels(name, data):
     X, y, Xv, yv = data
     names = np.array(["cat", "dog", "emu"])
-    head = make_head(name, **FAST[name]).fit(X.astype(np.float16), names[y], X_val=Xv.astype(np.float16), y_val=names[yv])
+    head = make_head(name, **FAST[name]).fit(X.astype(np.float16), names[y], X_val=Xv.astype(np.float16),
+                                             y_val=names[yv])
     assert list(head.classes_) == ["cat", "dog", "emu"]
     assert head.predict(Xv.astype(np.float16)).dtype.kind == "U"
 
@@ -301,8 +302,10 @@ def test_logreg_matches_sklearn_at_the_chosen_C(solver, n_classes):
     head = make_head("logreg", solver=solver).fit(X[:200], y[:200], X_val=X[200:], y_val=y[200:])
     assert head.chosen_params_["solver"] == solver
     scaler = StandardScaler().fit(X[:200])
-    reference = LogisticRegression(C=head.chosen_params_["C"], max_iter=5000, tol=1e-10).fit(scaler.transform(X[:200]), y[:200])
-    np.testing.assert_allclose(softmax(head.logits(X[200:])), reference.predict_proba(scaler.transform(X[200:])), atol=2e-3)
+    reference = LogisticRegression(C=head.chosen_params_["C"], max_iter=5000, tol=1e-10).fit(scaler.transform(X[:200]),
+                                                                                            y[:200])
+    np.testing.assert_allclose(softmax(head.logits(X[200:])), reference.predict_proba(scaler.transform(X[200:])),
+                               atol=2e-3)
 
 
 def test_class_weight_balanced_raises_minority_recall():
@@ -345,14 +348,16 @@ def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, ba
     """A real embedx cache file (through embedx.cache) holding the given features."""
     from embedx.cache import CacheMeta, CacheWriter
 
-    meta = CacheMeta(backbone=backbone, weights_tag=weights_tag, weights_arg="none", onnx_path=f"/nowhere/{backbone}.onnx",
+    meta = CacheMeta(backbone=backbone, weights_tag=weights_tag, weights_arg="none",
+                     onnx_path=f"/nowhere/{backbone}.onnx",
                      onnx_sha256="0" * 64, feature_layer="pool", feature_dim=X.shape[1],
                      preprocess={"input_size": 32}, dtype=dtype, precision="fp32")
     keys = [hashlib.sha256(f"{path.name}-{i}".encode()).hexdigest() for i in range(len(X))]
     rel = [f"{classes[label]}/{i}.png" for i, label in enumerate(y)]
     with CacheWriter(path, meta, overwrite=True) as writer:
         writer.append(keys, X, paths=rel)
-        writer.finalize(keys=keys, paths=rel, labels=[int(v) for v in y], splits=list(splits), classes=list(classes), errors=[])
+        writer.finalize(keys=keys, paths=rel, labels=[int(v) for v in y], splits=list(splits), classes=list(classes),
+                        errors=[])
     return path
 
 
@@ -379,7 +384,8 @@ def test_fit_head_writes_a_complete_head_directory(cache_file, tmp_path):
     assert info["params"]["C"] > 0 and info["fit_seconds"] > 0
     val = info["metrics"]["val"]
     assert info["metrics"]["val_source"] == "val split of the cache"
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "ece_calibrated", "per_class", "confusion_matrix"):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece", "ece_calibrated", "per_class",
+                "confusion_matrix"):
         assert key in val, key
     assert val["temperature"] == pytest.approx(info["temperature"])
     # the stored accuracy is the loaded head's accuracy on the val rows
@@ -451,7 +457,8 @@ def test_evaluate_on_same_backbone_and_refuses_another(cache_file, tmp_path, dat
     X, y, _, _ = data
     other = write_cache(tmp_path / "resnet.h5", np.hstack([X, X]), y, ["val"] * len(X), ["ants", "bees", "wasps"],
                         backbone="resnet18")
-    with pytest.raises(FeatureMismatchError, match=r"'resnet18' \(24-d\).*'fakenet' \(12-d\).*embedx extract --backbone fakenet"):
+    with pytest.raises(FeatureMismatchError,
+                       match=r"'resnet18' \(24-d\).*'fakenet' \(12-d\).*embedx extract --backbone fakenet"):
         evaluate(tmp_path / "h", other)
     retrained = write_cache(tmp_path / "otherweights.h5", X, y, ["val"] * len(X), ["ants", "bees", "wasps"],
                             weights_tag="IMAGENET1K_V1")
@@ -543,7 +550,8 @@ def test_lbfgs_members_reach_scikit_learns_optimum():
         W, b = fit.member(g)[0]
         logits = X @ W + b
         np.testing.assert_allclose(logits - logits.mean(1, keepdims=True),
-                                   reference.decision_function(X) - reference.decision_function(X).mean(1, keepdims=True),
+                                   reference.decision_function(X)
+                                   - reference.decision_function(X).mean(1, keepdims=True),
                                    atol=2e-2)
 
 

@@ -65,7 +65,8 @@ def test_batch_size_does_not_change_answers(bundle_path, images):
     ]
     for a, b in zip(one, many, strict=True):
         if "top_k" in a:
-            assert [c["probability"] for c in a["top_k"]] == pytest.approx([c["probability"] for c in b["top_k"]], abs=1e-6)
+            assert [c["probability"] for c in a["top_k"]] == pytest.approx([c["probability"] for c in b["top_k"]],
+                                                                            abs=1e-6)
 
 
 def test_top_k_is_capped_at_the_number_of_classes(bundle_path, images):

@@ -299,8 +299,8 @@ async def while_queued(srv: Server, count: int, scenario):
 
 
 def test_queue_full_is_503_with_retry_after_and_timeout_is_504(bundles, tmp_path):
-    srv = Server(bundles["float"], "--max-batch", "8", "--batch-cap", "8", "--max-delay-ms", "60000", "--max-queue", "2",
-                 "--timeout-s", "3", log=tmp_path / "log")
+    srv = Server(bundles["float"], "--max-batch", "8", "--batch-cap", "8", "--max-delay-ms", "60000",
+                 "--max-queue", "2", "--timeout-s", "3", log=tmp_path / "log")
     try:
         srv.wait_ready()
         first = StalledUpload(srv)  # holds the batch; times out (408) before the queued two

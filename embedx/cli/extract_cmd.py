@@ -17,7 +17,8 @@ def _summary_lines(summary: dict) -> list[str]:
         f"{summary['pipeline_seconds']:.1f} s of extraction "
         f"({summary['workers']} decode workers, {summary['threads']} ORT threads, "
         f"{', '.join(summary['providers']) or 'no session needed'})",
-        f"time: setup {summary['setup_seconds']:.1f} s, hash {summary['hash_seconds']:.2f} s ({summary['hashed']} files), "
+        f"time: setup {summary['setup_seconds']:.1f} s, "
+        f"hash {summary['hash_seconds']:.2f} s ({summary['hashed']} files), "
         f"session {summary['session_seconds']:.1f} s, "
         f"decode {summary['decode_seconds']:.1f} CPU-s (waited {summary['decode_wait_seconds']:.1f} s), "
         f"inference {summary['inference_seconds']:.1f} s, write {summary['write_seconds']:.2f} s",

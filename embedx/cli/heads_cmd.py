@@ -94,7 +94,8 @@ def evaluate_command(head_dir: Path, cache: Path, splits: tuple[str, ...], as_js
         if isinstance(metrics, dict):
             click.echo(_metric_line(name, metrics))
             if metrics.get("skipped_unknown_class"):
-                click.echo(f"  ({metrics['skipped_unknown_class']} rows of classes the head does not know were skipped)")
+                click.echo(f"  ({metrics['skipped_unknown_class']} rows of classes "
+                           "the head does not know were skipped)")
 
 
 COMMANDS = [fit_head_command, evaluate_command]

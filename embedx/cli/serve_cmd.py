@@ -48,8 +48,8 @@ def _batch_cap(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def serve_command(model: Path, host: str, port: int, max_batch: int, batch_cap: str | int, max_delay_ms: float, no_batching: bool,
-                  max_queue: int, max_body_mb: float, timeout_s: float, workers_decode: int,
+def serve_command(model: Path, host: str, port: int, max_batch: int, batch_cap: str | int, max_delay_ms: float,
+                  no_batching: bool, max_queue: int, max_body_mb: float, timeout_s: float, workers_decode: int,
                   threads: int | None, top_k: int, device: str, buckets: str, log_level: str,
                   access_log: bool) -> None:
     """Serve a bundle over HTTP: POST /v1/predict, GET /v1/model, /health/*, /metrics."""

@@ -66,7 +66,8 @@ def _resumable_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] 
 
 def _config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+            for k in keys if saved.get(k) != current.get(k)]
 
 
 def _rng_state() -> dict[str, Any]:

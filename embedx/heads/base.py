@@ -112,7 +112,8 @@ class Head:
         if X_val is not None or y_val is not None:
             if X_val is None or y_val is None:
                 raise HeadError("pass both X_val and y_val, or neither")
-            val = self._validation(as_features(X_val, what="validation features"), np.asarray(y_val), classes, X.shape[1])
+            val = self._validation(as_features(X_val, what="validation features"), np.asarray(y_val), classes,
+                                   X.shape[1])
         self.classes_ = classes
         self.feature_dim_ = int(X.shape[1])
         self.n_train_ = int(len(X))
@@ -158,7 +159,8 @@ class Head:
 
     def _check(self, X: Any) -> np.ndarray:
         if not hasattr(self, "classes_"):
-            raise NotFittedError(f"this {self.head_type} head is not fitted yet; call fit(X, y) or load_head(dir) first")
+            raise NotFittedError(f"this {self.head_type} head is not fitted yet; "
+                                 "call fit(X, y) or load_head(dir) first")
         X = as_features(X)
         if X.shape[1] != self.feature_dim_:
             raise FeatureMismatchError(
@@ -316,7 +318,8 @@ def standardizer(X: np.ndarray, sample_weight: np.ndarray | None = None) -> tupl
     squares = np.zeros(X.shape[1], dtype=np.float64)
     for chunk in chunks:
         centered = X[chunk] - mean.astype(X.dtype if X.dtype == np.float64 else np.float32)
-        squares += (centered * centered).sum(axis=0, dtype=np.float64) if w is None else w[chunk] @ (centered.astype(np.float64) ** 2)
+        squares += ((centered * centered).sum(axis=0, dtype=np.float64) if w is None
+                    else w[chunk] @ (centered.astype(np.float64) ** 2))
     std = np.sqrt(squares / max(total, 1e-300))
     scale = np.where(std > 1e-6 * max(float(np.max(std, initial=0.0)), 1e-12), std, 1.0)
     return mean.astype(np.float32), scale.astype(np.float32)
@@ -355,7 +358,8 @@ def load_head(directory: str | Path | HeadRecord) -> Head:
     directory = record.directory
     info = record.fields
     if record.head_type not in HEAD_TYPES:
-        raise HeadError(f"{directory / HEAD_JSON} names head type {record.head_type!r}; known types: {sorted(HEAD_TYPES)}")
+        raise HeadError(f"{directory / HEAD_JSON} names head type {record.head_type!r}; "
+                        f"known types: {sorted(HEAD_TYPES)}")
     weights_path = directory / record.weights_file
     try:
         arrays = load_file(str(weights_path))

@@ -180,7 +180,8 @@ def fit_head(
     names = np.asarray(data.classes, dtype=str)
     labels = np.asarray(data.labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-        raise HeadError(f"cache labels must index its {len(names)} classes; found labels {labels.min()}..{labels.max()}")
+        raise HeadError(f"cache labels must index its {len(names)} classes; "
+                        f"found labels {labels.min()}..{labels.max()}")
     y_names = names[labels]
     train, val, test, val_source = _split_rows(data, seed)  # ascending rows, as read_feature_rows needs
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)

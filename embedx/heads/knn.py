@@ -114,7 +114,8 @@ class KNNHead(Head):
         n_classes = len(self.classes_)
         onehot = np.eye(n_classes, dtype=np.float32)[self.bank_labels_] * self.bank_weights_[:, None]
         square = builder.node("Mul", [features, features])
-        norm = builder.node("Sqrt", [builder.node("ReduceSum", [square, builder.const("axis1", [1], np.int64)], keepdims=1)])
+        norm = builder.node("Sqrt", [builder.node("ReduceSum", [square, builder.const("axis1", [1], np.int64)],
+                                                  keepdims=1)])
         norm = builder.node("Max", [norm, builder.const("norm_floor", 1e-12)])
         x = builder.node("Div", [features, norm])
         sims = builder.node("MatMul", [x, builder.const("bank_t", np.ascontiguousarray(self.bank_.T))])
@@ -122,9 +123,11 @@ class KNNHead(Head):
         builder.node("TopK", [sims, builder.const("k", [self._k_eff], np.int64)], [top_sims, top_index], axis=1,
                      largest=1, sorted=1)
         best = builder.node("ReduceMax", [top_sims], axes=[1], keepdims=1)
-        shifted = builder.node("Div", [builder.node("Sub", [top_sims, best]), builder.const("vote_t", self.vote_temperature)])
+        shifted = builder.node("Div", [builder.node("Sub", [top_sims, best]),
+                                       builder.const("vote_t", self.vote_temperature)])
         weights = builder.node("Unsqueeze", [builder.node("Exp", [shifted]), builder.const("axis2", [2], np.int64)])
         neighbours = builder.node("Gather", [builder.const("onehot", onehot), top_index], axis=0)  # (N, k, C)
-        votes = builder.node("ReduceSum", [builder.node("Mul", [neighbours, weights]), builder.const("axis1b", [1], np.int64)],
+        votes = builder.node("ReduceSum", [builder.node("Mul", [neighbours, weights]),
+                                           builder.const("axis1b", [1], np.int64)],
                              keepdims=0)
         return builder.node("Log", [builder.node("Add", [votes, builder.const("vote_eps", VOTE_EPS)])])

@@ -44,7 +44,8 @@ HOLDOUT_FRACTION = 0.2
 SKLEARN_FINAL_LIMIT = 2.0e8
 
 
-def holdout_split(n: int, y: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, y: np.ndarray, seed: int,
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of row indices (train, val) for heads fitted without val data."""
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -249,7 +250,8 @@ class MLPHead(LinearHead):
         return hidden @ self.w2_ + self.b2_
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean_, "scale": self.scale_, "w1": self.w1_, "b1": self.b1_, "w2": self.w2_, "b2": self.b2_}
+        return {"mean": self.mean_, "scale": self.scale_, "w1": self.w1_, "b1": self.b1_,
+                "w2": self.w2_, "b2": self.b2_}
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         self.mean_, self.scale_ = arrays["mean"], arrays["scale"]
@@ -257,7 +259,8 @@ class MLPHead(LinearHead):
 
     def _onnx_nodes(self, builder: GraphBuilder, features: str) -> str:
         x = builder.standardize(features, self.mean_, self.scale_)
-        x = builder.node("Add", [builder.node("MatMul", [x, builder.const("w1", self.w1_)]), builder.const("b1", self.b1_)])
+        x = builder.node("Add", [builder.node("MatMul", [x, builder.const("w1", self.w1_)]),
+                                 builder.const("b1", self.b1_)])
         x = builder.node("Relu", [x])
         x = builder.node("MatMul", [x, builder.const("w2", self.w2_)])
         return builder.node("Add", [x, builder.const("b2", self.b2_)])

@@ -76,8 +76,8 @@ def best_model(models: list[list[tuple[np.ndarray, np.ndarray]]], accuracy: np.n
         return int(close[0])
     rows = calibration_rows(len(y_val), SELECTION_ROWS)
     nll = np.full(len(models), np.inf)
-    nll[close] = calibrated_nlls(np.stack([member_logits(models[i], X_val[rows]) for i in close]), np.asarray(y_val)[rows],
-                                 xp=xp)
+    nll[close] = calibrated_nlls(np.stack([member_logits(models[i], X_val[rows]) for i in close]),
+                                 np.asarray(y_val)[rows], xp=xp)
     return pick_best(accuracy, nll, len(y_val))
 
 

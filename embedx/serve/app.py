@@ -341,7 +341,8 @@ class _Server:
     async def _read_images(self, request: Request) -> tuple[list[bytes], bool]:
         """The request's image bytes, and whether it was a batch."""
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not (media_type in ("", "multipart/form-data", "application/json", *RAW_TYPES) or media_type.startswith("image/")):
+        if not (media_type in ("", "multipart/form-data", "application/json", *RAW_TYPES)
+                or media_type.startswith("image/")):
             raise HttpError(
                 415, "unsupported content type",
                 f"got Content-Type {media_type!r}; send image/* or application/octet-stream bytes, "

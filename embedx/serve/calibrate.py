@@ -239,7 +239,8 @@ def resolve_batch_cap(model: Any, *, batch_cap: str | int, max_batch: int,
         return BatchCap(cap=1, mode=AUTO, tolerance=tolerance)
     largest = calibration_batch(model, max_batch)
     start = time.perf_counter()
-    rates, rounds = measure_rates(run_batch or model.predict_proba, lambda size: largest[:size], batch_sizes(max_batch), **options)
+    rates, rounds = measure_rates(run_batch or model.predict_proba, lambda size: largest[:size], batch_sizes(max_batch),
+                                  **options)
     return BatchCap(cap=choose_batch_cap(rates, tolerance=tolerance), mode=AUTO, rates=rates, rounds=rounds,
                     seconds=time.perf_counter() - start, tolerance=tolerance)
 
