@@ -26,7 +26,7 @@ from embedx import onnxmeta, preprocess
 from embedx.bundle import PROBABILITIES
 from embedx.data import is_image_name
 from embedx.errors import ConfigError, ImageDecodeError, OnnxModelError
-from embedx.preprocess import ImageSource, PreprocessSpec
+from embedx.preprocess import ImageSource, PreprocessSpec, decode_reason
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,6 @@ class HeadPipeline(_Classifier):
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.head.predict_proba(self.backbone.run(batch)), dtype=np.float32)
-
-
-def decode_reason(error: ImageDecodeError, name: object = "<bytes>") -> str:
-    """Why an image could not be read, without the ``"<name>: "`` the message starts with."""
-    return getattr(error, "reason", None) or str(error).removeprefix(f"{name}: ")
 
 
 def load_model(

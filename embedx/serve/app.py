@@ -43,7 +43,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from embedx.errors import ConfigError, ImageDecodeError
-from embedx.predict import decode_reason, load_model
+from embedx.predict import load_model
+from embedx.preprocess import decode_reason
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
 from embedx.serve.calibrate import (
     AUTO,
