@@ -437,6 +437,13 @@ def _fixed_shape(model: Any) -> bool:
     return bool(model.providers) and model.providers[0] == "TensorrtExecutionProvider"
 
 
+def _host_pixels(pixels: Any) -> np.ndarray:
+    """A uint8 NHWC batch as numpy, whether it is numpy already or a (device) tensor."""
+    if isinstance(pixels, np.ndarray):
+        return pixels
+    return pixels.cpu().numpy()
+
+
 def _pixel_input(precision: str) -> bool:
     """Whether the model takes uint8 pixels and normalizes them in its graph (every precision but
     int8, whose static quantization is calibrated on the float input)."""
@@ -625,8 +632,9 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             run.seconds["wait"] += time.perf_counter() - waited
             run.seconds["decode"] += result["seconds"]
             for position, key in enumerate(result["keys"]):
-                if key:  # the bytes read for decoding are what the features belong to
-                    run.keys[batch[position]] = key
+                # the bytes read for decoding are what the features belong to; a file that could
+                # not be read now has no key, so its error is retried by the next run, not kept
+                run.keys[batch[position]] = key
             for position, reason in result["errors"]:
                 index = batch[position]
                 run.decode_errors[index] = reason
@@ -635,11 +643,11 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             tick = time.perf_counter()
             if rows:
                 pixels = result["pixels"]
+                if runner is None:  # host arrays: GPU-decoded pixels too if ORT fell back to the CPU
+                    pixels = _host_pixels(pixels)
                 if not pixel_input:
-                    from embedx.gpu import as_numpy_pixels
-
                     pad_to = batch_size if runner is None and _fixed_shape(run.model) else None
-                    pixels = _normalize_into(as_numpy_pixels(pixels), spec, pad_to)
+                    pixels = _normalize_into(_host_pixels(pixels), spec, pad_to)
                 features = (runner or run.model).run(pixels)[: len(rows)]
                 features, rows = _first_of_each_key(run, features, rows)
             run.seconds["inference"] += time.perf_counter() - tick
@@ -655,10 +663,12 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             waited = time.perf_counter()
         journal.close()  # a failed journal write is raised here
     finally:
-        with contextlib.suppress(Exception):  # already raised above, or another error is on its way
-            journal.close()
-        run.seconds["write"] += journal.seconds
-        decoder.close()
+        try:
+            with contextlib.suppress(Exception):  # already raised above, or another error is on its way
+                journal.close()
+        finally:
+            run.seconds["write"] += journal.seconds
+            decoder.close()
 
 
 def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):

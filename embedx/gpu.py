@@ -4,7 +4,7 @@
 (the cache keys), decodes the plain JPEGs of a batch in one ``torchvision.io.decode_jpeg``
 call on the device, resizes them there (antialiased bilinear, torchvision's ``Resize``
 geometry) and crops the centre: the batch leaves as uint8 NHWC on the GPU, ready for a
-pixel-input model bound in place (``runtime.OrtModel.run`` takes CUDA tensors).
+pixel-input model bound in place (``OrtModel.bound(...).run`` takes CUDA tensors).
 
 Files nvJPEG should not or cannot take (PNG, progressive or CMYK JPEGs, EXIF-rotated,
 truncated, anything it fails on) go to the CPU decoder one by one (``preprocess.to_pixels``,
@@ -26,8 +26,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from embedx import fsio, preprocess
 from embedx.errors import ImageDecodeError
 
@@ -40,6 +38,10 @@ PREFETCH = 3
 READ_THREADS = 8
 #: Threads that decode batches on the GPU, each on its own CUDA stream.
 DECODE_THREADS = 3
+#: Most source pixels one decode call or one resize pass holds (a float32 RGB copy of this many
+#: is 0.8 GB): a batch of large photos is decoded and resized in several parts, so device memory
+#: stays bounded whatever the images' sizes.
+PIXELS_PER_PASS = 1 << 26
 
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential Huffman
 _SOF_OTHER = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -55,22 +57,22 @@ def cuda_decode_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def gpu_eligible(data: bytes | bytearray | memoryview) -> bool:
+def gpu_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
     """A JPEG nvJPEG decodes the way the CPU path would: sequential (not progressive),
     8-bit, 1 or 3 components (not CMYK, not Adobe RGB-transformed), complete (ends in EOI),
-    no EXIF rotation, under the decompression-bomb limit."""
+    no EXIF rotation, under the decompression-bomb limit: its (width, height), else None."""
     size = len(data)
     if size < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return False
+        return None
     end = size
     while end > 2 and data[end - 1] == 0:  # zero padding after EOI is common and harmless
         end -= 1
     if data[end - 2] != 0xFF or data[end - 1] != 0xD9:
-        return False
+        return None
     position = 2
     while position + 4 <= size:
         if data[position] != 0xFF:
-            return False
+            return None
         marker = data[position + 1]
         if marker == 0xFF:
             position += 1
@@ -79,23 +81,28 @@ def gpu_eligible(data: bytes | bytearray | memoryview) -> bool:
         if marker == 0xEE:  # Adobe APP14: a transform other than YCbCr goes to the CPU
             segment = bytes(data[position + 4 : position + 2 + length])
             if segment.startswith(b"Adobe") and len(segment) >= 12 and segment[11] != 1:
-                return False
+                return None
         if marker in _SOF_SEQUENTIAL:
             if position + 10 > size:
-                return False
+                return None
             precision = data[position + 4]
             height = int.from_bytes(data[position + 5 : position + 7], "big")
             width = int.from_bytes(data[position + 7 : position + 9], "big")
             components = data[position + 9]
             if precision != 8 or components not in (1, 3) or not width or not height:
-                return False
+                return None
             if width * height > preprocess.MAX_IMAGE_PIXELS:
-                return False
-            return preprocess._jpeg_orientation(data) == 1
+                return None
+            return (width, height) if preprocess._jpeg_orientation(data) == 1 else None
         if marker in _SOF_OTHER or marker in (0xDA, 0xD9):
-            return False
+            return None
         position += 2 + length
-    return False
+    return None
+
+
+def gpu_eligible(data: bytes | bytearray | memoryview) -> bool:
+    """Whether nvJPEG takes this file (``gpu_size`` is not None)."""
+    return gpu_size(data) is not None
 
 
 def resolve_decode(decode: str, device_is_cuda: bool) -> str:
@@ -135,6 +142,19 @@ def _read(path: str) -> tuple[bytearray | None, str, str]:
     except OSError as e:
         return None, "", f"cannot read: {e.strerror or e}"
     return data, fsio.sha256_bytes(data), ""
+
+
+def _parts(indices: list[int], pixels: Any) -> list[list[int]]:
+    """``indices`` in runs of at most ``PIXELS_PER_PASS`` source pixels (at least one each)."""
+    parts: list[list[int]] = []
+    total = 0
+    for index in indices:
+        if not parts or total + pixels(index) > PIXELS_PER_PASS:
+            parts.append([])
+            total = 0
+        parts[-1].append(index)
+        total += pixels(index)
+    return parts
 
 
 class TorchDecoder:
@@ -188,7 +208,11 @@ class TorchDecoder:
         for index, image in enumerate(images):
             groups.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(index)
         fast = self.spec.mode == "fast"
+        chunks = []
         for (height, width), members in groups.items():
+            step = max(1, PIXELS_PER_PASS // (height * width))
+            chunks += [((height, width), members[i : i + step]) for i in range(0, len(members), step)]
+        for (height, width), members in chunks:
             new_h, new_w, top, left = self._geometry(height, width)
             stack = torch.stack([images[i] for i in members]).float()
             scale_y, scale_x = height / new_h, width / new_w
@@ -227,17 +251,23 @@ class TorchDecoder:
         """(uint8 (n, S, S, 3) on the device, the indices it holds in order, errors as (index, reason))."""
         import torch
 
-        eligible = [i for i, data in enumerate(datas) if gpu_eligible(data)]
+        sizes = {i: size for i, data in enumerate(datas) if (size := gpu_size(data)) is not None}
         images: dict[int, Any] = {}
-        if eligible:
-            for index, image in zip(eligible, self._decode_many([datas[i] for i in eligible]), strict=True):
-                if image is not None and image.shape[0] == 3:
-                    images[index] = image
-        on_device = sorted(images)
+        batch = None
+        try:
+            for part in _parts(sorted(sizes), lambda i: sizes[i][0] * sizes[i][1]):
+                for index, image in zip(part, self._decode_many([datas[i] for i in part]), strict=True):
+                    if image is not None and image.shape[0] == 3:
+                        images[index] = image
+            on_device = sorted(images)
+            if on_device:
+                batch = self._resize_crop([images[i] for i in on_device])
+        except RuntimeError as e:  # the device ran out of memory (or worse): the CPU does this batch
+            logger.warning("GPU decode failed on a batch (%s); decoding its %d files on the CPU", e, len(datas))
+            images, on_device, batch = {}, [], None
         self.gpu_images += len(on_device)
         pixels_by_index: dict[int, Any] = {}
-        if on_device:
-            batch = self._resize_crop([images[i] for i in on_device])
+        if batch is not None:
             pixels_by_index = {index: batch[row] for row, index in enumerate(on_device)}
         errors: list[tuple[int, str]] = []
         for index in range(len(datas)):
@@ -246,7 +276,7 @@ class TorchDecoder:
             try:
                 pixels = preprocess.to_pixels(bytes(datas[index]), self.spec)
             except ImageDecodeError as e:
-                errors.append((index, e.reason))
+                errors.append((index, preprocess.decode_reason(e)))
                 continue
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; the reason is kept
                 errors.append((index, f"cannot decode ({type(e).__name__}: {e})"))
@@ -256,7 +286,7 @@ class TorchDecoder:
         rows = sorted(pixels_by_index)
         if not rows:
             return torch.empty((0, self.size, self.size, 3), dtype=torch.uint8, device=self.device), [], errors
-        if rows == on_device and len(rows) == len(images):
+        if batch is not None and rows == on_device:
             out = batch  # every row came from the device path, already in order
         else:
             out = torch.stack([pixels_by_index[index] for index in rows])
@@ -286,6 +316,7 @@ class GpuDecodeSource:
         self._lock = threading.Condition()
         self._room = threading.Semaphore(PREFETCH + decode_threads)
         self._stop = threading.Event()
+        self._fatal: BaseException | None = None  # a thread could not start
         self._readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="embedx-read")
         self._threads = [threading.Thread(target=self._work, name=f"embedx-gpu-decode-{i}", daemon=True)
                          for i in range(max(1, min(decode_threads, len(self._batches))))]
@@ -305,9 +336,15 @@ class GpuDecodeSource:
             return index
 
     def _work(self) -> None:
-        import torch
+        try:
+            import torch
 
-        stream = torch.cuda.Stream(self.decoder.device) if self.decoder.device.type == "cuda" else None
+            stream = torch.cuda.Stream(self.decoder.device) if self.decoder.device.type == "cuda" else None
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            with self._lock:
+                self._fatal = self._fatal or e
+                self._lock.notify_all()
+            return
         while (index := self._take()) is not None:
             try:
                 item = self._decode(index, stream)
@@ -340,7 +377,12 @@ class GpuDecodeSource:
         for index in range(len(self._batches)):
             with self._lock:
                 while index not in self._done:
-                    self._lock.wait()
+                    if self._fatal is not None:
+                        raise self._fatal
+                    if not self._lock.wait(timeout=1.0) and not any(t.is_alive() for t in self._threads):
+                        from embedx.errors import BackendError
+
+                        raise BackendError(f"the GPU decode threads stopped before batch {index}")
                 item = self._done.pop(index)
             self._room.release()
             if isinstance(item, BaseException):
@@ -355,12 +397,5 @@ class GpuDecodeSource:
         self._done.clear()
 
 
-def as_numpy_pixels(pixels: Any) -> np.ndarray:
-    """A uint8 NHWC batch as numpy, whether it is numpy already or a (device) tensor."""
-    if isinstance(pixels, np.ndarray):
-        return pixels
-    return pixels.cpu().numpy()
-
-
-__all__ = ["DECODES", "GpuDecodeSource", "TorchDecoder", "cuda_decode_available", "gpu_eligible",
+__all__ = ["DECODES", "GpuDecodeSource", "TorchDecoder", "cuda_decode_available", "gpu_eligible", "gpu_size",
            "resolve_decode"]

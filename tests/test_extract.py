@@ -666,3 +666,33 @@ def test_copies_of_one_image_are_computed_once_in_a_fresh_run(tmp_path, backbone
     assert len({cache.keys[r] for r in rows}) == 1
     np.testing.assert_array_equal(cache.features[rows[0]], cache.features[rows[2]])
     assert cache.classes[cache.labels[rows[2]]] == "beta"
+
+
+def test_a_file_unreadable_while_decoding_is_retried_by_the_next_run(tmp_path, backbone, monkeypatch):
+    """Planned (hashed) first, then unreadable when the decoder opens it: the error carries no
+    key, so the next run tries the file again instead of skipping it for good."""
+    from embedx import extract as extract_module
+
+    data = class_folders(tmp_path / "data", per_class=2)
+    out = tmp_path / "f.h5"
+    run(data, backbone, out)
+    write_image(data / "alpha" / "new.jpg", "alpha", 9)  # the next plan hashes it (not a fresh cache)
+    real = extract_module._decode_batch
+
+    def unreadable(spec_json, paths):
+        result = real(spec_json, paths)
+        for position, path in enumerate(paths):
+            if path.endswith("new.jpg"):
+                result["keys"][position] = ""
+                keep = [i for i, row in enumerate(result["rows"]) if row != position]
+                result["rows"] = [result["rows"][i] for i in keep]
+                result["pixels"] = result["pixels"][keep]
+                result["errors"].append((position, "cannot read: Input/output error (simulated)"))
+        return result
+
+    monkeypatch.setattr(extract_module, "_decode_batch", unreadable)
+    failed = run(data, backbone, out)
+    assert failed.new == 0 and ("alpha/new.jpg", "cannot read: Input/output error (simulated)") in failed.error_list
+    monkeypatch.setattr(extract_module, "_decode_batch", real)
+    again = run(data, backbone, out)
+    assert again.new == 1 and again.errors == 0

@@ -148,3 +148,39 @@ def test_closing_early_stops_the_threads(tmp_path):
     assert len(first["rows"]) == 1
     source.close()
     assert not any(thread.is_alive() for thread in source._threads)
+
+
+def test_large_batches_are_decoded_and_resized_in_bounded_parts(monkeypatch):
+    datas = [bytearray(jpeg_bytes(_photo((64, 48), seed))) for seed in range(5)]
+    whole, rows, _ = gpu.TorchDecoder(SPEC, device="cpu").decode(datas)
+    monkeypatch.setattr(gpu, "PIXELS_PER_PASS", 64 * 48 * 2)  # two images a pass
+    calls = []
+    real = gpu.TorchDecoder._decode_many
+    monkeypatch.setattr(gpu.TorchDecoder, "_decode_many", lambda self, d: calls.append(len(d)) or real(self, d))
+    parts, rows_parts, _ = gpu.TorchDecoder(SPEC, device="cpu").decode(datas)
+    assert calls == [2, 2, 1] and rows_parts == rows == [0, 1, 2, 3, 4]
+    assert (parts.numpy() == whole.numpy()).all()
+
+
+def test_a_device_failure_sends_the_batch_to_the_cpu(monkeypatch):
+    def out_of_memory(self, images):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu.TorchDecoder, "_resize_crop", out_of_memory)
+    datas = [bytearray(jpeg_bytes(_photo(seed=seed))) for seed in range(3)]
+    decoder = gpu.TorchDecoder(SPEC, device="cpu")
+    pixels, rows, errors = decoder.decode(datas)
+    assert rows == [0, 1, 2] and errors == [] and decoder.cpu_images == 3 and decoder.gpu_images == 0
+    np.testing.assert_array_equal(pixels[1].numpy(), preprocess.to_pixels(bytes(datas[1]), SPEC))
+
+
+def test_decode_threads_that_stop_are_an_error_not_a_hang(tmp_path, monkeypatch):
+    from embedx.errors import BackendError
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes(_photo()))
+    monkeypatch.setattr(gpu.GpuDecodeSource, "_work", lambda self: None)  # threads that end at once
+    source = gpu.GpuDecodeSource(SPEC, [[str(path)]], device="cpu")
+    with pytest.raises(BackendError, match="stopped before batch 0"):
+        list(source)
+    source.close()

@@ -144,3 +144,39 @@ def test_a_session_per_bucket_gives_the_same_answers_and_each_sees_one_shape(bun
 
     app = create_app(bundle, device="cpu", max_batch=4, buckets=True, bucket_sessions=True)
     in_process(app, scenario)
+
+
+def test_a_bucket_session_that_cannot_open_leaves_the_bucket_on_the_shared_one(bundle, monkeypatch):
+    from embedx.serve import app as app_module
+    from embedx.serve import create_app
+
+    real = app_module.load_model
+    opened = []
+
+    def flaky_load(path, **options):
+        opened.append(1)
+        if len(opened) == 1:
+            raise RuntimeError("out of device memory (simulated)")
+        return real(path, **options)
+
+    monkeypatch.setattr(app_module, "load_model", flaky_load)
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        assert sorted(app.state.server.run_batch.runners) == [2]  # bucket 1 failed, 4 is the model's
+        answer = await client.post("/v1/predict", content=image_bytes(0), headers=PNG)
+        assert answer.status_code == 200
+
+    app = create_app(model=load_model(bundle, device="cpu"), device="cpu", max_batch=4, buckets=True,
+                     bucket_sessions=True)
+    in_process(app, scenario)
+
+
+def test_fixed_batch_models_are_not_bucketed(bundle):
+    from embedx.serve.app import ServeConfig, _Server
+
+    model = load_model(bundle, device="cpu")
+    model.fixed_batch = 2
+    server = _Server(model, ServeConfig(max_batch=8, buckets=True, bucket_sessions=True))
+    assert server.buckets is None and not server.bucket_sessions

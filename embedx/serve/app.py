@@ -166,7 +166,9 @@ class _Server:
         self.ort_pool: ThreadPoolExecutor | None = None
         self.batcher: DynamicBatcher | None = None
         on_gpu = runs_on_gpu(model)
-        bucketed = on_gpu if config.buckets is None else config.buckets
+        # a model exported with a fixed batch size pads its own chunks: buckets would pad twice
+        fixed = getattr(model, "fixed_batch", None) is not None
+        bucketed = (on_gpu if config.buckets is None else config.buckets) and not fixed
         #: the batch sizes the model ever sees, all warmed before ready (None: any size)
         self.buckets: list[int] | None = batch_sizes(config.max_batch) if bucketed else None
         self.run_batch = Buckets(model.predict_proba, self.buckets) if bucketed else model.predict_proba
@@ -231,11 +233,17 @@ class _Server:
         logger.info("warm-up done in %.2f s; ready", time.perf_counter() - start)
 
     def _open_bucket_sessions(self) -> None:
-        """A session per bucket below max_batch (the loaded model keeps max_batch), each warmed."""
+        """A session per bucket below max_batch (the loaded model keeps max_batch), each warmed.
+        One that cannot be opened (device memory) leaves its bucket on the shared session."""
+        runtime = getattr(self.model, "runtime", None)
+        device = getattr(runtime, "device", self.config.device)
         for size in self.buckets[:-1]:
-            model = load_model(self.model.path, device=self.config.device, threads=self.config.threads,
-                               spinning=False)
-            model.predict_proba(self.model.warmup_input(size))
+            try:
+                model = load_model(self.model.path, device=device, threads=self.config.threads, spinning=False)
+                model.predict_proba(self.model.warmup_input(size))
+            except Exception as e:  # noqa: BLE001 - the shared session still serves this bucket
+                logger.warning("bucket %d keeps the shared session: its own failed to open (%s)", size, e)
+                continue
             self.run_batch.runners[size] = model.predict_proba
 
     def _set_batch_cap(self, cap: BatchCap) -> None:
