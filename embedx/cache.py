@@ -20,11 +20,15 @@ format is documented in docs/cache-format.md; in short:
 
 from __future__ import annotations
 
+import errno as errno_codes
 import json
 import logging
+import os
+import re
 import shutil
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -54,6 +58,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DECODES = ("cpu", "gpu")
 #: Target size of one HDF5 chunk of ``features``, in bytes.
 CHUNK_BYTES = 1 << 20
+#: The dataset of per-row checksums (crc32 of each row's stored bytes); caches written
+#: before it existed have none and read unchecked.
+CHECKSUMS = "row_crc32"
 
 _STR = None  # h5py string dtype, created on first use (h5py is imported lazily)
 
@@ -184,6 +191,60 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+class CacheChecksumError(CacheError):
+    """Rows of a cache whose features do not match their checksums (damaged on disk)."""
+
+    def __init__(self, path: Path, rows: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.rows = [int(r) for r in rows]
+        super().__init__(
+            f"{path}: the features of {len(self.rows)} rows ({row_ranges(self.rows)}) do not match their "
+            "checksums (the file was damaged on disk); rerun the `embedx extract` command that made it "
+            "to recompute them"
+        )
+
+
+class NonFiniteFeaturesError(CacheError):
+    """Features with NaN or inf (in float32, or once stored as float16): never stored."""
+
+
+class CacheWriteError(CacheError):
+    """An OSError while writing the journal or the cache (a full disk, a read-only folder...)."""
+
+
+def row_checksums(features: np.ndarray) -> np.ndarray:
+    """crc32 of each row's bytes, little-endian, in the array's dtype (uint32, one per row)."""
+    block = np.ascontiguousarray(features, dtype=features.dtype.newbyteorder("<"))
+    view = block.view(np.uint8).reshape(len(block), block[0].nbytes if len(block) else 0)
+    return np.fromiter((zlib.crc32(row) for row in view), dtype=np.uint32, count=len(block))
+
+
+def row_ranges(rows: Sequence[int], limit: int = 8) -> str:
+    """``"3, 17-20, 40"``: sorted row numbers as ranges, the first ``limit`` ranges then ``…``."""
+    spans: list[list[int]] = []
+    for row in sorted(int(r) for r in rows):
+        if spans and row == spans[-1][1] + 1:
+            spans[-1][1] = row
+        else:
+            spans.append([row, row])
+    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:limit]]
+    return ", ".join(text) + (", …" if len(spans) > limit else "")
+
+
+def write_error(path: Path, error: BaseException) -> CacheWriteError:
+    """One line for an OSError (or h5py's RuntimeError) while writing ``path``: the file and the errno."""
+    number = getattr(error, "errno", None)
+    if number is None:  # h5py puts the errno in its message: "..., errno = 28, error message = ..."
+        found = re.search(r"errno = (\d+)", str(error))
+        number = int(found.group(1)) if found else None
+    if number is not None:
+        why = f"{errno_codes.errorcode.get(number, 'errno')} ({number}): {os.strerror(number)}"
+    else:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CacheWriteError(f"cannot write {path}: {why}; free space (or fix the folder), then rerun the same "
+                           "command: it resumes from the journal")
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -278,7 +339,7 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
         else:
             wanted = (splits,) if isinstance(splits, str) else tuple(splits)
             selected = np.flatnonzero(np.isin(row_splits, wanted))
-        features = _read_features(handle["features"], selected) if load_features else None
+        features = _read_features(handle, selected, path) if load_features else None
         labels = handle["labels"][()].astype(np.int64)
         paths, keys = _strings(handle["paths"]), _strings(handle["keys"])
         if selected is not None:
@@ -311,29 +372,57 @@ def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
         if len(rows) and (rows[0] < 0 or rows[-1] >= dataset.shape[0]):
             raise CacheError(f"{path} has {dataset.shape[0]} rows; "
                              f"asked for row {rows[0] if rows[0] < 0 else rows[-1]}")
-        return _read_features(dataset, rows)
+        return _read_features(handle, rows, path)
 
 
-def _read_features(dataset, selected: np.ndarray | None) -> np.ndarray:
+def _feature_blocks(handle):
+    """``(start, block)`` over the features in stored dtype, a few HDF5 chunks at a time."""
+    dataset = handle["features"]
     rows, dim = dataset.shape
     step = dataset.chunks[0] if dataset.chunks else max(1, CHUNK_BYTES // max(1, dim * 4))
     step = max(step, 1024)
-    if selected is None:
-        out = np.empty((rows, dim), dtype=np.float32)
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            dataset.read_direct(out, np.s_[start:stop], np.s_[start:stop])
-        return out
-    out = np.empty((len(selected), dim), dtype=np.float32)
-    done = 0
     for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        inside = selected[(selected >= start) & (selected < stop)]
-        if len(inside):
-            block = dataset[start:stop]
-            out[done : done + len(inside)] = block[inside - start]
+        yield start, dataset[start : min(start + step, rows)]
+
+
+def _read_features(handle, selected: np.ndarray | None, path: Path) -> np.ndarray:
+    """Features (all rows, or the ascending rows ``selected``) as float32; each row read
+    is checked against its checksum (``CacheChecksumError`` naming every bad row)."""
+    rows, dim = handle["features"].shape
+    checksums = handle[CHECKSUMS][()] if CHECKSUMS in handle else None
+    out = np.empty((rows if selected is None else len(selected), dim), dtype=np.float32)
+    bad: list[int] = []
+    done = 0
+    for start, block in _feature_blocks(handle):
+        stop = start + len(block)
+        if selected is None:
+            inside = np.arange(start, stop)
+            out[start:stop] = block
+        else:
+            inside = selected[(selected >= start) & (selected < stop)]
+            if not len(inside):
+                continue
+            block = block[inside - start]
+            out[done : done + len(inside)] = block
             done += len(inside)
+        if checksums is not None:
+            bad.extend(inside[row_checksums(block) != checksums[inside]].tolist())
+    if bad:
+        raise CacheChecksumError(path, bad)
     return out
+
+
+def damaged_rows(handle) -> tuple[list[int], list[int]]:
+    """``(rows failing their checksum, rows holding NaN or inf)`` of an open cache, reading every row."""
+    checksums = handle[CHECKSUMS][()] if CHECKSUMS in handle else None
+    failed: list[int] = []
+    nonfinite: list[int] = []
+    for start, block in _feature_blocks(handle):
+        if checksums is not None:
+            failed.extend((start + np.flatnonzero(row_checksums(block) != checksums[start : start + len(block)]))
+                          .tolist())
+        nonfinite.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
+    return failed, nonfinite
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
@@ -427,12 +516,35 @@ def _load_shard(path: Path, feature_dim: int | None, *, with_features: bool = Fa
                 raise ValueError(f"features shape {features.shape} does not match {len(data['keys'])} keys")
             if feature_dim is not None and features.shape[1] != feature_dim:
                 raise ValueError(f"feature dim {features.shape[1]}, expected {feature_dim}")
+            if CHECKSUMS in npz.files and not np.array_equal(row_checksums(features), npz[CHECKSUMS]):
+                raise ValueError("its features do not match their checksums")
+            if not np.isfinite(features).all():
+                raise ValueError("its features hold NaN or inf")
             if with_features:
                 data["features"] = features
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logger.warning("ignoring unreadable journal shard %s: %s", path, e)
         return None
     return data
+
+
+def _final_size(rows: int, row_bytes: int, paths, splits, classes, errors) -> int:
+    """A generous bound on the size of a finished cache, in bytes."""
+    strings = [*paths, *splits, *classes, *(text for error in errors for text in error[:2])]
+    fixed = rows * (row_bytes + 4 + 8 + 64 + 16) + len(errors) * 64
+    return int(1.25 * (fixed + sum(48 + len(str(text).encode("utf-8")) for text in strings))) + (4 << 20)
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of disk for ``path`` before HDF5 writes to it: a full disk then
+    fails here, cleanly, not while HDF5 closes an object (which h5py cannot report and which
+    ended in a segfault).  HDF5 truncates the file to its real size when it closes it."""
+    with open(path, "rb+") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as e:
+            if e.errno not in (errno_codes.EOPNOTSUPP, errno_codes.ENOSYS, errno_codes.EINVAL):
+                raise
 
 
 class CacheWriter:
@@ -467,6 +579,8 @@ class CacheWriter:
         self.base_extra: dict[str, Any] = {}
         #: relpath -> (size, mtime_ns, key) of the previous cache's rows (when it recorded stats).
         self.base_stats: dict[str, tuple[int, int, str]] = {}
+        #: Rows of the previous cache that fail their checksum or hold NaN/inf (not reused).
+        self.damaged_rows: list[int] = []
 
     # -- lifecycle
 
@@ -523,8 +637,18 @@ class CacheWriter:
             if base_meta.fingerprint != self.meta.fingerprint:
                 raise self._mismatch(f"cache {self.path}", base_meta)
             keys = _strings(handle["keys"])
+            failed, nonfinite = damaged_rows(handle)
+            damaged = set(failed) | set(nonfinite)
             for row, key in enumerate(keys.tolist()):
-                self._sources.setdefault(key, ("", row))
+                if row not in damaged:  # a damaged row is computed again
+                    self._sources.setdefault(key, ("", row))
+            self.damaged_rows = sorted(damaged)
+            if failed:
+                logger.warning("%s: rows %s fail their checksums; computing them again",
+                               self.path, row_ranges(failed))
+            if nonfinite:
+                logger.warning("%s: rows %s hold NaN or inf; computing them again",
+                               self.path, row_ranges(nonfinite))
             self._base_rows = len(keys)
             if "sizes" in handle and "mtimes" in handle:
                 sizes, mtimes = handle["sizes"][()].tolist(), handle["mtimes"][()].tolist()
@@ -569,12 +693,15 @@ class CacheWriter:
                     # --overwrite means start over, unless this journal was itself
                     # started by --overwrite (then this is the rerun of a killed run).
                     shutil.rmtree(self.journal)
-        self.journal.mkdir(parents=True, exist_ok=True)
+        try:
+            self.journal.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.journal, e) from e
         if not meta_file.is_file():
             state = {"version": JOURNAL_VERSION, "schema_version": SCHEMA_VERSION, "meta": self.meta.to_dict(),
                      "fingerprint": self.meta.fingerprint, "overwrite": self.overwrite,
                      "embedx_version": __version__}
-            atomic_write(meta_file, json.dumps(state, indent=1))
+            self._write_journal(meta_file.name, json.dumps(state, indent=1))
         for temp in self.journal.glob(".*"):
             temp.unlink(missing_ok=True)  # journal files are never hidden: torn writes of a killed run
         numbers = []
@@ -621,7 +748,7 @@ class CacheWriter:
     def note(self, values: dict[str, Any]) -> None:
         """Merge ``values`` into the journal's notes (atomically), for a resumed run to read."""
         notes = {**self.journal_notes, **values}
-        atomic_write(self.journal / "notes.json", json.dumps(notes))
+        self._write_journal("notes.json", json.dumps(notes))
 
     def discard_previous(self) -> None:
         """Forget the previous cache's rows and the journal: everything is computed again.
@@ -654,6 +781,7 @@ class CacheWriter:
                 f"expected features of shape ({len(keys)}, {self.meta.feature_dim}), got {features.shape}"
             )
         paths = list(paths) if paths is not None else [""] * len(keys)
+        self._check_finite(keys, features, paths)
         errors, self._pending_errors = self._pending_errors, []
         name = f"shard-{self._next_shard:08d}.npz"
         self._next_shard += 1
@@ -661,13 +789,39 @@ class CacheWriter:
             "keys": np.asarray(list(keys), dtype="U64"),
             "paths": np.asarray(paths, dtype=str),
             "features": features,
+            CHECKSUMS: row_checksums(features),
             "error_paths": np.asarray([e[0] for e in errors], dtype=str),
             "error_reasons": np.asarray([e[1] for e in errors], dtype=str),
             "error_keys": np.asarray([e[2] for e in errors], dtype="U64"),
         }
-        atomic_write(self.journal / name, lambda fh: np.savez(fh, **arrays))
+        self._write_journal(name, lambda fh: np.savez(fh, **arrays))
         for row, key in enumerate(keys):
             self._sources[key] = (name, row)
+
+    def _check_finite(self, keys: Sequence[str], features: np.ndarray, paths: Sequence[str]) -> None:
+        """Refuse features that are NaN or inf, or that become inf when stored (float16 overflow)."""
+        with np.errstate(over="ignore"):
+            stored = np.isfinite(features.astype(self.meta.dtype)).all(axis=1)
+        if stored.all():
+            return
+        bad = np.flatnonzero(~stored)
+        names = ", ".join(paths[i] or keys[i] for i in bad[:5]) + (", …" if len(bad) > 5 else "")
+        if np.isfinite(features[bad]).all():
+            raise NonFiniteFeaturesError(
+                f"the features of {len(bad)} images ({names}) exceed the float16 range (±65504) and would be "
+                "stored as inf; extract with `--dtype float32`"
+            )
+        raise NonFiniteFeaturesError(
+            f"the backbone gave NaN or inf features for {len(bad)} images ({names}); nothing of them is "
+            "stored: check the model and its weights (or leave these images out)"
+        )
+
+    def _write_journal(self, name: str, content: Any) -> None:
+        """``atomic_write`` of one journal file; an OSError becomes one ``CacheWriteError`` line."""
+        try:
+            atomic_write(self.journal / name, content)
+        except OSError as e:
+            raise write_error(self.journal / name, e) from e
 
     def flush(self) -> None:
         """Journal pending error records even if no batch follows."""
@@ -701,57 +855,87 @@ class CacheWriter:
         if missing:
             raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); "
                              "this is a bug in the caller")
+        errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
+        try:
+            with atomic_path(self.path) as temp:  # fsynced, then renamed over the cache; removed on error
+                self._write_final(temp, keys=keys, paths=paths, labels=labels, splits=splits, classes=classes,
+                                  errors=errors, attrs=attrs, stats=stats)
+        except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
+            raise write_error(self.path, e) from e
+        shutil.rmtree(self.journal, ignore_errors=True)
+        logger.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
+        return self.path
+
+    def _write_final(self, temp: Path, *, keys, paths, labels, splits, classes, errors, attrs, stats) -> None:
+        """Write the whole cache to ``temp`` and close it; on any error every HDF5 handle is
+        closed (the output, then the base) before the error goes on, so that h5py never
+        finalizes a half-closed file later."""
         h5py = _h5py()
+        rows = len(keys)
         dim = self.meta.feature_dim
         dtype = np.dtype(self.meta.dtype)
         chunk_rows = max(1, min(max(rows, 1), CHUNK_BYTES // (dim * dtype.itemsize)))
         shards: OrderedDict[str, np.ndarray] = OrderedDict()
-        with atomic_path(self.path) as temp:  # fsynced, then renamed over the cache; removed on error
-            base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
-            try:
-                with h5py.File(temp, "w") as out:
-                    out.attrs["format"] = "embedx-features"
-                    out.attrs["schema_version"] = SCHEMA_VERSION
-                    out.attrs["complete"] = False
-                    features = out.create_dataset(
-                        "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
-                    )
-                    step = max(chunk_rows, 4096)
-                    for start in range(0, rows, step):
-                        block = self._gather(keys[start : start + step], base, shards)
-                        features[start : start + len(block)] = block.astype(dtype)
-                    out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-                    out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
-                    out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
-                    out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
-                    out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
-                    if stats is not None:
-                        table = np.asarray(stats, dtype=np.int64).reshape(rows, 2)
-                        out.create_dataset("sizes", data=table[:, 0])
-                        out.create_dataset("mtimes", data=table[:, 1])
-                    group = out.create_group("errors")
-                    errors = [tuple(e) + ("",) * (3 - len(e)) for e in errors]
-                    group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())
-                    group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
-                    group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
-                    meta = self.meta
-                    out.attrs["embedx_version"] = __version__
-                    out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                    out.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
-                    out.attrs["fingerprint"] = meta.fingerprint
-                    for name in ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256",
-                                 "feature_layer", "dtype", "precision"):
-                        out.attrs[name] = str(getattr(meta, name))
-                    out.attrs["feature_dim"] = meta.feature_dim
-                    out.attrs["preprocess"] = json.dumps(meta.preprocess, sort_keys=True)
-                    out.attrs["extra"] = json.dumps(attrs or {}, sort_keys=True, default=str)
-                    out.attrs["complete"] = True  # last: only a whole file says complete
-            finally:
-                if base is not None:
-                    base.close()
-        shutil.rmtree(self.journal, ignore_errors=True)
-        logger.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
-        return self.path
+        base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
+        out = None
+        try:
+            # no chunk cache: a failed write of features fails at once and leaves nothing to flush
+            out = h5py.File(temp, "w", rdcc_nbytes=0)
+            _reserve(temp, _final_size(rows, dim * dtype.itemsize, paths, splits, classes, errors))
+            out.attrs["format"] = "embedx-features"
+            out.attrs["schema_version"] = SCHEMA_VERSION
+            out.attrs["complete"] = False
+            features = out.create_dataset(
+                "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
+            )
+            checksums = out.create_dataset(CHECKSUMS, shape=(rows,), dtype=np.uint32)
+            step = chunk_rows * max(1, 4096 // chunk_rows)  # whole chunks: there is no chunk cache
+            for start in range(0, rows, step):
+                block = self._gather(keys[start : start + step], base, shards).astype(dtype)
+                features[start : start + len(block)] = block
+                checksums[start : start + len(block)] = row_checksums(block)
+            del features, checksums
+            out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
+            out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
+            out.create_dataset("keys", data=np.asarray(list(keys), dtype="S64"))
+            out.create_dataset("splits", data=[str(s) for s in splits], dtype=_vlen_str())
+            if stats is not None:
+                table = np.asarray(stats, dtype=np.int64).reshape(rows, 2)
+                out.create_dataset("sizes", data=table[:, 0])
+                out.create_dataset("mtimes", data=table[:, 1])
+            group = out.create_group("errors")
+            group.create_dataset("paths", data=[e[0] for e in errors], dtype=_vlen_str())
+            group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
+            group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
+            del group
+            meta = self.meta
+            out.attrs["embedx_version"] = __version__
+            out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            out.attrs["meta"] = json.dumps(meta.to_dict(), sort_keys=True)
+            out.attrs["fingerprint"] = meta.fingerprint
+            for name in ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256",
+                         "feature_layer", "dtype", "precision"):
+                out.attrs[name] = str(getattr(meta, name))
+            out.attrs["feature_dim"] = meta.feature_dim
+            out.attrs["preprocess"] = json.dumps(meta.preprocess, sort_keys=True)
+            out.attrs["extra"] = json.dumps(attrs or {}, sort_keys=True, default=str)
+            out.attrs["complete"] = True  # last: only a whole file says complete
+            out.flush()  # a full disk fails here, with every object closed
+            size = out.id.get_filesize()  # what HDF5 wrote: the rest of the reservation goes
+            handle, out = out, None
+            handle.close()
+            if os.stat(temp).st_size > size:
+                os.truncate(temp, size)
+                h5py.File(temp, "r").close()  # HDF5 checks that nothing it addresses was cut off
+        finally:
+            if out is not None:
+                try:
+                    out.close()
+                except (OSError, RuntimeError):
+                    logger.debug("closing %s after a failed write also failed", temp, exc_info=True)
+            if base is not None:
+                base.close()
 
     def _gather(self, keys: Sequence[str], base, shards: OrderedDict) -> np.ndarray:
         block = np.empty((len(keys), self.meta.feature_dim), dtype=np.float32)

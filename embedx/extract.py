@@ -95,6 +95,7 @@ class ExtractSummary:
     int8_cosine: float | None = None
     error_list: list[tuple[str, str]] = field(default_factory=list)
     decode: str = "cpu"
+    repaired: int = 0  # rows of the previous cache that failed their checksum or held NaN/inf: computed again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -799,6 +800,7 @@ def extract(
                  "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
         writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
         run.seconds["write"] += time.perf_counter() - tick
+        repaired = len(writer.damaged_rows)
 
     finished = time.perf_counter()
     pipeline_seconds = finished - pipeline_start
@@ -829,6 +831,7 @@ def extract(
         int8_cosine=int8_cosine,
         error_list=[(path, reason) for path, reason, _ in errors],
         decode=decode,
+        repaired=repaired,
     )
     logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",

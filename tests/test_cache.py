@@ -397,3 +397,197 @@ def test_incremental_reuse_of_sparse_and_dense_base_rows(tmp_path):
             finalize(writer, wanted)
         np.testing.assert_array_equal(read_cache(path).features, features_for(wanted))
         build(path, keys, batch=len(keys), overwrite=True, dtype="float32")
+
+
+# -- checksums, non-finite features, write failures -------------------------------
+
+
+def flip_feature_bytes(path, rows) -> None:
+    """Overwrite the stored bytes of ``rows`` in the file itself, as a bad disk would
+    (behind h5py's back: the checksums are not updated)."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        dataset = handle["features"]
+        chunk_rows, dim = dataset.chunks
+        row_bytes = dim * dataset.dtype.itemsize
+        offsets = [dataset.id.get_chunk_info_by_coord((row // chunk_rows * chunk_rows, 0)).byte_offset
+                   + (row % chunk_rows) * row_bytes for row in rows]
+    with open(path, "r+b") as raw:
+        for offset in offsets:
+            raw.seek(offset)
+            old = raw.read(row_bytes)
+            raw.seek(offset)
+            raw.write(bytes(b ^ 0x5A for b in old))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_flipped_feature_bytes_fail_their_checksums_naming_the_rows(tmp_path, dtype):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(12)]
+    build(path, keys, dtype=dtype)
+    assert read_cache(path).features.shape == (12, DIM)
+    flip_feature_bytes(path, [2, 3, 9])
+    with pytest.raises(cache.CacheChecksumError, match=r"3 rows \(2-3, 9\).*embedx extract") as caught:
+        read_cache(path)
+    assert caught.value.rows == [2, 3, 9]
+    with pytest.raises(cache.CacheChecksumError, match=r"1 rows \(9\)"):
+        cache.read_feature_rows(path, np.array([0, 9]))
+    # what is not read is not checked: other rows and the rest of the file still read
+    np.testing.assert_allclose(cache.read_feature_rows(path, np.array([0, 4, 11])),
+                               features_for([keys[0], keys[4], keys[11]]), rtol=1e-3, atol=1e-3)
+    assert read_cache(path, load_features=False).keys.tolist() == keys
+
+
+def test_a_cache_without_checksums_still_reads(tmp_path):
+    import h5py
+
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(5)]
+    build(path, keys)
+    with h5py.File(path, "r+") as handle:  # as written before checksums existed
+        del handle[cache.CHECKSUMS]
+    np.testing.assert_allclose(read_cache(path).features, features_for(keys), rtol=1e-3, atol=1e-3)
+
+
+def test_a_rerun_computes_damaged_and_nonfinite_rows_again(tmp_path):
+    import h5py
+
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(10)]
+    build(path, keys)
+    flip_feature_bytes(path, [1, 7])
+    with h5py.File(path, "r+") as handle:  # NaN written through h5py: its checksum is not updated...
+        handle["features"][4] = np.nan
+        handle[cache.CHECKSUMS][4] = cache.row_checksums(handle["features"][4:5])[0]  # ...now it is
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.damaged_rows == [1, 4, 7]
+        assert writer.done_keys == set(keys) - {keys[1], keys[4], keys[7]}
+        again = [keys[1], keys[4], keys[7]]
+        writer.append(again, features_for(again))
+        finalize(writer, keys)
+    repaired = tmp_path / "fresh.h5"
+    build(repaired, keys)
+    np.testing.assert_array_equal(read_cache(path).features, read_cache(repaired).features)
+
+
+def test_journal_shards_carry_checksums(tmp_path):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(6)]
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append(keys[:3], features_for(keys[:3]))
+        writer.append(keys[3:], features_for(keys[3:]))
+    shard = sorted(journal_dir(path).glob("shard-*.npz"))[1]
+    with np.load(shard) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    assert arrays[cache.CHECKSUMS].tolist() == cache.row_checksums(arrays["features"]).tolist()
+    arrays["features"][1, 2] += 1.0  # a shard whose features changed after they were summed
+    with open(shard, "wb") as handle:
+        np.savez(handle, **arrays)
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.done_keys == set(keys[:3])
+
+
+def test_nonfinite_features_are_never_stored(tmp_path):
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(3)]
+    huge = features_for(keys)
+    huge[1, 0] = 1e6  # finite in float32, inf in float16
+    with CacheWriter(path, make_meta(dtype="float16")) as writer:
+        with pytest.raises(cache.NonFiniteFeaturesError, match=r"1 images \(b/1.jpg\).*--dtype float32"):
+            writer.append(keys, huge, paths=["a/0.jpg", "b/1.jpg", "a/2.jpg"])
+        nan = features_for(keys)
+        nan[2, 3] = np.nan
+        with pytest.raises(cache.NonFiniteFeaturesError, match=r"NaN or inf features for 1 images \(a/2.jpg\)"):
+            writer.append(keys, nan, paths=["a/0.jpg", "b/1.jpg", "a/2.jpg"])
+        assert not writer.done_keys and not list(journal_dir(path).glob("shard-*"))
+    with CacheWriter(path, make_meta(dtype="float32"), overwrite=True) as writer:
+        writer.append(keys, huge)  # float32 holds it
+        assert writer.done_keys == set(keys)
+
+
+def test_a_full_disk_while_journaling_is_one_error_and_the_journal_survives(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(6)]
+    real = cache.atomic_write
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append(keys[:3], features_for(keys[:3]))
+
+        def full(target, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target) + ".tmp")
+
+        monkeypatch.setattr(cache, "atomic_write", full)
+        with pytest.raises(cache.CacheWriteError, match=r"cannot write .*shard-00000001.npz: ENOSPC \(28\).*rerun"):
+            writer.append(keys[3:], features_for(keys[3:]))
+    monkeypatch.setattr(cache, "atomic_write", real)
+    with CacheWriter(path, make_meta()) as writer:  # the resume works
+        assert writer.done_keys == set(keys[:3])
+        writer.append(keys[3:], features_for(keys[3:]))
+        finalize(writer, keys)
+    assert read_cache(path).keys.tolist() == keys
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_error_and_the_journal_survives(tmp_path, monkeypatch):
+    import errno
+
+    import h5py
+
+    path = tmp_path / "feats.h5"
+    keys = [key(i) for i in range(6)]
+    build(path, keys[:2])  # a base cache is open too while the new one is written
+    with CacheWriter(path, make_meta()) as writer:
+        writer.append(keys[2:], features_for(keys[2:]))
+        real = h5py.Dataset.__setitem__
+
+        def full(self, selection, value):
+            if self.name == "/features":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, selection, value)
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+        with pytest.raises(cache.CacheWriteError, match=r"cannot write .*feats.h5: ENOSPC \(28\)"):
+            finalize(writer, keys)
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5", "feats.h5.lock", "feats.h5.partial"]
+    assert read_cache(path).keys.tolist() == keys[:2]  # the old cache is untouched
+    with CacheWriter(path, make_meta()) as writer:
+        assert writer.done_keys == set(keys)
+        finalize(writer, keys)
+    assert read_cache(path).keys.tolist() == keys
+
+
+FILL_AND_FINALIZE = """
+import resource, signal, sys
+import numpy as np
+from embedx.cache import CacheMeta, CacheWriter
+meta = CacheMeta(backbone="t", weights_tag="n", weights_arg="n", onnx_path="/x.onnx", onnx_sha256="ab" * 32,
+                 feature_layer="p", feature_dim=512, preprocess={}, dtype="float32")
+keys = [f"{i:064x}" for i in range(4000)]
+with CacheWriter(sys.argv[1], meta) as writer:
+    if not writer.done_keys:
+        for start in range(0, 4000, 500):
+            writer.append(keys[start : start + 500], np.ones((500, 512), np.float32))
+    limit = int(sys.argv[2])
+    if limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # no file may grow past it: a full disk
+    writer.finalize(keys=keys, paths=["a.jpg"] * 4000, labels=[0] * 4000, splits=["train"] * 4000,
+                    classes=["a"], errors=[])
+"""
+
+
+@pytest.mark.parametrize("limit", [3_000_000, 8_440_000])  # in the features; in HDF5's closing of small objects
+def test_a_real_write_failure_in_hdf5_is_an_error_not_a_segfault(tmp_path, limit):
+    path = tmp_path / "feats.h5"
+    failed = subprocess.run([sys.executable, "-c", FILL_AND_FINALIZE, str(path), str(limit)],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        f"embedx.cache.CacheWriteError: cannot write {path}: EFBIG (27)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.h5.lock", "feats.h5.partial"]
+    done = subprocess.run([sys.executable, "-c", FILL_AND_FINALIZE, str(path), "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(read_cache(path)) == 4000

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from embedx import onnxmeta
 from embedx.cache import CacheWriter, journal_dir, read_cache
-from embedx.errors import CacheLockedError, CacheMismatchError, ConfigError, DataError
+from embedx.errors import CacheError, CacheLockedError, CacheMismatchError, ConfigError, DataError
 from embedx.extract import _decode_batch
 from embedx.preprocess import PreprocessSpec
 from tests.corpus import good_image, make_corpus
@@ -696,3 +696,37 @@ def test_a_file_unreadable_while_decoding_is_retried_by_the_next_run(tmp_path, b
     monkeypatch.setattr(extract_module, "_decode_batch", real)
     again = run(data, backbone, out)
     assert again.new == 1 and again.errors == 0
+
+
+# -- damaged caches and non-finite features ----------------------------------------
+
+
+def test_a_rerun_repairs_exactly_the_damaged_rows(tmp_path, backbone):
+    from tests.test_cache import flip_feature_bytes
+
+    data = class_folders(tmp_path / "data", per_class=6)
+    out = tmp_path / "f.h5"
+    run(data, backbone, out)
+    fresh = read_cache(out)
+    flip_feature_bytes(out, [1, 8])
+    with pytest.raises(CacheError, match=r"2 rows \(1, 8\)"):
+        read_cache(out)
+    summary = run(data, backbone, out)  # was "0 new, 12 reused", keeping the bad rows
+    assert (summary.new, summary.reused, summary.repaired) == (2, 10, 2)
+    repaired = read_cache(out)
+    np.testing.assert_array_equal(repaired.features, fresh.features)
+    assert repaired.keys.tolist() == fresh.keys.tolist() and repaired.paths.tolist() == fresh.paths.tolist()
+
+
+def test_float16_overflow_is_refused_naming_the_files(tmp_path, backbone, monkeypatch):
+    from embedx.runtime import OrtModel
+
+    data = class_folders(tmp_path / "data", per_class=2)
+    real = OrtModel.run
+    monkeypatch.setattr(OrtModel, "run", lambda self, x: real(self, x) * 1e6)  # beyond float16's 65504
+    result = cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--workers", 0,
+                     "--device", "cpu", "-q")
+    assert result.exit_code == 1, result.output
+    assert "4 images (alpha/alpha_0.jpg, alpha/alpha_1.jpg, " in result.stderr and "--dtype float32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert run(data, backbone, tmp_path / "g.h5", dtype="float32").images == 4

@@ -23,6 +23,9 @@ def _summary_lines(summary: dict) -> list[str]:
         f"decode {summary['decode_seconds']:.1f} CPU-s (waited {summary['decode_wait_seconds']:.1f} s), "
         f"inference {summary['inference_seconds']:.1f} s, write {summary['write_seconds']:.2f} s",
     ]
+    if summary.get("repaired"):
+        lines.append(f"recomputed {summary['repaired']} rows of the previous cache that failed their checksum "
+                     "or held NaN/inf")
     if summary.get("int8_cosine") is not None:
         lines.append(f"int8: mean cosine {summary['int8_cosine']:.4f} to fp32 on the calibration images")
     for path, reason in summary.get("error_list", [])[:20]:
