@@ -425,6 +425,16 @@ def damaged_rows(handle) -> tuple[list[int], list[int]]:
     return failed, nonfinite
 
 
+def scan_rows(path: str | Path) -> tuple[list[int], list[int], bool]:
+    """``(rows failing their checksum, rows holding NaN or inf, whether the cache has checksums)``,
+    reading every row of a complete cache."""
+    path = Path(path)
+    handle, _ = _open_checked(path)
+    with handle:
+        failed, nonfinite = damaged_rows(handle)
+        return failed, nonfinite, CHECKSUMS in handle
+
+
 def cache_info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache without loading its features (what `embedx info` prints).
 

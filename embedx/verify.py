@@ -1,0 +1,178 @@
+"""``embedx verify``: is a feature cache still what ``extract`` wrote, and still true to its images?
+
+Three checks, each naming the rows that fail it:
+
+1. every row's features against its checksum (``row_crc32``), and for NaN/inf;
+2. a sample of rows: the image at the row's path (relative to the data root the cache
+   recorded) still hashes to the row's key (a missing file is reported, not a failure);
+3. the same sample re-embedded with the cache's own backbone ONNX (``onnx_path``, checked
+   against ``onnx_sha256``) and preprocessing: cosine to the stored row at least
+   ``tolerance``.
+
+On the tolerance: storing as float16 rounds each value by at most 2^-11 relative, which
+moves the cosine of a row to its float32 original by about 1e-7, so 0.999 holds for both
+dtypes; a cache decoded on the GPU differs from the CPU decoder by design (cosine ~0.99,
+see ``embedx.gpu``): its rows are compared at 0.98. An int8 cache's model was quantized
+with calibration images and is not rebuilt here: its rows are not re-embedded.
+
+Library code: returns a ``VerifyReport``; the CLI prints it and exits 1 when it is not ok.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedx.errors import CacheError
+
+logger = logging.getLogger(__name__)
+
+#: Minimum cosine between a stored row and the same image embedded again (float16 or float32 storage).
+MIN_COSINE = 0.999
+#: The same for caches decoded on the GPU, re-embedded here through the CPU decoder.
+MIN_COSINE_GPU_DECODE = 0.98
+#: Rows sampled by default for the image checks.
+SAMPLE = 32
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found; ``bad_rows`` lists every row that failed a check."""
+
+    path: str
+    rows: int
+    checksums: bool  # the cache has per-row checksums (older caches do not)
+    checksum_rows: list[int] = field(default_factory=list)  # features that fail their checksum
+    nonfinite_rows: list[int] = field(default_factory=list)  # features holding NaN or inf
+    sampled: list[int] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)  # {row, path}: not found (not a failure)
+    changed: list[dict[str, Any]] = field(default_factory=list)  # {row, path}: bytes no longer match the key
+    unreadable: list[dict[str, Any]] = field(default_factory=list)  # {row, path, reason}: cannot read or decode
+    cosines: dict[int, float] = field(default_factory=dict)  # row -> cosine of the re-embedded image
+    low_cosine_rows: list[int] = field(default_factory=list)
+    tolerance: float = MIN_COSINE
+    reembed_skipped: str = ""  # why the sample was not re-embedded, if it was not
+
+    @property
+    def bad_rows(self) -> list[int]:
+        rows = {*self.checksum_rows, *self.nonfinite_rows, *self.low_cosine_rows,
+                *(entry["row"] for entry in self.changed), *(entry["row"] for entry in self.unreadable)}
+        return sorted(rows)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cosines"] = {str(row): value for row, value in self.cosines.items()}
+        data["bad_rows"] = self.bad_rows
+        data["ok"] = self.ok
+        return data
+
+
+def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str = "cpu",
+           data_root: str | Path | None = None) -> VerifyReport:
+    """Check every checksum of the cache ``path``, then ``sample`` random rows (``seed``)
+    against their images (under ``data_root``, default the one the cache recorded) and
+    against the backbone run again on ``device``."""
+    from embedx.cache import read_cache, scan_rows
+
+    if sample < 0:
+        raise CacheError(f"sample must be >= 0, got {sample}")
+    path = Path(path)
+    data = read_cache(path, load_features=False)
+    failed, nonfinite, has_checksums = scan_rows(path)
+    report = VerifyReport(path=str(path), rows=len(data), checksums=has_checksums, checksum_rows=failed,
+                          nonfinite_rows=nonfinite)
+    if not len(data) or not sample:
+        return report
+    chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))
+    report.sampled = chosen.tolist()
+    extra = json.loads(data.attrs.get("extra") or "{}")
+    root = Path(data_root) if data_root is not None else Path(str(extra.get("data", "")))
+    images: dict[int, bytes] = {}
+    for row in report.sampled:
+        relpath = str(data.paths[row])
+        try:
+            content = (root / relpath).read_bytes()
+        except FileNotFoundError:
+            report.missing.append({"row": row, "path": relpath})
+            continue
+        except OSError as e:
+            report.unreadable.append({"row": row, "path": relpath, "reason": f"cannot read: {e.strerror or e}"})
+            continue
+        from embedx.fsio import sha256_bytes
+
+        if sha256_bytes(content) != data.keys[row]:
+            report.changed.append({"row": row, "path": relpath})
+        else:
+            images[row] = content
+    _reembed(report, data, images, device=device)
+    return report
+
+
+def _reembed(report: VerifyReport, data: Any, images: dict[int, bytes], *, device: str) -> None:
+    """Embed ``images`` (row -> bytes) again with the cache's backbone; cosine to the stored rows."""
+    from embedx import preprocess
+    from embedx.cache import read_feature_rows
+    from embedx.fsio import sha256_file
+
+    meta = data.meta
+    if meta.precision == "int8":
+        report.reembed_skipped = "an int8 model is calibrated on its images and is not rebuilt here"
+        return
+    if meta.decode == "gpu":
+        report.tolerance = MIN_COSINE_GPU_DECODE
+    bad = set(report.checksum_rows) | set(report.nonfinite_rows)
+    rows = [row for row in sorted(images) if row not in bad]
+    if not rows:
+        return
+    onnx = Path(meta.onnx_path)
+    if not onnx.is_file():
+        report.reembed_skipped = f"the backbone {onnx} is gone"
+        return
+    if sha256_file(onnx) != meta.onnx_sha256:
+        report.reembed_skipped = f"the backbone {onnx} is no longer the model the cache was made with (sha256 differs)"
+        return
+    spec = preprocess.PreprocessSpec.from_dict(meta.preprocess)
+    pixels = np.empty((len(rows), spec.input_size, spec.input_size, 3), dtype=np.uint8)
+    decoded: list[int] = []
+    for row in rows:
+        try:
+            pixels[len(decoded)] = preprocess.to_pixels(images[row], spec)
+        except Exception as e:  # noqa: BLE001 - an image that no longer decodes is a finding, not a crash
+            report.unreadable.append({"row": row, "path": str(data.paths[row]), "reason": f"cannot decode: {e}"})
+            continue
+        decoded.append(row)
+    if not decoded:
+        return
+    embedded = _embed(onnx, meta.onnx_sha256, spec, pixels[: len(decoded)], device=device)
+    stored = read_feature_rows(data.path, np.asarray(decoded))
+    norms = np.linalg.norm(stored, axis=1) * np.linalg.norm(embedded, axis=1)
+    cosines = np.sum(stored.astype(np.float64) * embedded, axis=1) / np.maximum(norms, 1e-30)
+    report.cosines = {row: float(value) for row, value in zip(decoded, cosines, strict=True)}
+    report.low_cosine_rows = [row for row, value in report.cosines.items() if not value >= report.tolerance]
+
+
+def _embed(onnx: Path, sha256: str, spec: Any, pixels: np.ndarray, *, device: str) -> np.ndarray:
+    """Features of uint8 NHWC ``pixels`` from the pixel-input copy of ``onnx`` (as ``extract`` runs it)."""
+    from embedx.pixel_input import pixel_model
+    from embedx.runtime import OrtModel
+
+    model = OrtModel(pixel_model(onnx, spec, source_sha256=sha256), device=device, source_sha256=None)
+    batch = model.input_shape[0] if isinstance(model.input_shape[0], int) else 32
+    out = []
+    for start in range(0, len(pixels), batch):
+        chunk = pixels[start : start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        out.append(model.run(padded)[: len(chunk)])
+    return np.concatenate(out).astype(np.float64)
+
+
+__all__ = ["MIN_COSINE", "MIN_COSINE_GPU_DECODE", "SAMPLE", "VerifyReport", "verify"]

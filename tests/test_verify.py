@@ -1,0 +1,108 @@
+"""`embedx verify` and what a damaged cache does to `fit-head` and to a rerun of `extract`."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from embedx import cache
+from embedx.cache import read_cache
+from embedx.verify import verify
+from tests.test_cache import flip_feature_bytes
+from tests.test_extract import backbone, class_folders, cli_run, run, tiny_onnx, write_image  # noqa: F401
+
+
+@pytest.fixture
+def made(tmp_path, backbone):  # noqa: F811
+    data = class_folders(tmp_path / "data", per_class=6)
+    out = tmp_path / "f.h5"
+    run(data, backbone, out, dtype="float16")
+    return data, out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_sound_cache_verifies(tmp_path, backbone, dtype):  # noqa: F811
+    data = class_folders(tmp_path / "data", per_class=6)
+    out = tmp_path / "f.h5"
+    run(data, backbone, out, dtype=dtype)
+    report = verify(out, sample=100)
+    assert report.ok and report.checksums and report.sampled == list(range(12))
+    assert len(report.cosines) == 12 and min(report.cosines.values()) >= 0.999999  # float16 costs ~1e-7
+    result = cli_run("verify", out, "--sample", 4)
+    assert result.exit_code == 0, result.output
+    assert "checksums: 0 rows fail" in result.stdout and result.stdout.strip().endswith("ok")
+
+
+def test_flipped_bytes_fail_verify_and_fit_head_and_extract_repairs_exactly_them(tmp_path, backbone, made):  # noqa: F811
+    data, out = made
+    fresh = read_cache(out)
+    flip_feature_bytes(out, [2, 9])
+
+    result = cli_run("verify", out, "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["checksum_rows"] == [2, 9] and report["bad_rows"] == [2, 9] and not report["ok"]
+    result = cli_run("verify", out)
+    assert result.exit_code == 1 and "checksums: 2 rows fail (2, 9)" in result.stdout
+    assert "BAD rows: 2, 9" in result.stdout
+
+    result = cli_run("fit-head", "--cache", out, "-o", tmp_path / "head")  # was: fitted on the junk
+    assert result.exit_code == 1, result.output
+    assert "2 rows (2, 9) do not match their checksums" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+    summary = run(data, backbone, out, dtype="float16")
+    assert (summary.new, summary.repaired) == (2, 2)
+    assert verify(out).ok
+    repaired = read_cache(out)
+    np.testing.assert_array_equal(repaired.features, fresh.features)
+    assert repaired.keys.tolist() == fresh.keys.tolist()
+
+
+def test_rows_with_consistent_but_wrong_features_are_found_by_embedding_again(made):
+    _, out = made
+    with h5py.File(out, "r+") as handle:  # wrong values, with a checksum to match: only the backbone can tell
+        row = handle["features"][5].astype(np.float32)
+        handle["features"][5] = row[::-1]
+        handle[cache.CHECKSUMS][5] = cache.row_checksums(handle["features"][5:6])[0]
+    report = verify(out, sample=12)
+    assert report.checksum_rows == [] and report.low_cosine_rows == [5] and report.bad_rows == [5]
+    assert report.cosines[5] < 0.999
+
+
+def test_images_that_changed_or_went_missing(made):
+    data, out = made
+    paths = read_cache(out, load_features=False).paths.tolist()
+    (data / paths[0]).unlink()
+    write_image(data / paths[3], "beta", 99)  # other bytes under the same name
+    report = verify(out, sample=12)
+    assert report.missing == [{"row": 0, "path": paths[0]}]  # reported, not a failure
+    assert report.changed == [{"row": 3, "path": paths[3]}] and report.bad_rows == [3]
+    assert 3 not in report.cosines and len(report.cosines) == 10
+    result = cli_run("verify", out, "--sample", 12)
+    assert result.exit_code == 1 and f"missing: row 0 {paths[0]}" in result.stdout
+
+
+def test_a_moved_data_root_and_a_missing_or_changed_backbone(tmp_path, made):
+    data, out = made
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    assert len(verify(out, sample=4).missing) == 4
+    assert verify(out, sample=4, data_root=moved).ok
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"not the model")
+    for onnx_path, why in ((tmp_path / "gone.onnx", "is gone"), (other, "sha256 differs")):
+        with h5py.File(out, "r+") as handle:
+            meta = json.loads(handle.attrs["meta"])
+            handle.attrs["meta"] = json.dumps({**meta, "onnx_path": str(onnx_path)})
+        report = verify(out, sample=4, data_root=moved)
+        assert why in report.reembed_skipped and not report.cosines and report.ok
+
+
+def test_verify_of_a_cache_that_is_not_one(tmp_path):
+    (tmp_path / "x.h5").write_bytes(b"nope")
+    result = cli_run("verify", tmp_path / "x.h5")
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "not a readable HDF5" in result.stderr
