@@ -730,3 +730,55 @@ def test_float16_overflow_is_refused_naming_the_files(tmp_path, backbone, monkey
     assert "4 images (alpha/alpha_0.jpg, alpha/alpha_1.jpg, " in result.stderr and "--dtype float32" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert run(data, backbone, tmp_path / "g.h5", dtype="float32").images == 4
+
+
+def test_a_full_disk_while_journaling_is_one_line_and_the_rerun_resumes(tmp_path, backbone, monkeypatch):
+    import errno
+
+    from embedx import cache
+
+    data = class_folders(tmp_path / "data", per_class=6)
+    out = tmp_path / "f.h5"
+    real, calls = cache.atomic_write, []
+
+    def fills_up(target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) > 2:  # meta.json and the first shard fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "atomic_write", fills_up)
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--workers", 0, "--device", "cpu",
+                     "--batch-size", 4, "-q")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: cannot write ") and "shard-00000001.npz: ENOSPC (28)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in journal_dir(out).iterdir()) == ["meta.json", "shard-00000000.npz"]
+    monkeypatch.setattr(cache, "atomic_write", real)
+    summary = run(data, backbone, out)
+    assert (summary.images, summary.new, summary.reused) == (12, 8, 4)
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_line_and_the_rerun_resumes(tmp_path, backbone):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # shards fit, the cache does not
+
+    data = class_folders(tmp_path / "data", per_class=6)
+    out = tmp_path / "f.h5"
+    command = [sys.executable, "-m", "embedx", "extract", "--backbone", backbone, str(data), "-o", str(out),
+               "--workers", "0", "--device", "cpu", "-q"]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines() == [
+        f"error: cannot write {out}: EFBIG (27): File too large; free space (or fix the folder), then rerun "
+        "the same command: it resumes from the journal"]
+    assert not out.exists() and list(journal_dir(out).glob("shard-*.npz"))
+    done = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["new"] == 0 and len(read_cache(out)) == 12
