@@ -470,6 +470,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "rows": int(features.shape[0]),
             "dim": int(features.shape[1]),
             "dtype": str(features.dtype),
+            "checksums": CHECKSUMS in handle,
             "classes": classes,
             "counts": per_split,
             "backbone": meta.backbone,

@@ -445,8 +445,10 @@ def test_a_cache_without_checksums_still_reads(tmp_path):
     path = tmp_path / "feats.h5"
     keys = [key(i) for i in range(5)]
     build(path, keys)
+    assert cache_info(path)["checksums"]
     with h5py.File(path, "r+") as handle:  # as written before checksums existed
         del handle[cache.CHECKSUMS]
+    assert not cache_info(path)["checksums"]
     np.testing.assert_allclose(read_cache(path).features, features_for(keys), rtol=1e-3, atol=1e-3)
 
 

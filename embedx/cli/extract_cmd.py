@@ -113,7 +113,8 @@ def _info_lines(info: dict) -> list[str]:
         ]
     lines = [
         f"{info['path']}: {info['rows']} rows x {info['dim']} ({info['dtype']}), "
-        f"{'complete' if info['complete'] else 'INCOMPLETE'}, {info['file_size'] / 1e6:.1f} MB",
+        f"{'complete' if info['complete'] else 'INCOMPLETE'}, {info['file_size'] / 1e6:.1f} MB"
+        + ("" if info.get("checksums") else ", no checksums (written before embedx kept them)"),
         f"backbone {info['backbone']} (weights {info['weights']}, layer {info['feature_layer']}, "
         f"{info['precision']}), made by embedx {info['embedx_version']} on {info['created']}",
         f"classes ({len(info['classes'])}): {', '.join(info['classes'])}",
