@@ -539,11 +539,14 @@ def _load_shard(path: Path, feature_dim: int | None, *, with_features: bool = Fa
     return data
 
 
-def _final_size(rows: int, row_bytes: int, paths, splits, classes, errors) -> int:
-    """A generous bound on the size of a finished cache, in bytes."""
+def _final_size(rows: int, row_bytes: int, chunk_rows: int, paths, splits, classes, errors) -> int:
+    """A bound on the size of a finished cache, in bytes: features in whole chunks, 4 + 8 + 64 + 16
+    bytes of checksum, label, key, size and mtime per row, 48 bytes plus the text per string (a
+    vlen string's reference and heap object take 32-40), then 10% and 4 MiB more."""
     strings = [*paths, *splits, *classes, *(text for error in errors for text in error[:2])]
-    fixed = rows * (row_bytes + 4 + 8 + 64 + 16) + len(errors) * 64
-    return int(1.25 * (fixed + sum(48 + len(str(text).encode("utf-8")) for text in strings))) + (4 << 20)
+    features = -(-rows // chunk_rows) * chunk_rows * row_bytes
+    fixed = features + rows * (4 + 8 + 64 + 16) + len(errors) * 64
+    return int(1.1 * (fixed + sum(48 + len(str(text).encode("utf-8")) for text in strings))) + (4 << 20)
 
 
 def _reserve(path: Path, size: int) -> None:
@@ -892,7 +895,7 @@ class CacheWriter:
         try:
             # no chunk cache: a failed write of features fails at once and leaves nothing to flush
             out = h5py.File(temp, "w", rdcc_nbytes=0)
-            _reserve(temp, _final_size(rows, dim * dtype.itemsize, paths, splits, classes, errors))
+            _reserve(temp, _final_size(rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes, errors))
             out.attrs["format"] = "embedx-features"
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["complete"] = False

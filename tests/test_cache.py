@@ -593,3 +593,22 @@ def test_a_real_write_failure_in_hdf5_is_an_error_not_a_segfault(tmp_path, limit
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(read_cache(path)) == 4000
+
+
+@pytest.mark.parametrize(("rows", "dim", "name_length", "dtype"),
+                         [(20000, 2, 300, "float16"), (20000, 1, 1, "float16"), (3000, 700, 40, "float32")])
+def test_the_disk_reserved_for_a_cache_is_at_least_its_size(tmp_path, rows, dim, name_length, dtype):
+    path = tmp_path / "feats.h5"
+    meta = make_meta(feature_dim=dim, dtype=dtype)
+    keys = [key(i) for i in range(rows)]
+    names = [f"c/{i:07d}".ljust(name_length, "x") for i in range(rows)]
+    errors = [(name, "cannot decode " * 3, "") for name in names[:500]]
+    with CacheWriter(path, meta) as writer:
+        writer.append(keys, np.ones((rows, dim), np.float32))
+        writer.finalize(keys=keys, paths=names, labels=[0] * rows, splits=["train"] * rows, classes=["c"],
+                        errors=errors)
+    with cache._h5py().File(path, "r") as handle:
+        chunk_rows = handle["features"].chunks[0]
+    bound = cache._final_size(rows, dim * np.dtype(dtype).itemsize, chunk_rows, names, ["train"] * rows, ["c"],
+                              errors)
+    assert path.stat().st_size <= (bound - (4 << 20)) / 1.1  # even without the margins
