@@ -15,13 +15,14 @@ import click
               help="Where to write the bundle (.onnx).")
 @click.option("--with-preprocess", is_flag=True,
               help="The graph takes uint8 (N,H,W,3) pixels, already resized and cropped, and normalizes them itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT even if it is not an embedx bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
-def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, as_json: bool) -> None:
+def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, force: bool, as_json: bool) -> None:
     """Write backbone + head + softmax as ONE ONNX file, labels and preprocessing inside."""
     from embedx import onnxmeta
     from embedx.bundle import bundle
 
-    path = bundle(head_dir, output, with_preprocess=with_preprocess)
+    path = bundle(head_dir, output, with_preprocess=with_preprocess, force=force)
     meta = onnxmeta.read(path)
     summary = {
         "path": str(path),
