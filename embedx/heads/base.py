@@ -363,17 +363,24 @@ def head_dir_writer(directory: str | Path) -> Iterator[Path]:
     that is not a head directory (no head.json, not empty) is never replaced: HeadError.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise HeadError(f"{directory} exists and is not a folder; choose another output for the head")
-    if directory.is_dir() and not (directory / HEAD_JSON).is_file() and any(directory.iterdir()):
-        raise HeadError(f"{directory} is a folder without {HEAD_JSON} (not a head directory); writing the head "
-                        "there would replace its contents: choose another output or empty it")
+    check_head_output(directory)
     if not directory.parent.exists():
         logger.warning("creating the missing folder %s for the head directory", directory.parent)
     restore_interrupted_dir(directory)
     remove_stale_temporaries(directory.parent, directory.name)
     with atomic_dir(directory) as work:
         yield work
+
+
+def check_head_output(directory: str | Path) -> None:
+    """HeadError unless ``directory`` is free, empty or a head directory (``head_dir_writer``
+    replaces it as a whole, so anything else in it would be lost)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise HeadError(f"{directory} exists and is not a folder; choose another output for the head")
+    if directory.is_dir() and not (directory / HEAD_JSON).is_file() and any(directory.iterdir()):
+        raise HeadError(f"{directory} is a folder without {HEAD_JSON} (not a head directory); writing the head "
+                        "there would replace its contents: choose another output or empty it")
 
 
 def restore_interrupted_dir(directory: Path) -> bool:

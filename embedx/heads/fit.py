@@ -19,7 +19,7 @@ import numpy as np
 
 from embedx import paths
 from embedx.errors import ConfigError, FeatureMismatchError, HeadError
-from embedx.heads.base import HEAD_TYPES, Head, head_dir_writer, load_head
+from embedx.heads.base import HEAD_TYPES, Head, check_head_output, head_dir_writer, load_head
 from embedx.heads.linear import fixed_params, holdout_split
 from embedx.heads.record import HeadRecord, head_record
 from embedx.progress import ProgressCallback
@@ -167,6 +167,8 @@ def fit_head(
     start = time.perf_counter()
     if class_weight not in (None, "balanced"):
         raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    if output is not None:
+        check_head_output(output)  # before the work: a folder that is not a head is never replaced
     steps_total = 4 + int(refit)
 
     def report(done: int, stage: str) -> None:
