@@ -28,6 +28,18 @@ BACKBONE_ONNX_FILE = "backbone.onnx"
 REPORT_FILE = "finetune.json"
 
 
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete the temporary files a killed run left in ``output_dir`` and its ``train/``
+    (every file here is written through ``fsio``); returns how many."""
+    from embedx.finetune.checkpoint import CHECKPOINT_FILE, TRAIN_SUBDIR
+    from embedx.fsio import remove_stale_temporaries as remove
+
+    names = (BACKBONE_WEIGHTS_FILE, BACKBONE_ONNX_FILE, REPORT_FILE, HEAD_JSON, "weights.safetensors",
+             "confusion_matrix.png", "reliability.png")
+    removed = sum(remove(output_dir, name) for name in names)
+    return removed + remove(output_dir / TRAIN_SUBDIR, CHECKPOINT_FILE)
+
+
 def _save_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """The backbone's state dict as safetensors, written atomically.
 
