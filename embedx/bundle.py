@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from embedx import __version__, onnxmeta
-from embedx.errors import ExportError, HeadError, OnnxModelError
-from embedx.fsio import atomic_path
+from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
+from embedx.fsio import atomic_path, remove_stale_temporaries
 from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
@@ -40,12 +40,16 @@ POST_PREFIX = "bundle/"
 _PROTO_LIMIT = 2_000_000_000
 
 
-def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = False) -> Path:
-    """Write backbone + head + softmax as one ONNX file at ``output``; return its path."""
+def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = False, force: bool = False) -> Path:
+    """Write backbone + head + softmax as one ONNX file at ``output``; return its path.
+
+    An existing ``output`` that is not an embedx bundle is only replaced with ``force``.
+    """
     import onnx
 
     from embedx.heads import HeadRecord, load_head
 
+    check_output(output, force=force)  # before any work
     record = HeadRecord.read(head_dir)
     onnx_path = record.backbone_onnx()  # checked before the head's weights are read
     head = load_head(record)
@@ -76,7 +80,7 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
         with_preprocess=with_preprocess,
         metadata=metadata,
     )
-    return save(model, output)
+    return save(model, output, force=force)
 
 
 def compose(
@@ -231,12 +235,43 @@ def _check(model: Any) -> None:
         raise ExportError(f"the bundled graph fails onnx.checker: {e}") from e
 
 
-def save(model: Any, output: str | Path) -> Path:
-    """Write to a temporary name beside ``output``, then rename (no half-written bundles)."""
+def check_output(output: str | Path, *, force: bool = False) -> None:
+    """ConfigError unless ``output`` is free or an embedx bundle (or ``force``): a bundle never
+    silently replaces a folder, a backbone export or a file that is not ONNX at all."""
+    output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"bundle output {output} is a folder; pass a file name such as {output / 'model.onnx'}")
+    if not output.exists() or force:
+        return
+    from google.protobuf.message import DecodeError  # protobuf comes with onnx
+
+    try:
+        kind = onnxmeta.probe(output).get("kind")
+    except (OSError, ValueError, DecodeError) as e:
+        logger.debug("%s is not readable as ONNX: %s", output, e)
+        kind = None
+    if kind != "bundle":
+        what = "an embedx ONNX file of kind " + repr(kind) if kind else "not an embedx bundle"
+        raise ConfigError(f"{output} exists and is {what}; refusing to replace it: "
+                          "choose another -o or pass --force (force=True)")
+
+
+def save(model: Any, output: str | Path, *, force: bool = False) -> Path:
+    """Write to a temporary name beside ``output``, then rename (no half-written bundles).
+
+    Temporaries that a killed earlier run left beside ``output`` are deleted first; an existing
+    ``output`` must be a bundle unless ``force`` (``check_output``).
+    """
     import onnx
 
     output = Path(output)
+    check_output(output, force=force)
+    if not output.parent.exists():
+        logger.warning("creating the missing folder %s for the bundle", output.parent)
     output.parent.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(output.parent, output.name)
+    if removed:
+        logger.info("removed %d temporary file(s) a killed earlier run left beside %s", removed, output)
     with atomic_path(output) as tmp:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.save(model, str(tmp))

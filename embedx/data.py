@@ -8,9 +8,12 @@ Three layouts are understood, chosen by what the source looks like:
   top-level folder is a split name.
 - ``manifest``: a CSV ``path,label[,split]`` (header row optional).  Relative paths are
   resolved against the CSV's folder, or against ``source`` when ``discover(folder,
-  manifest=csv)`` is called with a folder.
+  manifest=csv)`` is called with a folder.  A path that resolves (symlinks followed)
+  outside that folder is refused unless ``allow_outside``.
 
-An image is a file whose extension Pillow can open (case-insensitive).  Whatever is
+An image is a file whose extension Pillow can open (case-insensitive).  Symlinks are
+followed, except a folder link back into the walk, to DATA, or to any folder above the
+link (a loop: ``bees/loop -> ..`` would relabel the ants as bees).  Whatever is
 found but cannot be an item (a folder named ``x.jpg``, a symlink loop, an unreadable
 folder, a non-image file, a name that is not valid UTF-8, a missing manifest entry)
 goes to ``ImageDataset.skipped`` as ``(relpath, reason)``; nothing is dropped
@@ -109,11 +112,12 @@ def split_for_key(key_hex: str, val_fraction: float) -> str:
     return "val" if position < int(val_fraction * (1 << 64)) else "train"
 
 
-def discover(source: str | Path, *, manifest: str | Path | None = None) -> ImageDataset:
+def discover(source: str | Path, *, manifest: str | Path | None = None, allow_outside: bool = False) -> ImageDataset:
     """Find the images and labels under ``source`` (a folder, or a ``.csv`` manifest).
 
     Raises ``DataError`` when the source cannot be used at all: missing, not a
-    folder, empty, without class folders, or without a single image file.
+    folder, empty, without class folders, or without a single image file, or when a
+    manifest path resolves (symlinks followed) outside DATA and ``allow_outside`` is false.
     """
     source = Path(source)
     if manifest is not None:
@@ -123,12 +127,12 @@ def discover(source: str | Path, *, manifest: str | Path | None = None) -> Image
                 f"with a manifest, DATA must be the folder its paths are relative to; "
                 f"{source} is not a folder"
             )
-        return _from_manifest(manifest, root=source)
+        return _from_manifest(manifest, root=source, allow_outside=allow_outside)
     if not source.exists():
         raise DataError(f"data folder {source} does not exist; pass a folder of class folders or a CSV")
     if source.is_file():
         if source.suffix.lower() == ".csv":
-            return _from_manifest(source, root=source.parent)
+            return _from_manifest(source, root=source.parent, allow_outside=allow_outside)
         raise DataError(
             f"DATA must be a folder of class folders (DATA/<class>/<image>) or a .csv manifest "
             f"(path,label[,split]); {source} is a file"
@@ -166,11 +170,21 @@ class _Walker:
         return None
 
     def images(self, folder: str, ancestors: frozenset[str] = frozenset()) -> list[str]:
-        """Image paths under ``folder`` (recursively, following symlinks, loops skipped)."""
+        """Image paths under ``folder`` (recursively, following symlinks, loops skipped).
+
+        A folder link is a loop when it leads to a folder already being walked, or to the
+        folder it is in or any folder above it (``bees/loop -> ..`` would otherwise store
+        ``bees/loop/ants/*`` as bees); a link elsewhere is followed once.
+        """
         real = os.path.realpath(folder)
         if real in ancestors:
             self.skip(folder, "symlink loop: links back to a folder that contains it")
             return []
+        if ancestors and os.path.islink(folder):
+            inside = os.path.realpath(os.path.dirname(folder))
+            if inside == real or inside.startswith(real.rstrip(os.sep) + os.sep):
+                self.skip(folder, "symlink loop: links to a folder that contains it")
+                return []
         entries = self.entries(folder)
         if entries is None:
             return []
@@ -214,6 +228,16 @@ class _Walker:
                 return "broken symlink"
             return "symlink to something that is neither a file nor a folder"
         return "not a regular file or folder"
+
+
+def list_images(folder: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``folder`` as ``discover`` finds them (hidden entries ignored,
+    symlinks followed, loops skipped; depth-first, sorted by name) and what was skipped
+    as ``(path, reason)``: the one walker ``predict`` and ``extract`` share."""
+    folder = Path(folder)
+    walker = _Walker(folder)
+    found = [Path(path) for path in walker.images(str(folder))]
+    return found, [(str(folder / relpath), reason) for relpath, reason in walker.skipped]
 
 
 def _utf8_ok(name: str) -> bool:
@@ -272,8 +296,9 @@ def _from_folders(root: Path) -> ImageDataset:
     classes = tuple(sorted({entry.name for _, entry in groups}))
     label_of = {name: i for i, name in enumerate(classes)}
     items: list[ImageItem] = []
+    top_real = frozenset({os.path.realpath(root)})  # a class folder linking to DATA is a loop too
     for split, entry in groups:
-        for path in walker.images(entry.path):
+        for path in walker.images(entry.path, top_real):
             items.append(ImageItem(Path(path), walker.rel(path), label_of[entry.name], split))
     items.sort(key=lambda it: (_split_order(it.split), it.label, it.relpath))
     if not items:
@@ -308,7 +333,7 @@ def _log_summary(dataset: ImageDataset) -> None:
 # -- manifest ----------------------------------------------------------------------
 
 
-def _from_manifest(manifest: Path, *, root: Path) -> ImageDataset:
+def _from_manifest(manifest: Path, *, root: Path, allow_outside: bool = False) -> ImageDataset:
     if not manifest.is_file():
         raise DataError(f"manifest {manifest} does not exist or is not a file")
     try:
@@ -348,6 +373,9 @@ def _from_manifest(manifest: Path, *, root: Path) -> ImageDataset:
         path = Path(raw) if os.path.isabs(raw) else root / raw
         if "\\" in raw and not path.exists():  # a manifest written on Windows
             path = root / raw.replace("\\", "/")
+        if not allow_outside and not _inside(path, root):
+            raise DataError(f"manifest {manifest} line {line}: {raw} resolves outside the data folder "
+                            f"{root.resolve()}; move it inside or pass --allow-outside (allow_outside=True)")
         relpath = _relpath_under(path, root)
         if relpath in first_line:
             skipped.append((relpath, f"manifest line {line} repeats line {first_line[relpath]}"))
@@ -375,6 +403,15 @@ def _relpath_under(path: Path, root: Path) -> str:
         return absolute.relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
         return absolute.as_posix()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path``, symlinks resolved, is ``root`` or below it (a missing path: as far as it resolves)."""
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loop(path: Path) -> bool:

@@ -713,6 +713,7 @@ def extract(
     dtype: str = "float16",
     val_fraction: float | None = None,
     manifest: str | Path | None = None,
+    allow_outside: bool = False,
     overwrite: bool = False,
     preprocess_mode: str | None = None,
     decode: str = "auto",
@@ -757,7 +758,7 @@ def extract(
         from embedx.backbones import get_spec
 
         get_spec(backbone)  # an unknown name fails before the data are walked
-    dataset = discover(data, manifest=manifest)
+    dataset = discover(data, manifest=manifest, allow_outside=allow_outside)  # outside DATA: refused unless allowed
     if val_fraction and any(item.split != "train" for item in dataset.items):
         raise ConfigError(
             f"{data} already has val/test splits ({dataset.layout}); --val-fraction only splits "

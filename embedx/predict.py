@@ -24,7 +24,7 @@ import numpy as np
 
 from embedx import onnxmeta, preprocess
 from embedx.bundle import PROBABILITIES
-from embedx.data import is_image_name
+from embedx.data import list_images
 from embedx.errors import ConfigError, ImageDecodeError, OnnxModelError
 from embedx.preprocess import ImageSource, PreprocessSpec, decode_reason
 
@@ -185,15 +185,20 @@ def load_model(
     return OnnxClassifier(path, device=device, threads=threads, spinning=spinning)
 
 
-def expand_sources(sources: Iterable[str | Path]) -> list[Path]:
-    """Files stay as they are; a directory becomes its image files (recursive, sorted)."""
+def expand_sources(sources: Iterable[str | Path], *, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Files stay as they are; a folder becomes its image files, found by the walker extract
+    uses (``data.list_images``: hidden entries ignored, symlinks followed, loops skipped).
+    What a folder's walk skipped is logged and appended to ``skipped`` as ``(path, reason)``."""
     expanded: list[Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            expanded.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name))
-            )
+            found, passed_over = list_images(path)
+            expanded.extend(found)
+            for name, reason in passed_over:
+                logger.info("skipped %s: %s", name, reason)
+            if skipped is not None:
+                skipped.extend(passed_over)
         else:
             expanded.append(path)
     return expanded

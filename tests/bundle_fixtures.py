@@ -78,7 +78,7 @@ def tiny_head(*, feature_dim: int = 8, num_classes: int = len(CLASSES), seed: in
 
 
 def make_bundle(path: Path, *, with_preprocess: bool = False, temperature: float = 1.5,
-                batch: str | int = "batch") -> Path:
+                batch: str | int = "batch", force: bool = False) -> Path:
     from embedx.bundle import compose, save
 
     head, _, _ = tiny_head()
@@ -91,7 +91,7 @@ def make_bundle(path: Path, *, with_preprocess: bool = False, temperature: float
         with_preprocess=with_preprocess,
         metadata={"backbone": "tiny", "weights": "none", "feature_layer": "pool", "feature_dim": "8"},
     )
-    return save(model, path)
+    return save(model, path, **({"force": True} if force else {}))
 
 
 def write_images(folder: Path, count: int = 6, *, size: tuple[int, int] = (40, 30), seed: int = 0) -> list[Path]:

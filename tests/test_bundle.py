@@ -83,6 +83,45 @@ def test_metadata_travels_with_the_bundle(tmp_path):
     assert not list(tmp_path.glob("sub/.*tmp*"))  # written atomically
 
 
+def test_save_cleans_what_a_killed_run_left_and_replaces_only_bundles(tmp_path):
+    out = tmp_path / "model.onnx"
+    stale = tmp_path / ".model.onnx.tmp-killed"
+    stale.write_bytes(b"half a bundle")
+    make_bundle(out)
+    assert not stale.exists()  # the next run removes it
+    make_bundle(out, temperature=3.0)  # a bundle is replaced
+    assert onnxmeta.read(out)["temperature"] == "3.0"
+
+
+@pytest.mark.parametrize("existing", ["text", "empty", "backbone"])
+def test_save_refuses_to_replace_what_is_not_a_bundle_unless_forced(tmp_path, existing):
+    from embedx.errors import ConfigError
+
+    out = tmp_path / "precious.onnx"
+    if existing == "backbone":
+        backbone = tiny_backbone()
+        onnxmeta.write(backbone, {"kind": "backbone"})
+        onnx.save(backbone, out)
+    else:
+        out.write_bytes(b"my thesis, chapter 3\n" if existing == "text" else b"")
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match="refusing to replace it.*--force"):
+        make_bundle(out)
+    assert out.read_bytes() == before
+    make_bundle(out, force=True)
+    assert onnxmeta.read(out)["kind"] == "bundle"
+
+
+def test_save_refuses_a_folder_and_says_when_it_creates_parents(tmp_path, caplog):
+    from embedx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is a folder"):
+        make_bundle(tmp_path)
+    with caplog.at_level("WARNING", logger="embedx.bundle"):
+        make_bundle(tmp_path / "new" / "deeper" / "model.onnx")
+    assert f"creating the missing folder {tmp_path / 'new' / 'deeper'}" in caplog.text
+
+
 def test_head_of_another_opset_is_converted(image_batch):
     batch, _ = image_batch
     head, weight, bias = tiny_head(opset=13)
@@ -290,6 +329,14 @@ def test_cli_bundle_then_predict(head_dirs, tiny_images, tmp_path):
     ]
     missing = runner.invoke(cli, ["bundle", "--head", str(tmp_path), "-o", str(tmp_path / "x.onnx")])
     assert missing.exit_code == 1 and "head.json" in missing.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    refused = runner.invoke(cli, ["bundle", "--head", str(head_dirs["knn"]), "-o", str(text)])
+    assert refused.exit_code == 1 and "--force" in refused.stderr and text.read_text() == "not a model"
+    assert len(refused.stderr.strip().splitlines()) == 1
+    forced = runner.invoke(cli, ["bundle", "--head", str(head_dirs["knn"]), "-o", str(text), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert onnxmeta.read(text)["kind"] == "bundle"
 
 
 @pytest.mark.slow

@@ -93,3 +93,20 @@ def test_evaluate_with_a_malformed_head_json_is_one_line(runner, cache_file, tmp
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "'classes' must be a non-empty list of class names" in result.stderr
+
+
+def test_fit_head_never_replaces_a_folder_that_is_not_a_head(runner, cache_file, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"precious")
+    result = runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(folder), "--json"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and "not a head directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
+    again = runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "-o", str(tmp_path / "h"), "--json"])
+    assert again.exit_code == 0, again.output
+    replaced = runner.invoke(cli, ["fit-head", "--cache", str(cache_file), "--head", "knn", "-o", str(tmp_path / "h"),
+                                   "--json"])
+    assert replaced.exit_code == 0, replaced.output  # a head directory is replaced
+    assert json.loads((tmp_path / "h" / "head.json").read_text())["head_type"] == "knn"

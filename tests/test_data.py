@@ -174,7 +174,7 @@ def test_manifest_with_header_relative_and_absolute_paths(tmp_path):
         "imgs,dog,\n",
         encoding="utf-8",
     )
-    dataset = data.discover(manifest)
+    dataset = data.discover(manifest, allow_outside=True)  # line 4 is outside DATA
     assert dataset.layout == "manifest"
     assert dataset.classes == ("cat", "dog")
     assert [(i.relpath, i.label, i.split) for i in dataset.items] == [
@@ -360,3 +360,94 @@ def test_names_that_are_not_utf8_are_skipped(tmp_path):
         "bad\\xff": "folder name is not valid UTF-8",
         "good/x\\xfe.jpg": "file name is not valid UTF-8",
     }
+
+
+# --------------------------------------------------------------------------- links to ancestors, manifests outside DATA
+
+
+def test_a_folder_link_to_an_ancestor_is_a_loop_not_a_second_label(tmp_path):
+    touch(tmp_path / "ants" / "a.jpg")
+    touch(tmp_path / "bees" / "b.jpg")
+    (tmp_path / "bees" / "loop").symlink_to("..")  # DATA itself: would store ants/a.jpg again as bees
+    (tmp_path / "bees" / "self").symlink_to(".")
+    (tmp_path / "ants" / "root").symlink_to("/")
+    dataset = data.discover(tmp_path)
+    assert [(i.relpath, dataset.classes[i.label]) for i in dataset.items] == [("ants/a.jpg", "ants"),
+                                                                               ("bees/b.jpg", "bees")]
+    skipped = dict(dataset.skipped)
+    assert set(skipped) == {"bees/loop", "bees/self", "ants/root"}
+    assert all("symlink loop" in reason for reason in skipped.values())
+
+
+def test_a_class_folder_linking_to_data_and_split_folder_ancestors_are_loops(tmp_path):
+    touch(tmp_path / "train" / "ants" / "a.jpg")
+    (tmp_path / "train" / "ants" / "up").symlink_to("..")
+    (tmp_path / "train" / "ants" / "top").symlink_to("../..")
+    (tmp_path / "train" / "bees").symlink_to("..")
+    dataset = data.discover(tmp_path)
+    assert [i.relpath for i in dataset.items] == ["train/ants/a.jpg"]
+    assert {p for p, reason in dataset.skipped if "symlink loop" in reason} == {
+        "train/ants/up", "train/ants/top", "train/bees"}
+
+
+def test_a_link_elsewhere_is_followed_once(tmp_path):
+    touch(tmp_path / "shared" / "s.jpg")
+    (tmp_path / "shared" / "back").symlink_to(tmp_path / "data" / "cls")  # leads back into the walk
+    touch(tmp_path / "data" / "cls" / "a.jpg")
+    (tmp_path / "data" / "cls" / "more").symlink_to(tmp_path / "shared")
+    dataset = data.discover(tmp_path / "data")
+    assert [i.relpath for i in dataset.items] == ["cls/a.jpg", "cls/more/s.jpg"]
+    assert [p for p, _ in dataset.skipped] == ["cls/more/back"]
+
+
+def test_manifest_paths_must_resolve_inside_data_unless_allowed(tmp_path):
+    outside = touch(tmp_path / "secret" / "x.jpg")
+    root = tmp_path / "data"
+    touch(root / "a.jpg")
+    (root / "sneaky.jpg").symlink_to(outside)
+    for listed in (str(outside), "../secret/x.jpg", "sneaky.jpg"):
+        manifest = touch(root / "m.csv", f"a.jpg,cat\n{listed},dog\n".encode())
+        with pytest.raises(DataError, match=r"line 2: .* resolves outside the data folder .*--allow-outside"):
+            data.discover(root, manifest=manifest)
+        dataset = data.discover(root, manifest=manifest, allow_outside=True)
+        assert len(dataset.items) == 2
+    with pytest.raises(DataError, match="outside the data folder"):
+        data.discover(root / "m.csv")  # the CSV's folder is DATA
+    assert len(data.discover(root / "m.csv", allow_outside=True).items) == 2
+
+
+def test_list_images_is_the_walker_discover_uses(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / ".hidden.jpg")
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / "sub" / "b.png")
+    (tmp_path / "sub" / "up").symlink_to("..")
+    found, skipped = data.list_images(tmp_path)
+    assert found == [tmp_path / "a.jpg", tmp_path / "sub" / "b.png"]
+    reasons = dict(skipped)
+    assert set(reasons) == {str(tmp_path / "notes.txt"), str(tmp_path / "sub" / "up")}
+    assert reasons[str(tmp_path / "notes.txt")] == "not an image file extension Pillow can open"
+    assert reasons[str(tmp_path / "sub" / "up")].startswith("symlink loop")
+
+
+def test_cli_extract_refuses_a_manifest_path_outside_data_unless_allow_outside(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+    from tests.bundle_fixtures import tiny_backbone, write_images
+
+    onnx.save(tiny_backbone(), tmp_path / "tiny.onnx")
+    inside = write_images(tmp_path / "data", 2)
+    outside = write_images(tmp_path / "elsewhere", 1, seed=5)[0]
+    manifest = touch(tmp_path / "data" / "m.csv", f"{inside[0].name},a\n{inside[1].name},b\n{outside},b\n".encode())
+    args = ["extract", str(tmp_path / "data"), "--manifest", str(manifest), "--backbone", str(tmp_path / "tiny.onnx"),
+            "-o", str(tmp_path / "f.h5"), "--workers", "0", "--device", "cpu", "--json", "-q"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and "--allow-outside" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    allowed = CliRunner().invoke(cli, [*args, "--allow-outside"])
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout)["images"] == 3

@@ -303,6 +303,33 @@ def test_interrupted_run_resumes_after_the_last_finished_epoch(start, tmp_path):
     assert (out / "head.json").is_file()
 
 
+def test_killed_while_writing_the_head_leaves_no_old_head_json_beside_new_weights(finetuned, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    from embedx.heads.record import HeadRecord
+
+    data, head_dir, result = finetuned
+    out = tmp_path / "out"
+    shutil.copytree(result.output_dir, out)
+
+    def killed(self, directory):
+        raise KeyboardInterrupt  # the rerun dies after the new weights, before its head.json
+
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(HeadRecord, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(head_dir, data, epochs=1, output=out, **FAST)  # resumes after epoch 1: writes at once
+    assert not (out / "head.json").exists()  # no head, never the old head.json over the new weights
+    (out / ".backbone.onnx.tmp-killed").write_bytes(b"half")
+    (out / "train" / ".checkpoint.pt.tmp-killed").write_bytes(b"half")
+    monkeypatch.undo()
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path / "cache"))
+    ft.finetune(head_dir, data, epochs=1, output=out, **FAST)  # the next run cleans up and writes a whole head
+    assert (out / "head.json").is_file()
+    assert not [p for p in [*out.iterdir(), *(out / "train").iterdir()] if ".tmp-" in p.name]
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(finetuned):
     data, head_dir, result = finetuned
     before = (result.output_dir / "train" / "checkpoint.pt").read_bytes()

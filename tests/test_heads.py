@@ -585,3 +585,94 @@ def test_large_l2_sweep_phases_accuracy_and_determinism(monkeypatch):
     assert accuracy >= best_sklearn - 0.03
     again = large_l2_sweep(X, y, 10, (Xv, yv), None, grid=DEFAULT_GRID, name="l2", seed=0)
     assert again[0] == lam and np.array_equal(again[1][0][0], W)
+
+
+# --------------------------------------------------------------------------- the head directory is replaced whole
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_fit_head_killed_while_writing_leaves_the_old_head_whole(cache_file, tmp_path, monkeypatch):
+    out = tmp_path / "head"
+    fit_head(cache_file, head="logreg", output=out)
+    before = _snapshot(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after the new head.json and weights exist
+
+    monkeypatch.setattr("embedx.metrics.plot_reliability", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(cache_file, head="knn", output=out)
+    assert _snapshot(out) == before  # the old head.json, weights and plots, nothing of the new head
+    assert load_head(out).head_type == "logreg"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_killed_between_weights_and_head_json_is_no_mix(fitted, tmp_path, monkeypatch):
+    from embedx.heads.record import HeadRecord
+
+    out = tmp_path / "h"
+    fitted["logreg"].save(out)
+    before = _snapshot(out)
+
+    def killed(self, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HeadRecord, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fitted["mlp"].save(out)
+    assert _snapshot(out) == before
+    assert load_head(out).head_type == "logreg"
+
+
+def test_refit_without_plots_leaves_no_old_plots(cache_file, tmp_path):
+    out = tmp_path / "head"
+    fit_head(cache_file, head="logreg", output=out)
+    fit_head(cache_file, head="knn", output=out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["head.json", "weights.safetensors"]
+
+
+def test_stale_temporaries_of_a_killed_save_are_cleaned_and_a_moved_head_restored(fitted, tmp_path):
+    from embedx.heads.base import restore_interrupted_dir
+
+    out = tmp_path / "h"
+    fitted["logreg"].save(out)
+    stale = tmp_path / ".h.tmp-killed"
+    stale.mkdir()
+    (stale / "head.json").write_text("{}")
+    fitted["knn"].save(out)
+    assert not stale.exists() and load_head(out).head_type == "knn"
+    # killed after moving the old head aside, before the new one was renamed in
+    aside = tmp_path / ".h.old.tmp-killed"
+    aside.mkdir()
+    out.rename(aside / "previous")
+    assert restore_interrupted_dir(out)
+    assert load_head(out).head_type == "knn" and not (aside / "previous").exists()
+    aside.rmdir()
+    out.rename(tmp_path / "moved")
+    aside.mkdir()
+    (tmp_path / "moved").rename(aside / "previous")
+    fitted["logreg"].save(out)  # the next save puts nothing back over what it writes, and cleans up
+    assert load_head(out).head_type == "logreg"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_head(fitted, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(HeadError, match="not a head directory"):
+        fitted["logreg"].save(folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HeadError, match="not a folder"):
+        fitted["logreg"].save(tmp_path / "file")
+
+
+def test_save_says_when_it_creates_missing_parent_folders(fitted, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="embedx.heads.base"):
+        fitted["logreg"].save(tmp_path / "a" / "b" / "h")
+    assert "creating the missing folder" in caplog.text and str(tmp_path / "a" / "b") in caplog.text
+    assert load_head(tmp_path / "a" / "b" / "h").head_type == "logreg"

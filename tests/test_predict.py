@@ -184,3 +184,38 @@ def test_bundle_on_the_gpu_agrees_with_the_cpu(with_preprocess, images, tmp_path
     files = sorted((images / "a").iterdir())
     batch = np.stack([cpu.prepare(f) for f in files])
     np.testing.assert_allclose(gpu.predict_proba(batch), cpu.predict_proba(batch), atol=1e-4)
+
+
+# ------------------------------------------------------------------- one walker with extract, one line per image
+
+
+def test_expand_sources_walks_folders_like_extract_and_lists_what_it_skips(tmp_path):
+    from embedx.data import discover
+
+    write_images(tmp_path / "cls", 2, seed=3)
+    first, second = sorted((tmp_path / "cls").iterdir())
+    (tmp_path / "cls" / ".hidden.png").write_bytes(first.read_bytes())
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    (tmp_path / "cls" / "linked.png").symlink_to(second)
+    (tmp_path / "cls" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "cls" / "loop").symlink_to("..")
+    paths = expand_sources([tmp_path])
+    assert [p.name for p in paths] == [item.path.name for item in discover(tmp_path).items]
+    assert ".hidden.png" not in {p.name for p in paths} and "linked.png" in {p.name for p in paths}
+    skipped: list[tuple[str, str]] = []
+    assert expand_sources([tmp_path], skipped=skipped) == paths
+    assert {Path(name).name: reason for name, reason in skipped} == {
+        "notes.txt": "not an image file extension Pillow can open", "dangling.png": "broken symlink",
+        "loop": "symlink loop: links back to a folder that contains it"}
+
+
+def test_cli_predict_reports_skipped_files_and_escapes_newlines(bundle_path, tmp_path):
+    folder = tmp_path / "imgs"
+    (image,) = write_images(folder, 1, seed=4)
+    image.rename(folder / "two\nlines.png")
+    (folder / "readme.md").write_text("hello")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(bundle_path), str(folder), "-k", "1"])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"{folder}/two\\nlines.png\t")
+    assert f"skipped {folder / 'readme.md'}: not an image file extension" in result.stderr

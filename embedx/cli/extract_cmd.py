@@ -56,6 +56,7 @@ def _summary_lines(summary: dict) -> list[str]:
               help="Without split folders: put this fraction in 'val', by content hash (stable).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV path,label[,split] with paths relative to DATA.")
+@click.option("--allow-outside", is_flag=True, help="Let manifest paths resolve outside DATA.")
 @click.option("--preprocess", "preprocess_mode", type=click.Choice(["fast", "exact"]), default=None,
               help="How pixels are made: fast (libjpeg-turbo + OpenCV, the default) or exact "
                    "(pixel for pixel torchvision's transform on PIL images).")
@@ -66,7 +67,8 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, preprocess_mode, decode, overwrite, as_json, quiet) -> None:
+                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, overwrite, as_json,
+                    quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
@@ -92,7 +94,7 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
-            decode=decode, progress=progress,
+            decode=decode, progress=progress, allow_outside=allow_outside,
         )
     result = summary.to_dict()
     if as_json:

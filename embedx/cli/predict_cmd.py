@@ -15,13 +15,14 @@ import click
               help="Where to write the bundle (.onnx).")
 @click.option("--with-preprocess", is_flag=True,
               help="The graph takes uint8 (N,H,W,3) pixels, already resized and cropped, and normalizes them itself.")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT even if it is not an embedx bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
-def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, as_json: bool) -> None:
+def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, force: bool, as_json: bool) -> None:
     """Write backbone + head + softmax as ONE ONNX file, labels and preprocessing inside."""
     from embedx import onnxmeta
     from embedx.bundle import bundle
 
-    path = bundle(head_dir, output, with_preprocess=with_preprocess)
+    path = bundle(head_dir, output, with_preprocess=with_preprocess, force=force)
     meta = onnxmeta.read(path)
     summary = {
         "path": str(path),
@@ -65,7 +66,8 @@ def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Pat
     if (model is None) == (head_dir is None):
         raise click.UsageError("pass exactly one of --model or --head")
     errors = 0
-    paths = expand_sources(images)
+    skipped: list[tuple[str, str]] = []
+    paths = expand_sources(images, skipped=skipped)
     rows = predict_files(paths, model=model, head=head_dir, top_k=top_k, batch_size=batch_size, device=device)
     # a bar only when the rows go elsewhere (a file, a pipe) and a person watches stderr
     show_bar = sys.stderr.isatty() and not sys.stdout.isatty() and len(paths) > batch_size
@@ -73,6 +75,8 @@ def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Pat
         for done, row in enumerate(rows, start=1):
             progress(done, len(paths), {"errors": errors})
             errors += _echo_row(row, as_json)
+    for name, reason in skipped:  # what the folder walk passed over, as extract records it
+        click.echo(f"skipped {_escape(name)}: {reason}", err=True)
     if errors:
         click.echo(f"{errors} image(s) could not be read", err=True)
 
@@ -82,11 +86,20 @@ def _echo_row(row: dict, as_json: bool) -> int:
     if as_json:
         click.echo(json.dumps(row))
     elif "error" in row:
-        click.echo(f"{row['path']}\terror: {row['error']}")
+        click.echo(f"{_escape(row['path'])}\terror: {_escape(row['error'])}")
     else:
-        ranked = ", ".join(f"{c['label']} {c['probability']:.3f}" for c in row["top_k"])
-        click.echo(f"{row['path']}\t{ranked}")
+        ranked = ", ".join(f"{_escape(c['label'])} {c['probability']:.3f}" for c in row["top_k"])
+        click.echo(f"{_escape(row['path'])}\t{ranked}")
     return int("error" in row)
+
+
+#: backslash and control characters (newline, tab, ...) as escapes: one image, one line, two columns
+_ESCAPES = {**{code: f"\\x{code:02x}" for code in [*range(32), 127]},
+            ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+
+
+def _escape(text: str) -> str:
+    return str(text).translate(_ESCAPES)
 
 
 COMMANDS = [predict_command, bundle_command]

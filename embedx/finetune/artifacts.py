@@ -19,12 +19,25 @@ from torch import nn
 from embedx.finetune.loop import collect_logits
 from embedx.finetune.model import FinetuneModel, _Start
 from embedx.fsio import atomic_path, atomic_write
+from embedx.heads.record import HEAD_JSON
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 BACKBONE_ONNX_FILE = "backbone.onnx"
 REPORT_FILE = "finetune.json"
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete the temporary files a killed run left in ``output_dir`` and its ``train/``
+    (every file here is written through ``fsio``); returns how many."""
+    from embedx.finetune.checkpoint import CHECKPOINT_FILE, TRAIN_SUBDIR
+    from embedx.fsio import remove_stale_temporaries as remove
+
+    names = (BACKBONE_WEIGHTS_FILE, BACKBONE_ONNX_FILE, REPORT_FILE, HEAD_JSON, "weights.safetensors",
+             "confusion_matrix.png", "reliability.png")
+    removed = sum(remove(output_dir, name) for name in names)
+    return removed + remove(output_dir / TRAIN_SUBDIR, CHECKPOINT_FILE)
 
 
 def _save_backbone_weights(backbone: nn.Module, path: Path) -> None:
@@ -101,6 +114,10 @@ def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, v
         plot_reliability,
     )
 
+    # The folder keeps its training checkpoint, so it is not swapped as a whole: head.json
+    # goes first and comes back last, so a kill in between leaves no head (an error when
+    # loaded), never an old head.json beside new weights.
+    (output_dir / HEAD_JSON).unlink(missing_ok=True)
     weights_path = (output_dir / BACKBONE_WEIGHTS_FILE).resolve()
     _save_backbone_weights(model.backbone, weights_path)
     exported = _export(start, model, weights_path, output_dir)
@@ -115,14 +132,15 @@ def _write_artifacts(start: _Start, model: FinetuneModel, output_dir: Path, *, v
     head = copy.deepcopy(start.head)
     head._set_arrays(model.head.arrays())  # the same arrays load_head reads back
     head.temperature_ = temperature
-    head.save(output_dir, record=_head_record(
+    head_json = _head_record(
         head, exported, start.head_json.get("cache") or {}, metrics=metrics, n_val=int(len(labels)),
         finetune={**record, "parity": parity, "temperature": temperature},
-    ))
+    )
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), class_names, output_dir / "confusion_matrix.png",
                           title="fine-tuned, val")
     plot_reliability(labels, logits, output_dir / "reliability.png", temperature=temperature,
                      title="fine-tuned, val reliability")
+    head.write_files(output_dir, head_json)  # head.json last: now the folder is a head again
     return exported, weights_path, parity
 
 

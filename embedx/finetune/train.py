@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from embedx.errors import ConfigError
-from embedx.finetune.artifacts import _write_artifacts, _write_report
+from embedx.finetune.artifacts import _write_artifacts, _write_report, remove_stale_temporaries
 from embedx.finetune.checkpoint import (
     CHECKPOINT_FILE,
     TRAIN_SUBDIR,
@@ -179,6 +179,8 @@ def finetune(
         reinit_head=bool(reinit_head),
     )
     checkpoint_path = output_dir / TRAIN_SUBDIR / CHECKPOINT_FILE
+    if removed := remove_stale_temporaries(output_dir):
+        logger.info("removed %d temporary file(s) a killed earlier run left in %s", removed, output_dir)
     checkpoint = _resumable_checkpoint(checkpoint_path, config.to_dict()) if resume else None
 
     loaders = _make_loaders(start, train_items, val_items, config, num_workers=num_workers, device=torch_device)

@@ -5,16 +5,19 @@ state whose names end in ``_`` and returns ``self``.  Inference (``logits``,
 ``predict_proba``, ``predict``) is numpy only, and so is ``load_head``: torch is
 imported inside the training code of the torch heads and nowhere else.
 
-A saved head is a directory: ``head.json`` (``heads.record.HeadRecord``, written last) and
+A saved head is a directory: ``head.json`` (``heads.record.HeadRecord``) and
 ``weights.safetensors`` (numpy arrays, no pickle), plus the PNGs ``fit_head``
-draws.  ``predict_proba`` returns ``softmax(logits / temperature_)``, the same
-numbers a bundle computes.
+draws, replaced as a whole (``head_dir_writer``).  ``predict_proba`` returns
+``softmax(logits / temperature_)``, the same numbers a bundle computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
-from embedx.fsio import atomic_path
+from embedx.fsio import TEMP_MARK, atomic_dir, remove_stale_temporaries
 from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
 logger = logging.getLogger(__name__)
@@ -212,24 +215,29 @@ class Head:
 
     def save(self, directory: str | Path, *, extra: dict[str, Any] | None = None,
              record: HeadRecord | None = None) -> Path:
-        """Write ``weights.safetensors`` then ``head.json`` (last, so a head.json means a whole head).
+        """Write the head directory as a whole: ``weights.safetensors`` and ``head.json`` go to
+        a temporary folder beside ``directory`` that then replaces it (``head_dir_writer``), so
+        a kill at any moment leaves the old head or the new one, never a mix.
 
         head.json is ``record`` (built by ``heads.record.head_record``) or, without one,
         this head's own fields with ``extra`` added.
         """
-        from safetensors.numpy import save_file
-
         if record is not None and extra:
             raise HeadError("pass extra= or record= to save, not both")
         record = record or HeadRecord.of(self, **(extra or {}))
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
-        with atomic_path(directory / record.weights_file) as tmp:
-            save_file(arrays, str(tmp), metadata={"format": "embedx-head"})
-        record.write(directory)
+        with head_dir_writer(directory) as work:
+            self.write_files(work, record)
         logger.info("saved %s head to %s", self.head_type, directory)
         return directory
+
+    def write_files(self, folder: Path, record: HeadRecord) -> None:
+        """The weights, then head.json, into ``folder`` (a ``head_dir_writer`` folder)."""
+        from safetensors.numpy import save_file
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
+        save_file(arrays, str(Path(folder) / record.weights_file), metadata={"format": "embedx-head"})
+        record.write(folder)
 
     @property
     def info_(self) -> dict[str, Any]:
@@ -344,6 +352,49 @@ def overwritable(X: np.ndarray, dtype=np.float32) -> bool:
 def all_finite(X: np.ndarray) -> bool:
     """No NaN or inf in ``X``, checked by row chunks (no (N, D) boolean temporary)."""
     return all(np.isfinite(X[start:start + _CHUNK_ROWS]).all() for start in range(0, len(X), _CHUNK_ROWS))
+
+
+@contextlib.contextmanager
+def head_dir_writer(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty folder that replaces the head directory ``directory`` as a whole on success.
+
+    What a killed earlier writer left beside it is cleaned first: a previous head it had moved
+    aside and not yet replaced is put back, other temporaries are deleted. An existing folder
+    that is not a head directory (no head.json, not empty) is never replaced: HeadError.
+    """
+    directory = Path(directory)
+    check_head_output(directory)
+    if not directory.parent.exists():
+        logger.warning("creating the missing folder %s for the head directory", directory.parent)
+    restore_interrupted_dir(directory)
+    remove_stale_temporaries(directory.parent, directory.name)
+    with atomic_dir(directory) as work:
+        yield work
+
+
+def check_head_output(directory: str | Path) -> None:
+    """HeadError unless ``directory`` is free, empty or a head directory (``head_dir_writer``
+    replaces it as a whole, so anything else in it would be lost)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise HeadError(f"{directory} exists and is not a folder; choose another output for the head")
+    if directory.is_dir() and not (directory / HEAD_JSON).is_file() and any(directory.iterdir()):
+        raise HeadError(f"{directory} is a folder without {HEAD_JSON} (not a head directory); writing the head "
+                        "there would replace its contents: choose another output or empty it")
+
+
+def restore_interrupted_dir(directory: Path) -> bool:
+    """Put back the previous ``directory`` that a writer killed mid-swap left in its
+    ``.NAME.old.tmp-*/previous`` folder (``fsio.atomic_dir``); True if one was restored."""
+    if directory.exists() or directory.is_symlink() or not directory.parent.is_dir():
+        return False
+    for aside in sorted(directory.parent.glob(f".{directory.name}.old{TEMP_MARK}*")):
+        previous = aside / "previous"
+        if previous.is_dir():
+            os.replace(previous, directory)
+            logger.warning("restored %s, which an interrupted write had moved aside", directory)
+            return True
+    return False
 
 
 def load_head(directory: str | Path | HeadRecord) -> Head:

@@ -19,7 +19,7 @@ import numpy as np
 
 from embedx import paths
 from embedx.errors import ConfigError, FeatureMismatchError, HeadError
-from embedx.heads.base import HEAD_TYPES, Head, load_head
+from embedx.heads.base import HEAD_TYPES, Head, check_head_output, head_dir_writer, load_head
 from embedx.heads.linear import fixed_params, holdout_split
 from embedx.heads.record import HeadRecord, head_record
 from embedx.progress import ProgressCallback
@@ -167,6 +167,8 @@ def fit_head(
     start = time.perf_counter()
     if class_weight not in (None, "balanced"):
         raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    if output is not None:
+        check_head_output(output)  # before the work: a folder that is not a head is never replaced
     steps_total = 4 + int(refit)
 
     def report(done: int, stage: str) -> None:
@@ -211,14 +213,16 @@ def fit_head(
     report(steps_total - 2, "save")
     record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics,
                          val_source=val_source, fit_seconds=fit_seconds)
-    final.save(output_dir, record=record)
-    if plots:
-        report(steps_total - 1, "plots")
-        class_names = [str(c) for c in final.classes_]
-        plot_confusion_matrix(np.asarray(metrics["val"]["confusion_matrix"]), class_names,
-                              output_dir / CONFUSION_PNG, title=f"{head} head, val ({val_source})")
-        plot_reliability(val_y, val_logits, output_dir / RELIABILITY_PNG, temperature=model.temperature_,
-                         title=f"{head} head, val reliability")
+    # head.json, weights and plots go to one new folder that replaces output_dir as a whole.
+    with head_dir_writer(output_dir) as work:
+        final.write_files(work, record)
+        if plots:
+            report(steps_total - 1, "plots")
+            class_names = [str(c) for c in final.classes_]
+            plot_confusion_matrix(np.asarray(metrics["val"]["confusion_matrix"]), class_names,
+                                  work / CONFUSION_PNG, title=f"{head} head, val ({val_source})")
+            plot_reliability(val_y, val_logits, work / RELIABILITY_PNG, temperature=model.temperature_,
+                             title=f"{head} head, val reliability")
     report(steps_total, "done")
     logger.info("fitted %s head: val accuracy %.4f in %.2f s -> %s", head, metrics["val"]["accuracy"],
                 fit_seconds, output_dir)
