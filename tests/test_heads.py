@@ -425,8 +425,8 @@ def test_fit_head_from_a_file_reads_rows_lazily_and_equals_in_memory(tmp_path, d
     reads = []
     original = cache_module._read_features
     monkeypatch.setattr(cache_module, "_read_features",
-                        lambda dataset, selected: reads.append(None if selected is None else len(selected))
-                        or original(dataset, selected))
+                        lambda handle, selected, path: reads.append(None if selected is None else len(selected))
+                        or original(handle, selected, path))
     lazy = fit_head(path, head="logreg", output=tmp_path / "b", plots=False)
     assert reads == [len(Xv), 120, 60]  # val, train, test: each read once, nothing read whole
     assert lazy.metrics["val"]["accuracy"] == in_memory.metrics["val"]["accuracy"]
