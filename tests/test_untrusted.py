@@ -1,0 +1,177 @@
+"""Untrusted artifacts (issue 15): a malformed head directory or bundle is one error line, never a traceback.
+
+Each variant the red team tried on head.json is replayed through `embedx evaluate`, `embedx predict --head`
+and `embedx bundle`: exit 1 and one `error:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from embedx.cli.main import cli
+from embedx.fsio import sha256_file
+from tests.bundle_fixtures import SPEC, tiny_backbone, write_images
+from tests.test_heads import write_cache
+
+FEATURE_DIM = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A head fitted by `embedx fit-head` on an 8-d cache, whose head.json points at a tiny backbone ONNX."""
+    root = tmp_path_factory.mktemp("untrusted")
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    X = (rng.normal(size=(80, FEATURE_DIM)) + y[:, None]).astype(np.float32)
+    cache = write_cache(root / "feats.h5", X, y, ["train"] * 60 + ["val"] * 20, ["ants", "bees"])
+    result = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "-o", str(root / "head"), "--json"])
+    assert result.exit_code == 0, result.output
+    backbone = root / "backbone.onnx"
+    onnx.save(tiny_backbone(feature_dim=FEATURE_DIM), backbone)
+    head_json = root / "head" / "head.json"
+    fields = json.loads(head_json.read_text())
+    fields["cache"].update(onnx_path=str(backbone), onnx_sha256=sha256_file(backbone), preprocess=SPEC.to_dict())
+    head_json.write_text(json.dumps(fields))
+    images = root / "images"
+    write_images(images, 2)
+    return {"root": root, "head": root / "head", "cache": cache, "images": images}
+
+
+def _set(**changes):
+    def mutate(fields: dict, head: Path) -> dict:
+        return {**fields, **changes}
+    return mutate
+
+
+def _drop(name):
+    def mutate(fields: dict, head: Path) -> dict:
+        return {k: v for k, v in fields.items() if k != name}
+    return mutate
+
+
+def _preprocess(**changes):
+    def mutate(fields: dict, head: Path) -> dict:
+        fields["cache"]["preprocess"] = {**fields["cache"]["preprocess"], **changes}
+        return fields
+    return mutate
+
+
+def _text(text: str):
+    def mutate(fields: dict, head: Path) -> str:
+        return text
+    return mutate
+
+
+def _nan_temperature(fields: dict, head: Path) -> str:
+    return json.dumps({**fields, "temperature": float("nan")})  # json.dumps writes a bare NaN
+
+
+def _deep(fields: dict, head: Path) -> str:
+    return json.dumps({**fields, "params": "HOLE"}).replace('"HOLE"', "[" * 100_000 + "]" * 100_000)
+
+
+def _weights(change):
+    def mutate(fields: dict, head: Path) -> dict:
+        from safetensors.numpy import load_file, save_file
+
+        arrays = load_file(str(head / "weights.safetensors"))
+        change(arrays)
+        save_file(arrays, str(head / "weights.safetensors"))
+        return fields
+    return mutate
+
+
+def _nan_weight(arrays):
+    arrays["weight"][0, 0] = np.nan
+
+
+def _narrow_weight(arrays):
+    arrays["weight"] = np.ascontiguousarray(arrays["weight"][:5])
+
+
+def _outside(fields: dict, head: Path) -> dict:
+    outside = head.parent / "outside"
+    outside.mkdir()
+    shutil.copy(head / "weights.safetensors", outside / "w.safetensors")
+    return {**fields, "weights_file": "../outside/w.safetensors"}
+
+
+def _symlink_out(fields: dict, head: Path) -> dict:
+    outside = head.parent / "elsewhere.safetensors"
+    shutil.move(head / "weights.safetensors", outside)
+    (head / "weights.safetensors").symlink_to(outside)
+    return fields
+
+
+VARIANTS = {
+    "classes as a dict": (_set(classes={"ants": 0, "bees": 1}), "'classes' must be a non-empty list"),
+    "classes missing": (_drop("classes"), "'classes' must be a non-empty list"),
+    "duplicate classes": (_set(classes=["ants", "ants"]), "unique class names"),
+    "feature_dim 'abc'": (_set(feature_dim="abc"), "'feature_dim' must be a positive integer"),
+    "feature_dim 10**9": (_set(feature_dim=10**9), "'feature_dim' must be a positive integer of at most"),
+    "unknown init_params key": (_set(init_params={"bogus": 1}), "init_params .* do not fit"),
+    "JSON nested 100,000 deep": (_deep, "nested 100001 levels deep"),
+    "top-level list": (_text("[1, 2]"), "JSON list, not an object"),
+    "not JSON": (_text("{\"schema_version\": 1,"), "not valid JSON"),
+    "preprocess size 0": (_preprocess(input_size=0), "cache.preprocess is not a valid preprocessing spec"),
+    "preprocess size 100000": (_preprocess(input_size=100_000, resize_size=100_000),
+                               "cache.preprocess is not a valid preprocessing spec"),
+    "preprocess size 'big'": (_preprocess(input_size="big"), "cache.preprocess is not a valid preprocessing spec"),
+    "temperature 'hot'": (_set(temperature="hot"), "'temperature' must be a positive number"),
+    "temperature 0": (_set(temperature=0), "'temperature' must be a positive number"),
+    "temperature NaN": (_nan_temperature, "not valid JSON .*NaN is not a JSON number"),
+    "temperature 1e400": (_set(temperature=10**400), "'temperature' must be a finite number"),
+    "NaN weights": (_weights(_nan_weight), "array 'weight' holds NaN"),
+    "weights_file ../outside": (_outside, "'weights_file' must be a file name in the head directory"),
+    "weights symlink out of the head": (_symlink_out, "outside the head directory"),
+    "200,000 classes vs 2 weight columns": (_set(classes=[f"c{i}" for i in range(200_000)]), "200000 classes"),
+    "weights shape mismatch": (_weights(_narrow_weight), "does not fit head.json"),
+}
+#: the commands that read each part of a head directory (evaluate does not use the preprocessing)
+PREPROCESS_VARIANTS = {name for name in VARIANTS if name.startswith("preprocess")}
+
+
+def _broken_head(setup, tmp_path: Path, variant: str) -> Path:
+    head = tmp_path / "head"
+    shutil.copytree(setup["head"], head)
+    mutate, _ = VARIANTS[variant]
+    result = mutate(json.loads((head / "head.json").read_text()), head)
+    (head / "head.json").write_text(result if isinstance(result, str) else json.dumps(result))
+    return head
+
+
+def _command(name: str, setup, head: Path, tmp_path: Path) -> list[str]:
+    return {
+        "evaluate": ["evaluate", "--head", str(head), "--cache", str(setup["cache"])],
+        "predict": ["predict", "--head", str(head), str(setup["images"]), "--device", "cpu"],
+        "bundle": ["bundle", "--head", str(head), "-o", str(tmp_path / "model.onnx")],
+    }[name]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "bundle"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_malformed_head_directory_is_one_error_line(setup, tmp_path, variant, command):
+    if command == "evaluate" and variant in PREPROCESS_VARIANTS:
+        pytest.skip("evaluate reads features from a cache, not images: it does not use the preprocessing")
+    head = _broken_head(setup, tmp_path, variant)
+    result = CliRunner().invoke(cli, _command(command, setup, head, tmp_path))
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output and "NaN" not in result.stdout
+    import re
+
+    assert re.search(VARIANTS[variant][1], lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "bundle"])
+def test_the_unmodified_head_works_with_each_command(setup, tmp_path, command):
+    result = CliRunner().invoke(cli, _command(command, setup, setup["head"], tmp_path))
+    assert result.exit_code == 0, result.output
