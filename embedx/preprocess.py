@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from embedx.errors import ConfigError, ImageDecodeError
+from embedx.untrusted import finite
 
 ImageSource = str | Path | bytes | bytearray | memoryview
 
@@ -121,7 +122,7 @@ class PreprocessSpec:
             if (not isinstance(values, (list, tuple)) or len(values) != 3
                     or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):
                 raise ConfigError(f"{name} needs three values, numbers one per RGB channel, got {values!r:.80}")
-            if not all(_finite(v) for v in values) or (name == "std" and not all(v > 0 for v in values)):
+            if not all(finite(v) for v in values) or (name == "std" and not all(v > 0 for v in values)):
                 raise ConfigError(f"{name} must be finite{' and > 0' if name == 'std' else ''}, got {values!r:.80}")
         # Frozen dataclasses keep tuples hashable even if lists were passed.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -143,13 +144,6 @@ class PreprocessSpec:
     @classmethod
     def from_json(cls, text: str) -> PreprocessSpec:
         return cls.from_dict(json.loads(text))
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 #: A JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) only while the reduced

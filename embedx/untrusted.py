@@ -13,6 +13,7 @@ torch- and numpy-free.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -22,6 +23,8 @@ from embedx.errors import EmbedxError
 MAX_DEPTH = 64
 #: Largest document accepted by default (head.json, one metadata value).
 MAX_BYTES = 8 * 1024 * 1024
+#: The most classes, and the largest feature dimension, a head or bundle may declare.
+MAX_SIZE = 1_000_000
 
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
@@ -59,3 +62,27 @@ def loads(text: str | bytes, *, what: str, error: type[EmbedxError] = EmbedxErro
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         reason = " ".join(str(e).split())[:200]
         raise error(f"{what} is not valid JSON ({reason}){hint}") from e
+
+
+def finite(value: Any) -> bool:
+    """A number (not a bool) that ``float`` keeps finite (an integer of 400 digits overflows)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def classes_problem(classes: Any) -> str | None:
+    """Why ``classes`` is not a list of class names (None when it is one): a non-empty list of at
+    most ``MAX_SIZE`` unique strings or finite numbers (1 and 1.0 are one class, "1" and 1 two)."""
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int, float)) for c in classes):
+        return "a non-empty list of class names"
+    if len(classes) > MAX_SIZE:
+        return f"a list of at most {MAX_SIZE:,} class names"
+    if not all(finite(c) for c in classes if isinstance(c, float)):
+        return "a list of class names (no NaN or infinite numbers)"
+    if len({(isinstance(c, str), c) for c in classes}) != len(classes):
+        return "a list of unique class names"
+    return None

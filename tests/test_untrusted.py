@@ -175,3 +175,80 @@ def test_a_malformed_head_directory_is_one_error_line(setup, tmp_path, variant, 
 def test_the_unmodified_head_works_with_each_command(setup, tmp_path, command):
     result = CliRunner().invoke(cli, _command(command, setup, setup["head"], tmp_path))
     assert result.exit_code == 0, result.output
+
+
+# -- bundle metadata: predict --model and serve-onnx --------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BUNDLE_VARIANTS = {
+    "classes as a dict": ({"classes": '{"cat": 0}'}, "embedx.classes must be a non-empty list"),
+    "classes missing": ({"classes": None}, "lacks embedx metadata"),
+    "duplicate classes": ({"classes": '["cat", "cat", "dog"]'}, "unique class names"),
+    "classes not JSON": ({"classes": '["cat",'}, "embedx.classes is not valid JSON"),
+    "classes NaN": ({"classes": '["cat", NaN, "dog"]'}, "embedx.classes is not valid JSON"),
+    "classes nested 100,000 deep": ({"classes": DEEP}, "nested 100000 levels deep"),
+    "200,000 classes vs 3 outputs": ({"classes": json.dumps([f"c{i}" for i in range(200_000)])},
+                                     "outputs 3 probabilities per image but .* lists 200000 classes"),
+    "preprocess size 0": ({"preprocess": json.dumps({**SPEC.to_dict(), "input_size": 0})},
+                          "embedx.preprocess is not a valid preprocessing spec"),
+    "preprocess size 100000": ({"preprocess": json.dumps({**SPEC.to_dict(), "input_size": 100_000,
+                                                          "resize_size": 100_000})},
+                               "embedx.preprocess is not a valid preprocessing spec"),
+    "preprocess a list": ({"preprocess": "[16, 20]"}, "embedx.preprocess is not a valid preprocessing spec"),
+    "preprocess nested deep": ({"preprocess": DEEP}, "nested 100000 levels deep"),
+    "input_format unknown": ({"input_format": "float_nhwc"}, "embedx.input_format is 'float_nhwc'"),
+    "feature_dim 'abc'": ({"feature_dim": "abc"}, "embedx.feature_dim must be a positive integer"),
+    "temperature nan": ({"temperature": "nan"}, "embedx.temperature must be a finite positive number"),
+    "head nested deep": ({"head": DEEP}, "embedx.head is nested 100000 levels deep"),
+}
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory) -> Path:
+    from tests.bundle_fixtures import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "model.onnx")
+
+
+def _broken_bundle(bundle_path: Path, tmp_path: Path, variant: str) -> Path:
+    from embedx import onnxmeta
+
+    model = onnx.load(str(bundle_path))
+    changes, _ = BUNDLE_VARIANTS[variant]
+    for key, value in changes.items():
+        if value is None:
+            kept = [p for p in model.metadata_props if p.key != onnxmeta.PREFIX + key]
+            del model.metadata_props[:]
+            model.metadata_props.extend(kept)
+        else:
+            onnxmeta.write(model, {key: value})
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["predict", "serve-onnx"])
+@pytest.mark.parametrize("variant", list(BUNDLE_VARIANTS))
+def test_a_bundle_with_malformed_metadata_is_one_error_line(bundle_path, setup, tmp_path, variant, command,
+                                                           monkeypatch):
+    import re
+
+    import uvicorn
+
+    def no_serving(self):  # a model that loads must not start serving: fail at once instead
+        raise RuntimeError("serve-onnx loaded the model and would serve it")
+
+    monkeypatch.setattr(uvicorn.Server, "run", no_serving)
+    path = _broken_bundle(bundle_path, tmp_path, variant)
+    args = (["predict", "--model", str(path), str(setup["images"]), "--device", "cpu"] if command == "predict"
+            else ["serve-onnx", str(path), "--port", "0", "--device", "cpu"])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("serving ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(BUNDLE_VARIANTS[variant][1], lines[0]), lines[0]
+
+
+def test_the_unmodified_bundle_predicts(bundle_path, setup):
+    result = CliRunner().invoke(cli, ["predict", "--model", str(bundle_path), str(setup["images"]), "--json"])
+    assert result.exit_code == 0, result.output

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ HEAD_JSON = "head.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: head.json larger than this is refused before it is parsed (a 1,000-class head's is ~100 KB).
 MAX_HEAD_JSON_BYTES = 8 * 1024 * 1024
-#: The most classes, and the largest feature dimension, a head.json may declare.
-MAX_SIZE = 1_000_000
+MAX_SIZE = untrusted.MAX_SIZE
 
 #: Optional fields the record relies on: name -> (accepted types, what to call them).
 _TYPED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -120,14 +118,9 @@ class HeadRecord:
         if not isinstance(head_type, str) or not head_type:
             raise malformed("head_type", "the name of a head type")
         classes = fields.get("classes")
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int, float)) for c in classes):
-            raise malformed("classes", "a non-empty list of class names")
-        if len(classes) > MAX_SIZE:
-            raise malformed("classes", f"a list of at most {MAX_SIZE:,} class names")
-        if not all(_finite(c) for c in classes if isinstance(c, float)):
-            raise malformed("classes", "a list of class names (no NaN or infinite numbers)")
-        if len(set(map(_class_key, classes))) != len(classes):
-            raise malformed("classes", "a list of unique class names")
+        problem = untrusted.classes_problem(classes)
+        if problem:
+            raise malformed("classes", problem)
         feature_dim = fields.get("feature_dim")
         if not _has_type(feature_dim, (int,)) or not 1 <= feature_dim <= MAX_SIZE:
             raise malformed("feature_dim", f"a positive integer of at most {MAX_SIZE:,}")
@@ -135,7 +128,7 @@ class HeadRecord:
             if name in fields and not _has_type(fields[name], types):
                 raise malformed(name, expected)
         for name in ("temperature", "fit_seconds"):
-            if name in fields and not _finite(fields[name]):
+            if name in fields and not untrusted.finite(fields[name]):
                 raise malformed(name, "a finite number")
         temperature = float(fields.get("temperature", 1.0))
         if not temperature > 0:
@@ -253,19 +246,6 @@ def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metr
     """
     cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint, "path": str(cache_path)}
     return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
-
-
-def _class_key(value: Any) -> tuple[str, Any]:
-    """Classes 1 and 1.0 are one class (numpy would merge them); "1" and 1 are two."""
-    return ("str", value) if isinstance(value, str) else ("number", value)
-
-
-def _finite(value: Any) -> bool:
-    """A number that ``float`` keeps finite (an integer of 400 digits overflows)."""
-    try:
-        return math.isfinite(float(value))
-    except (OverflowError, TypeError, ValueError):
-        return False
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
