@@ -252,3 +252,83 @@ def test_a_bundle_with_malformed_metadata_is_one_error_line(bundle_path, setup, 
 def test_the_unmodified_bundle_predicts(bundle_path, setup):
     result = CliRunner().invoke(cli, ["predict", "--model", str(bundle_path), str(setup["images"]), "--json"])
     assert result.exit_code == 0, result.output
+
+
+# -- the server: finite options, JSON limits, readiness ----------------------------------
+
+
+@pytest.mark.parametrize(("args", "value"), [
+    (["serve-onnx", "{bundle}", "--max-body-mb"], "nan"),
+    (["serve-onnx", "{bundle}", "--max-body-mb"], "inf"),
+    (["serve-onnx", "{bundle}", "--timeout-s"], "nan"),
+    (["serve-onnx", "{bundle}", "--timeout-s"], "inf"),
+    (["serve-onnx", "{bundle}", "--max-delay-ms"], "nan"),
+    (["fit-head", "--cache", "{missing}", "--label-smoothing"], "nan"),
+    (["extract", "{missing}", "--val-fraction"], "nan"),
+    (["finetune", "{data}", "--lr"], "nan"),
+    (["finetune", "{data}", "--lr"], "inf"),
+    (["finetune", "{data}", "--warmup-epochs"], "inf"),
+])
+def test_float_options_refuse_nan_and_inf(bundle_path, setup, tmp_path, monkeypatch, args, value):
+    import uvicorn
+
+    def no_serving(self):
+        raise RuntimeError("serve-onnx accepted the option and would serve")
+
+    monkeypatch.setattr(uvicorn.Server, "run", no_serving)
+    paths = {"bundle": str(bundle_path), "missing": str(tmp_path / "missing"), "data": str(setup["images"])}
+    result = CliRunner().invoke(cli, [arg.format(**paths) for arg in args] + [value])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "is not a finite number" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["max_body_mb", "timeout_s", "max_delay_ms"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "10"])
+def test_serve_config_refuses_non_finite_numbers(option, value):
+    from embedx.errors import ConfigError
+    from embedx.serve.app import ServeConfig
+
+    with pytest.raises(ConfigError, match=f"{option} must be a finite number"):
+        ServeConfig(**{option: value})
+
+
+def _serve(bundle_path: Path, scenario, **options):
+    from embedx.serve import create_app
+    from tests.test_serve import in_process
+
+    async def ready_then(client, start):
+        from tests.test_serve import _wait_ready
+
+        await start()
+        await _wait_ready(client)
+        return await scenario(client)
+
+    return in_process(create_app(bundle_path, device="cpu", **options), ready_then)
+
+
+def test_a_deeply_nested_json_body_is_400_not_500(bundle_path):
+    async def scenario(client):
+        answers = []
+        for body in ('{"images": ' + "[" * 50_000 + "]" * 50_000 + "}", "[" * 100_000, '{"image": NaN}'):
+            answers.append(await client.post("/v1/predict", content=body,
+                                             headers={"content-type": "application/json"}))
+        return answers
+
+    for answer in _serve(bundle_path, scenario):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "bad json"
+
+
+def test_readiness_turns_off_when_the_server_starts_draining(bundle_path):
+    from embedx.serve import create_app
+    from tests.test_serve import _wait_ready, in_process
+
+    app = create_app(bundle_path, device="cpu")
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        return (await client.get("/health/ready")).status_code
+
+    assert in_process(app, scenario) == 200
+    assert app.state.server.ready is False  # the lifespan has ended: draining, not ready
