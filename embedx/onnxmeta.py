@@ -15,6 +15,9 @@ import mmap
 from pathlib import Path
 from typing import Any
 
+from embedx import untrusted
+from embedx.errors import OnnxModelError
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "embedx."
@@ -112,5 +115,10 @@ def probe(path: str | Path) -> dict[str, str]:
         return read(path)
 
 
-def read_json(meta: dict[str, str], key: str, default: Any = None) -> Any:
-    return json.loads(meta[key]) if key in meta else default
+def read_json(meta: dict[str, str], key: str, default: Any = None, *, where: str = "the ONNX model") -> Any:
+    """The JSON value of ``key`` (``default`` when absent); ``OnnxModelError`` (one line) for a value
+    that is not JSON, or too large or too deeply nested to be embedx's (``untrusted.loads``)."""
+    if key not in meta:
+        return default
+    return untrusted.loads(meta[key], what=f"{where}: metadata {PREFIX}{key}", error=OnnxModelError,
+                           hint="rebuild the model with `embedx bundle`")

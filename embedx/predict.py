@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embedx import onnxmeta, preprocess
+from embedx import onnxmeta, preprocess, untrusted
 from embedx.bundle import PROBABILITIES
 from embedx.data import list_images
 from embedx.errors import ConfigError, ImageDecodeError, OnnxModelError
@@ -95,13 +95,9 @@ class OnnxClassifier(_Classifier):
                 f"{self.path} lacks embedx metadata {missing}; expected a model written by "
                 "`embedx bundle` (metadata_props embedx.classes and embedx.preprocess)"
             )
-        self.classes = [str(c) for c in onnxmeta.read_json(self.meta, "classes")]
-        self.spec = PreprocessSpec.from_dict(onnxmeta.read_json(self.meta, "preprocess"))
-        self.input_format = self.meta.get("input_format", "float_nchw")
-        if self.input_format not in INPUT_FORMATS:
-            raise OnnxModelError(
-                f"{self.path}: embedx.input_format is {self.input_format!r}, expected one of {INPUT_FORMATS}"
-            )
+        self._check_metadata()
+        self.classes = [str(c) for c in onnxmeta.read_json(self.meta, "classes", where=str(self.path))]
+        self.spec = PreprocessSpec.from_dict(onnxmeta.read_json(self.meta, "preprocess", where=str(self.path)))
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise OnnxModelError(f"{self.path} has {len(inputs)} inputs; a bundle has exactly one image input")
@@ -109,9 +105,48 @@ class OnnxClassifier(_Classifier):
         batch_dim = inputs[0].shape[0] if inputs[0].shape else None
         #: a model exported with a fixed batch size takes exactly that many images per call
         self.fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = PROBABILITIES if PROBABILITIES in outputs else outputs[0]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.output_name = PROBABILITIES if PROBABILITIES in outputs else next(iter(outputs))
+        shape = outputs[self.output_name].shape or []
+        if len(shape) == 2 and isinstance(shape[1], int) and shape[1] != len(self.classes):
+            raise OnnxModelError(f"{self.path} outputs {shape[1]} probabilities per image but its metadata "
+                                 f"embedx.classes lists {len(self.classes)} classes; rebuild it with `embedx bundle`")
         self.providers = self.runtime.providers
+
+    def _check_metadata(self) -> None:
+        """The embedx metadata a bundle is used by, checked before use (a bundle may come from anyone):
+        ``classes`` a list of unique names, ``preprocess`` a valid spec, ``input_format`` a known one,
+        ``feature_dim``/``temperature`` numbers and ``head`` JSON; one ``OnnxModelError`` line otherwise."""
+        where, fix = str(self.path), "rebuild the model with `embedx bundle`"
+        problem = untrusted.classes_problem(onnxmeta.read_json(self.meta, "classes", where=where))
+        if problem:
+            raise OnnxModelError(f"{where}: metadata embedx.classes must be {problem}; {fix}")
+        spec = onnxmeta.read_json(self.meta, "preprocess", where=where)
+        try:
+            if not isinstance(spec, dict):
+                raise ConfigError(f"expected an object, found a JSON {type(spec).__name__}")
+            PreprocessSpec.from_dict(spec)
+        except (ConfigError, TypeError) as e:
+            raise OnnxModelError(f"{where}: metadata embedx.preprocess is not a valid preprocessing spec ({e}); "
+                                 f"{fix}") from e
+        self.input_format = self.meta.get("input_format", "float_nchw")
+        if self.input_format not in INPUT_FORMATS:
+            raise OnnxModelError(
+                f"{self.path}: embedx.input_format is {self.input_format!r:.80}, expected one of {INPUT_FORMATS}"
+            )
+        dim = self.meta.get("feature_dim", "1")
+        if not (dim.isascii() and dim.isdigit() and 1 <= int(dim) <= untrusted.MAX_SIZE):
+            raise OnnxModelError(f"{where}: metadata embedx.feature_dim must be a positive integer of at most "
+                                 f"{untrusted.MAX_SIZE:,}, found {dim!r:.80}; {fix}")
+        temperature = self.meta.get("temperature", "1")
+        try:
+            valid = untrusted.finite(float(temperature)) and float(temperature) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise OnnxModelError(f"{where}: metadata embedx.temperature must be a finite positive number, found "
+                                 f"{temperature!r:.80}; {fix}")
+        onnxmeta.read_json(self.meta, "head", where=where)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         if self.fixed_batch is not None and len(batch) != self.fixed_batch:
@@ -154,7 +189,7 @@ class OnnxClassifier(_Classifier):
         if "temperature" in self.meta:
             info["temperature"] = float(self.meta["temperature"])
         if "head" in self.meta:
-            info["head"] = onnxmeta.read_json(self.meta, "head")
+            info["head"] = onnxmeta.read_json(self.meta, "head", where=str(self.path))
         return info
 
 

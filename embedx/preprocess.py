@@ -45,6 +45,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import struct
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -56,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from embedx.errors import ConfigError, ImageDecodeError
+from embedx.untrusted import finite
 
 ImageSource = str | Path | bytes | bytearray | memoryview
 
@@ -68,6 +70,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 #: ``PreprocessSpec.mode`` values.
 MODES = ("fast", "exact")
+#: The largest input_size/resize_size a spec may ask for (an 8192² float32 crop is 0.8 GB).
+MAX_SIZE = 8192
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -96,18 +100,30 @@ class PreprocessSpec:
     mode: str = "fast"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        if self.interpolation not in _INTERPOLATIONS:
+        # A spec may come from a file someone else wrote (head.json, bundle metadata): check types and ranges.
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r:.80}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
             raise ConfigError(
-                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r:.80}"
             )
+        if not isinstance(self.layout, str):
+            raise ConfigError(f"layout must be a string, got {self.layout!r:.80}")
+        for name in ("input_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+                raise ConfigError(f"{name} must be an integer from 1 to {MAX_SIZE}, got {value!r:.80}")
         if self.resize_size < self.input_size:
             raise ConfigError(
                 f"resize_size ({self.resize_size}) must be >= input_size ({self.input_size})"
             )
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError("mean and std need three values, one per RGB channel")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if (not isinstance(values, (list, tuple)) or len(values) != 3
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)):
+                raise ConfigError(f"{name} needs three values, numbers one per RGB channel, got {values!r:.80}")
+            if not all(finite(v) for v in values) or (name == "std" and not all(v > 0 for v in values)):
+                raise ConfigError(f"{name} must be finite{' and > 0' if name == 'std' else ''}, got {values!r:.80}")
         # Frozen dataclasses keep tuples hashable even if lists were passed.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))

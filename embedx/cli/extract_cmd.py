@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from embedx.cli.types import FiniteFloatRange
+
 
 def _summary_lines(summary: dict) -> list[str]:
     seconds = summary["seconds"]
@@ -52,7 +54,7 @@ def _summary_lines(summary: dict) -> list[str]:
               help="fp16 needs a GPU; int8 is static quantization, refused below cosine 0.99.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How features are stored in the cache.")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+@click.option("--val-fraction", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=None,
               help="Without split folders: put this fraction in 'val', by content hash (stable).")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV path,label[,split] with paths relative to DATA.")

@@ -7,6 +7,7 @@ import json
 import click
 
 from embedx.cli.progressbar import progress_bar
+from embedx.cli.types import FiniteFloatRange
 
 
 class UnfreezeType(click.ParamType):
@@ -30,12 +31,12 @@ class UnfreezeType(click.ParamType):
               help="Train all of the backbone, or only its top N blocks (0: the head alone).")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Learning rate of the head (AdamW, warm-up then cosine).")
-@click.option("--backbone-lr-mult", default=0.1, show_default=True, type=click.FloatRange(min=0),
+@click.option("--backbone-lr-mult", default=0.1, show_default=True, type=FiniteFloatRange(min=0),
               help="Backbone learning rate = lr x this.")
-@click.option("--warmup-epochs", default=0.5, show_default=True, type=click.FloatRange(min=0))
-@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-epochs", default=0.5, show_default=True, type=FiniteFloatRange(min=0))
+@click.option("--weight-decay", default=1e-4, show_default=True, type=FiniteFloatRange(min=0))
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="RandomResizedCrop + horizontal flip on the training images.")
 @click.option("--no-flip", is_flag=True, help="Augment without horizontal flips (text, asymmetric objects).")

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from embedx.cli.types import FiniteFloatRange
+
 HEAD_CHOICES = ("logreg", "linear", "mlp", "knn")
 
 
@@ -45,7 +47,7 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
               help="Weight classes inversely to their frequency.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+@click.option("--label-smoothing", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="For the linear and mlp heads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,

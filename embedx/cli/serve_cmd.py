@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from embedx.cli.types import FiniteFloatRange
+
 
 def _batch_cap(ctx: click.Context, param: click.Parameter, value: str) -> str | int:
     from embedx.errors import ConfigError
@@ -27,14 +29,14 @@ def _batch_cap(ctx: click.Context, param: click.Parameter, value: str) -> str | 
               help="Most images per onnxruntime call, at most --max-batch: 'auto' times the model at batch "
                    "1, 2, 4, ... at warm-up and takes the smallest size within 5% of the best img/s; "
                    "N fixes it (N >= --max-batch: batches of up to --max-batch, no timing).")
-@click.option("--max-delay-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--max-delay-ms", default=5.0, show_default=True, type=FiniteFloatRange(min=0),
               help="Longest wait for a batch to fill after its first image arrives.")
 @click.option("--no-batching", is_flag=True, help="Same as --max-batch 1.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Images waiting for inference before requests get 503.")
-@click.option("--max-body-mb", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-body-mb", default=16.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Largest request body (413 above).")
-@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout-s", default=30.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Per-request time limit (504 above).")
 @click.option("--workers-decode", default=2, show_default=True, type=click.IntRange(min=1),
               help="Threads that decode and resize images.")

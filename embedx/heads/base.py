@@ -411,11 +411,14 @@ def load_head(directory: str | Path | HeadRecord) -> Head:
     if record.head_type not in HEAD_TYPES:
         raise HeadError(f"{directory / HEAD_JSON} names head type {record.head_type!r}; "
                         f"known types: {sorted(HEAD_TYPES)}")
-    weights_path = directory / record.weights_file
+    weights_path = record.weights_path()
     try:
         arrays = load_file(str(weights_path))
     except (OSError, SafetensorError) as e:
         raise HeadError(f"cannot read the head weights {weights_path}: {e}; refit the head") from e
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise HeadError(f"{weights_path}: array {name!r} holds NaN or infinite values; refit the head")
     cls = HEAD_TYPES[record.head_type]
     init_params = info.get("init_params", {})
     try:
@@ -435,7 +438,29 @@ def load_head(directory: str | Path | HeadRecord) -> Head:
         head._set_arrays(arrays)
     except KeyError as e:
         raise HeadError(f"{weights_path} lacks the array {e} a {record.head_type} head needs; refit the head") from e
+    except (ValueError, TypeError, IndexError) as e:
+        raise HeadError(f"{weights_path} does not hold a {record.head_type} head ({e}); refit the head") from e
+    _check_loaded(head, weights_path)
     return head
+
+
+def _check_loaded(head: Head, weights_path: Path) -> None:
+    """A head whose weights do not fit its head.json (another feature_dim, another number of
+    classes, arrays of mismatched shapes) is refused when loaded, not at its first prediction:
+    it must map a row of zeros and a row of ones to finite scores, one per class."""
+    probe = np.stack([np.zeros(head.feature_dim_, np.float32), np.ones(head.feature_dim_, np.float32)])
+    n_classes = len(head.classes_)
+    try:
+        with np.errstate(all="ignore"):
+            logits = head.logits(probe)
+    except (ValueError, TypeError, IndexError, ArithmeticError) as e:
+        raise HeadError(f"{weights_path} does not fit head.json ({head.feature_dim_} features, {n_classes} "
+                        f"classes): {' '.join(str(e).split())[:200]}; refit the head") from e
+    if logits.shape != (2, n_classes):
+        raise HeadError(f"{weights_path} gives {logits.shape[-1] if logits.ndim else 0} scores per row but head.json "
+                        f"lists {n_classes} classes; refit the head")
+    if not all_finite(logits):
+        raise HeadError(f"{weights_path} gives NaN or infinite scores; refit the head")
 
 
 def _jsonable(value: Any) -> Any:

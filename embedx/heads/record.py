@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedx import __version__
-from embedx.errors import CacheMismatchError, HeadError, OnnxModelError
+from embedx import __version__, untrusted
+from embedx.errors import CacheMismatchError, ConfigError, HeadError, OnnxModelError
 from embedx.fsio import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 HEAD_JSON = "head.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: head.json larger than this is refused before it is parsed (a 1,000-class head's is ~100 KB).
+MAX_HEAD_JSON_BYTES = 8 * 1024 * 1024
+MAX_SIZE = untrusted.MAX_SIZE
 
 #: Optional fields the record relies on: name -> (accepted types, what to call them).
 _TYPED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -84,9 +87,12 @@ class HeadRecord:
         if not path.is_file():
             raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
         try:
-            fields = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise HeadError(f"{path} is not valid JSON ({e}); refit the head with `embedx fit-head`") from e
+            with path.open("rb") as handle:
+                data = handle.read(MAX_HEAD_JSON_BYTES + 1)
+        except OSError as e:
+            raise HeadError(f"cannot read {path}: {e}") from e
+        fields = untrusted.loads(data, what=str(path), error=HeadError, max_bytes=MAX_HEAD_JSON_BYTES,
+                                 hint="refit the head with `embedx fit-head`")
         return cls.from_fields(fields, directory=directory)
 
     @classmethod
@@ -112,25 +118,32 @@ class HeadRecord:
         if not isinstance(head_type, str) or not head_type:
             raise malformed("head_type", "the name of a head type")
         classes = fields.get("classes")
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int, float)) for c in classes):
-            raise malformed("classes", "a non-empty list of class names")
+        problem = untrusted.classes_problem(classes)
+        if problem:
+            raise malformed("classes", problem)
         feature_dim = fields.get("feature_dim")
-        if not _has_type(feature_dim, (int,)) or feature_dim < 1:
-            raise malformed("feature_dim", "a positive integer")
+        if not _has_type(feature_dim, (int,)) or not 1 <= feature_dim <= MAX_SIZE:
+            raise malformed("feature_dim", f"a positive integer of at most {MAX_SIZE:,}")
         for name, (types, expected) in _TYPED_FIELDS.items():
             if name in fields and not _has_type(fields[name], types):
                 raise malformed(name, expected)
+        for name in ("temperature", "fit_seconds"):
+            if name in fields and not untrusted.finite(fields[name]):
+                raise malformed(name, "a finite number")
         temperature = float(fields.get("temperature", 1.0))
         if not temperature > 0:
             raise malformed("temperature", "a positive number")
         weights_file = fields.get("weights_file", WEIGHTS_FILE)
-        if Path(weights_file).name != weights_file:
+        if weights_file in ("", ".", "..") or Path(weights_file).name != weights_file or "\\" in weights_file:
             raise malformed("weights_file", "a file name in the head directory")
         cache = fields.get("cache") or {}
         for name, (types, expected) in _CACHE_FIELDS.items():
             if name in cache and not _has_type(cache[name], types):
                 raise HeadError(f"{where}: cache.{name} must be {expected}, found {cache[name]!r:.80}; refit "
                                 "the head with `embedx fit-head` from a current cache")
+        if "feature_dim" in cache and not 1 <= cache["feature_dim"] <= MAX_SIZE:
+            raise HeadError(f"{where}: cache.feature_dim must be a positive integer of at most {MAX_SIZE:,}, found "
+                            f"{cache['feature_dim']}; refit the head with `embedx fit-head` from a current cache")
         return cls(
             head_type=head_type,
             classes=tuple(classes),
@@ -169,7 +182,27 @@ class HeadRecord:
         if "preprocess" not in self.cache:
             raise HeadError(f"{self._where()} has no cache.preprocess; refit the head with `embedx fit-head` "
                             "from a cache made by this embedx version")
-        return PreprocessSpec.from_dict(self.cache["preprocess"])
+        try:
+            return PreprocessSpec.from_dict(self.cache["preprocess"])
+        except (ConfigError, TypeError) as e:
+            raise HeadError(f"{self._where()}: cache.preprocess is not a valid preprocessing spec ({e}); refit the "
+                            "head with `embedx fit-head` from a current cache") from e
+
+    def weights_path(self) -> Path:
+        """``directory/weights_file``, checked to be a regular file inside the head directory
+        (a symlink may point elsewhere inside it, not out of it)."""
+        if self.directory is None:
+            raise HeadError("a head's weights are found from a record read from its directory (HeadRecord.read)")
+        path = self.directory / self.weights_file
+        inside = self.directory.resolve()
+        resolved = path.resolve()
+        if resolved.parent != inside and inside not in resolved.parents:
+            raise HeadError(f"{self._where()}: weights_file {self.weights_file!r} leads to {resolved}, outside the "
+                            f"head directory {inside}; refit the head with `embedx fit-head`")
+        if path.exists() and not resolved.is_file():
+            raise HeadError(f"{self._where()}: weights_file {self.weights_file!r} is not a regular file; refit the "
+                            "head with `embedx fit-head`")
+        return path
 
     def backbone_onnx(self) -> Path:
         """The backbone ONNX whose features this head was trained on, checked against ``cache.onnx_sha256``.

@@ -24,8 +24,8 @@ import asyncio
 import base64
 import binascii
 import functools
-import json
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -42,7 +42,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from embedx.errors import ConfigError, ImageDecodeError
+from embedx import untrusted
+from embedx.errors import ConfigError, EmbedxError, ImageDecodeError
 from embedx.predict import load_model
 from embedx.preprocess import decode_reason
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
@@ -87,6 +88,12 @@ class ServeConfig:
         problems = []
         if self.max_batch < 1:
             problems.append(f"max_batch must be >= 1, got {self.max_batch}")
+        for name in ("max_delay_ms", "max_body_mb", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                # NaN passes every comparison below, and then every request fails while /health/ready says 200
+                problems.append(f"{name} must be a finite number, got {value!r}")
+                object.__setattr__(self, name, getattr(ServeConfig, name))  # the checks below stay meaningful
         if self.max_delay_ms < 0:
             problems.append(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
         if self.max_queue < 1:
@@ -197,6 +204,7 @@ class _Server:
         try:
             yield
         finally:
+            self.ready = False  # draining: /health/ready turns 503 so that no new traffic is sent here
             logger.info("shutting down: draining %d queued images", self.batcher.depth)
             warmup.cancel()
             await asyncio.gather(warmup, return_exceptions=True)
@@ -393,10 +401,10 @@ class _Server:
 
     def _json_images(self, body: bytes) -> tuple[list[bytes], bool]:
         usage = 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}'
-        try:
-            document = json.loads(body)
-        except ValueError as e:
-            raise HttpError(400, "bad json", f"the body is not valid JSON ({e}); {usage}", reason="bad_request") from e
+        try:  # size and nesting limits before the parser (json.loads recurses once per level)
+            document = untrusted.loads(body, what="the body", max_bytes=self.config.max_body_bytes)
+        except EmbedxError as e:
+            raise HttpError(400, "bad json", f"{e}; {usage}", reason="bad_request") from e
         if isinstance(document, dict) and isinstance(document.get("images"), list):
             encoded, batched = document["images"], True
         elif isinstance(document, dict) and isinstance(document.get("image"), str):
