@@ -23,7 +23,7 @@ from typing import Any
 
 from embedx import __version__, onnxmeta
 from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
-from embedx.fsio import atomic_path, remove_stale_temporaries
+from embedx.fsio import atomic_path, make_parent, remove_stale_temporaries
 from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
@@ -266,9 +266,7 @@ def save(model: Any, output: str | Path, *, force: bool = False) -> Path:
 
     output = Path(output)
     check_output(output, force=force)
-    if not output.parent.exists():
-        logger.warning("creating the missing folder %s for the bundle", output.parent)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(output, what="bundle")
     removed = remove_stale_temporaries(output.parent, output.name)
     if removed:
         logger.info("removed %d temporary file(s) a killed earlier run left beside %s", removed, output)

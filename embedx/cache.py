@@ -42,6 +42,7 @@ from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
 from embedx.fsio import (
     atomic_path,
     atomic_write,
+    make_parent,
     remove_stale_temporaries,
     sha256_bytes,
     sha256_file,
@@ -608,7 +609,7 @@ class CacheWriter:
     def open(self) -> CacheWriter:
         from filelock import FileLock, Timeout
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path, what="feature cache")
         lock = FileLock(str(lock_path(self.path)), timeout=0)
         try:
             lock.acquire(timeout=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +23,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+logger = logging.getLogger(__name__)
+
 HASH_CHUNK = 1 << 20
 TEMP_MARK = ".tmp-"
+
+
+def make_parent(path: str | Path, *, what: str) -> None:
+    """Create ``path``'s missing parent folders, saying so (a mistyped ``-o`` must not make a
+    tree of folders anywhere without a word)."""
+    parent = Path(path).parent
+    if not parent.exists():
+        logger.warning("creating the missing folder %s for the %s", parent, what)
+        parent.mkdir(parents=True, exist_ok=True)
 
 
 def sha256_file(path: str | Path) -> str:

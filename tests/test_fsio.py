@@ -94,3 +94,17 @@ def test_remove_stale_temporaries_deletes_only_what_a_killed_writer_left(tmp_pat
     assert fsio.remove_stale_temporaries(tmp_path, "model.onnx") == 2
     assert not stale.exists() and not stale_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "other.onnx"]
+
+
+def test_make_parent_says_which_folder_it_creates(tmp_path, caplog):
+    import logging
+
+    target = tmp_path / "new" / "deeper" / "feats.h5"
+    with caplog.at_level(logging.WARNING, logger="embedx.fsio"):
+        fsio.make_parent(target, what="feature cache")
+    assert (tmp_path / "new" / "deeper").is_dir()
+    assert f"creating the missing folder {tmp_path / 'new' / 'deeper'} for the feature cache" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="embedx.fsio"):
+        fsio.make_parent(target, what="feature cache")
+    assert caplog.text == ""

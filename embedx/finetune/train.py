@@ -51,6 +51,7 @@ from embedx.finetune.loop import (
     warmup_cosine,
 )
 from embedx.finetune.model import FinetuneModel, _load_start, _Start, check_composition
+from embedx.fsio import make_parent
 from embedx.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ def finetune(
         seed=int(seed),
         reinit_head=bool(reinit_head),
     )
+    make_parent(output_dir, what="fine-tuning output")
     checkpoint_path = output_dir / TRAIN_SUBDIR / CHECKPOINT_FILE
     if removed := remove_stale_temporaries(output_dir):
         logger.info("removed %d temporary file(s) a killed earlier run left in %s", removed, output_dir)

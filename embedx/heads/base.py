@@ -25,7 +25,7 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
-from embedx.fsio import TEMP_MARK, atomic_dir, remove_stale_temporaries
+from embedx.fsio import TEMP_MARK, atomic_dir, make_parent, remove_stale_temporaries
 from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class Head:
         y_index = np.searchsorted(classes, y)
         weights = self._sample_weights(y_index, len(classes), sample_weight)
         if not all_finite(X):
-            raise HeadError("training features contain NaN or inf; re-extract the cache")
+            raise HeadError("training features contain NaN or inf; re-extract the cache (`embedx extract` "
+                            "recomputes such rows; with --dtype float32 where float16 overflowed)")
         val = None
         if X_val is not None or y_val is not None:
             if X_val is None or y_val is None:
@@ -364,8 +365,7 @@ def head_dir_writer(directory: str | Path) -> Iterator[Path]:
     """
     directory = Path(directory)
     check_head_output(directory)
-    if not directory.parent.exists():
-        logger.warning("creating the missing folder %s for the head directory", directory.parent)
+    make_parent(directory, what="head directory")
     restore_interrupted_dir(directory)
     remove_stale_temporaries(directory.parent, directory.name)
     with atomic_dir(directory) as work:
