@@ -149,14 +149,11 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
             errors.append((index, f"cannot read: {e.strerror or e}"))
             continue
         keys.append(sha256_bytes(data))
-        try:
-            pixels[len(rows)] = preprocess.to_pixels(data, spec)
-        except ImageDecodeError as e:
-            errors.append((index, preprocess.decode_reason(e)))
+        decoded, reason = preprocess.pixels_or_reason(data, spec)
+        if decoded is None:
+            errors.append((index, reason))
             continue
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; the reason is kept
-            errors.append((index, f"cannot decode ({type(e).__name__}: {e})"))
-            continue
+        pixels[len(rows)] = decoded
         rows.append(index)
     return {
         "rows": rows,

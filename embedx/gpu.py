@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from embedx import fsio, preprocess
-from embedx.errors import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +272,9 @@ class TorchDecoder:
         for index in range(len(datas)):
             if index in images:
                 continue
-            try:
-                pixels = preprocess.to_pixels(bytes(datas[index]), self.spec)
-            except ImageDecodeError as e:
-                errors.append((index, preprocess.decode_reason(e)))
-                continue
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop the run; the reason is kept
-                errors.append((index, f"cannot decode ({type(e).__name__}: {e})"))
+            pixels, reason = preprocess.pixels_or_reason(bytes(datas[index]), self.spec)
+            if pixels is None:
+                errors.append((index, reason))
                 continue
             self.cpu_images += 1
             pixels_by_index[index] = torch.from_numpy(pixels).to(self.device)

@@ -561,6 +561,17 @@ def to_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.nda
     return np.ascontiguousarray(_pixels_view(source, spec))
 
 
+def pixels_or_reason(source: ImageSource, spec: PreprocessSpec) -> tuple[np.ndarray | None, str]:
+    """``(to_pixels(source, spec), "")``, or ``(None, reason)`` for a file that cannot be used:
+    one bad file in a batch costs only its row (extract's CPU and GPU decoders)."""
+    try:
+        return to_pixels(source, spec), ""
+    except ImageDecodeError as e:
+        return None, decode_reason(e)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is that file's; the reason is kept
+        return None, f"cannot decode ({type(e).__name__}: {e})"
+
+
 def load(source: ImageSource | Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
     """The whole path: source -> float32 CHW array ready for the backbone."""
     return normalize(_pixels_view(source, spec), spec, out=out)
