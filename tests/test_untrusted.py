@@ -332,3 +332,22 @@ def test_readiness_turns_off_when_the_server_starts_draining(bundle_path):
 
     assert in_process(app, scenario) == 200
     assert app.state.server.ready is False  # the lifespan has ended: draining, not ready
+
+
+@pytest.mark.parametrize("label", [-1, 3])
+def test_knn_bank_labels_outside_the_classes_are_refused(tmp_path, label):
+    from safetensors.numpy import load_file, save_file
+
+    from embedx.errors import HeadError
+    from embedx.heads import load_head, make_head
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
+    make_head("knn", k=3).fit(X, y).save(tmp_path / "h")
+    load_head(tmp_path / "h")  # the untampered head loads
+    weights = tmp_path / "h" / json.loads((tmp_path / "h" / "head.json").read_text())["weights_file"]
+    arrays = load_file(str(weights))
+    arrays["bank_labels"][0] = label
+    save_file(arrays, str(weights))
+    with pytest.raises(HeadError, match="bank labels lie outside its 3 classes"):
+        load_head(tmp_path / "h")

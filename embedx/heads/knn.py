@@ -105,9 +105,17 @@ class KNNHead(Head):
                 "k": np.asarray([self.k_], dtype=np.int64)}
 
     def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.bank_, self.bank_labels_ = arrays["bank"], arrays["bank_labels"]
-        self.bank_weights_ = arrays["bank_weights"]
-        self.k_ = int(arrays["k"][0])
+        bank, labels, weights, k = arrays["bank"], arrays["bank_labels"], arrays["bank_weights"], arrays["k"]
+        # weights files are untrusted: a label outside the classes would index the one-hot from the end
+        n_classes = len(getattr(self, "classes_", ()))
+        if (bank.ndim != 2 or labels.shape != (len(bank),) or weights.shape != (len(bank),)
+                or not np.issubdtype(labels.dtype, np.integer) or k.shape != (1,) or int(k[0]) < 1):
+            raise HeadError("the kNN head's arrays do not fit together (bank, bank_labels, bank_weights, k); "
+                            "refit the head")
+        if len(labels) and n_classes and (labels.min() < 0 or labels.max() >= n_classes):
+            raise HeadError(f"the kNN head's bank labels lie outside its {n_classes} classes; refit the head")
+        self.bank_, self.bank_labels_, self.bank_weights_ = bank, labels.astype(np.int64), weights
+        self.k_ = int(k[0])
 
     def _onnx_nodes(self, builder: GraphBuilder, features: str) -> str:
         """Normalize -> MatMul(bank^T) -> TopK -> exp((s - s_max)/T) -> weighted one-hot votes -> Log."""
