@@ -422,17 +422,12 @@ def _recorded_calibration(run: Any, writer: Any) -> tuple[list[str] | None, bool
     return None, True
 
 
-def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec, rows: int | None = None) -> np.ndarray:
-    """float32 NCHW of ``pixels``; with ``rows`` > len(pixels), zero rows pad the batch."""
-    batch = np.zeros((max(rows or 0, len(pixels)), 3, spec.input_size, spec.input_size), dtype=np.float32)
+def _normalize_into(pixels: np.ndarray, spec: preprocess.PreprocessSpec) -> np.ndarray:
+    """float32 NCHW of uint8 NHWC ``pixels`` (int8 models take normalized floats)."""
+    batch = np.empty((len(pixels), 3, spec.input_size, spec.input_size), dtype=np.float32)
     for i in range(len(pixels)):
         preprocess.normalize(pixels[i], spec, out=batch[i])
     return batch
-
-
-def _fixed_shape(model: Any) -> bool:
-    """TensorRT builds an engine per input shape: keep every batch the same size there."""
-    return bool(model.providers) and model.providers[0] == "TensorrtExecutionProvider"
 
 
 def _host_pixels(pixels: Any) -> np.ndarray:
@@ -641,11 +636,10 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             tick = time.perf_counter()
             if rows:
                 pixels = result["pixels"]
-                if runner is None:  # host arrays: GPU-decoded pixels too if ORT fell back to the CPU
+                if runner is None or not pixel_input:  # host arrays (GPU-decoded too if ORT fell back)
                     pixels = _host_pixels(pixels)
-                if not pixel_input:
-                    pad_to = batch_size if runner is None and _fixed_shape(run.model) else None
-                    pixels = _normalize_into(_host_pixels(pixels), spec, pad_to)
+                if not pixel_input:  # on a GPU the bound runner pads the batch to its fixed shape
+                    pixels = _normalize_into(pixels, spec)
                 features = (runner or run.model).run(pixels)[: len(rows)]
                 features, rows = _first_of_each_key(run, features, rows)
             run.seconds["inference"] += time.perf_counter() - tick
