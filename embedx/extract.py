@@ -332,8 +332,10 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> Path:
-    """``cache_dir()/<data name>-<backbone>.h5`` (``-int8``/``-fp16`` added for those)."""
+def default_output(data: str | Path, backbone: str, precision: str = "fp32",
+                   shard: tuple[int, int] | None = None) -> Path:
+    """``cache_dir()/<data name>-<backbone>.h5`` (``-int8``/``-fp16`` added for those,
+    ``-shard<I>of<N>`` for a shard)."""
     from embedx import paths
     from embedx.onnxgraph import is_onnx_path
 
@@ -341,6 +343,8 @@ def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> 
     data_name = data_path.stem if data_path.suffix.lower() == ".csv" else data_path.name
     backbone_name = Path(backbone).stem if is_onnx_path(backbone) else str(backbone)
     suffix = "" if precision == "fp32" else f"-{precision}"
+    if shard is not None:
+        suffix += f"-shard{shard[0]}of{shard[1]}"
     return paths.cache_dir() / f"{data_name}-{backbone_name}{suffix}.h5"
 
 
@@ -782,7 +786,7 @@ def extract(
     decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = dataclasses.replace(CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode),
                                shard=shard)
-    output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
+    output = Path(output) if output is not None else default_output(manifest or data, backbone, precision, shard)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()

@@ -257,3 +257,23 @@ def test_fit_head_evaluate_verify_on_a_merged_cache(made, tmp_path):
     assert result.stdout.strip().endswith("ok")
     result = cli_run("merge", case["parts"][0], "-o", tmp_path / "x.h5")
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "1/3, 2/3 are missing" in result.output
+
+
+def test_more_shards_than_images(tmp_path, backbone):  # noqa: F811
+    data = tmp_path / "data"
+    for i, name in enumerate(("alpha", "beta")):
+        write_image(data / name / "only.jpg", name, i)
+    single = tmp_path / "single.h5"
+    run(data, backbone, single)
+    parts = [tmp_path / f"part-{i}.h5" for i in range(3)]
+    sizes = [run(data, backbone, part, shard=(i, 3)).images for i, part in enumerate(parts)]
+    assert sum(sizes) == 2 and 0 in sizes  # an empty shard is a cache of 0 rows
+    merge(parts, output=tmp_path / "all.h5")
+    assert_same_cache(tmp_path / "all.h5", single)
+
+
+def test_default_output_names_the_shard(tmp_path):
+    from embedx.extract import default_output
+
+    assert default_output(tmp_path / "imgs", "tiny", shard=(2, 8)).name == "imgs-tiny-shard2of8.h5"
+    assert default_output(tmp_path / "imgs", "tiny").name == "imgs-tiny.h5"
