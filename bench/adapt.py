@@ -46,7 +46,7 @@ from bench.common import HYMENOPTERA, RESULTS, markdown_table, write_result  # n
 
 BACKBONE = "efficientnet_lite0"
 #: the adaptations compared (``none`` first: the baseline every gain is measured against)
-METHODS = ("none", "standardize", "coral")
+METHODS = ("none", "standardize", "selftrain", "coral")
 
 
 def _seed(relative: str) -> int:

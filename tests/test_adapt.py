@@ -153,6 +153,27 @@ def test_none_and_coral_record_what_they_did(domains, tmp_path):
     assert load_head(coral.output_dir).adaptation_ is not None
 
 
+def test_selftrain_adds_confident_target_rows_with_their_pseudo_labels(domains, tmp_path):
+    from embedx.heads.adapt import PSEUDO_LABEL_THRESHOLD
+
+    standardize = fit_head(domains["source"], adapt_to=domains["target"], adapt="standardize",
+                           output=tmp_path / "std", plots=False)
+    selftrain = fit_head(domains["source"], adapt_to=domains["target"], adapt="selftrain", output=tmp_path / "self",
+                         plots=False)
+    info = json.loads((selftrain.output_dir / "head.json").read_text())["adaptation"]
+    Xt = shifted(samples(200, seed=1)[0])
+    confident = load_head(standardize.output_dir).predict_proba(Xt).max(axis=1) >= PSEUDO_LABEL_THRESHOLD
+    assert info["method"] == "selftrain" and info["file"] == ADAPT_FILE
+    assert info["self_training"]["pseudo_labeled"] == int(confident.sum()) and 0 < confident.sum() < 200
+    assert sum(info["self_training"]["per_class"].values()) == int(confident.sum())
+    assert selftrain.head.n_train_ == standardize.head.n_train_ + int(confident.sum())
+    same_stats = [load_file(str(d / ADAPT_FILE)) for d in (standardize.output_dir, selftrain.output_dir)]
+    np.testing.assert_array_equal(same_stats[0]["mean"], same_stats[1]["mean"])
+    Xe = shifted(samples(200, seed=2)[0])
+    assert not np.allclose(load_head(selftrain.output_dir).predict_proba(Xe),
+                           load_head(standardize.output_dir).predict_proba(Xe), atol=1e-4)
+
+
 def test_a_target_cache_of_another_model_is_refused_naming_the_difference(domains, tmp_path):
     X, y = samples(50, seed=4)
     other = write_cache(tmp_path / "other.h5", X, y, ["train"] * 50, CLASSES, backbone="othernet")

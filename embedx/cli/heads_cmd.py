@@ -12,8 +12,8 @@ from embedx.cli.types import FiniteFloatRange
 
 HEAD_CHOICES = ("logreg", "linear", "mlp", "knn")
 #: heads.adapt.METHODS and DEFAULT_METHOD, restated so that --help needs no numpy import
-ADAPT_CHOICES = ("coral", "standardize", "none")
-ADAPT_DEFAULT = "standardize"
+ADAPT_CHOICES = ("selftrain", "coral", "standardize", "none")
+ADAPT_DEFAULT = "selftrain"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -55,7 +55,9 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--adapt-to", "adapt_to", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Unlabeled cache of the target domain (same backbone and settings): adapt the head to it.")
 @click.option("--adapt", type=click.Choice(ADAPT_CHOICES), default=None,
-              help=f"With --adapt-to: coral, standardize (per domain) or none [default: {ADAPT_DEFAULT}].")
+              help="With --adapt-to: standardize (per domain), selftrain (standardize, then refit with confident "
+                   "target pseudo-labels), coral (standardize, then whiten/recolour) or none "
+                   f"[default: {ADAPT_DEFAULT}].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
                      seed: int, label_smoothing: float, adapt_to: Path | None, adapt: str | None,

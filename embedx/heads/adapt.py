@@ -19,6 +19,11 @@ feature the head sees afterwards (predict, evaluate, the bundle graph):
   ``(1 - a) C + a I``, with the Ledoit-Wolf estimate of ``a`` per domain
   (``sklearn.covariance.ledoit_wolf_shrinkage``): the weight that minimizes the expected
   squared error of the estimate, chosen from the data, no knob. ``shrinkage=`` fixes it.
+* ``selftrain``: ``standardize``, then one round of self-training that uses the target's own
+  structure: the head labels the (standardized) target rows, those whose calibrated top
+  probability is at least ``PSEUDO_LABEL_THRESHOLD`` join the source training rows with
+  that pseudo-label, and the head is fitted again (regularization chosen on source val, as
+  before). Prediction applies the same target statistics as ``standardize``.
 
 What prediction needs (the target's ``mean`` and ``scale``, float32, ``feature_dim`` each)
 is saved as ``adaptation.safetensors`` in the head directory and described by the
@@ -45,14 +50,16 @@ from embedx.errors import ConfigError, FeatureMismatchError, HeadError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "standardize", "coral")
+METHODS = ("none", "standardize", "coral", "selftrain")
 #: chosen from bench/adapt.py (bench/results/adapt.json): see docs/adaptation.md
-DEFAULT_METHOD = "standardize"
+DEFAULT_METHOD = "selftrain"
 ADAPT_FILE = "adaptation.safetensors"
 #: adaptation that costs more than this much source-val accuracy is reported with a warning
 GUARD_DROP = 0.01
 #: the prediction-time arrays of each method
-_ARRAYS = {"none": (), "standardize": ("mean", "scale"), "coral": ("mean", "scale")}
+_ARRAYS = {"none": (), "standardize": ("mean", "scale"), "coral": ("mean", "scale"), "selftrain": ("mean", "scale")}
+#: selftrain: target rows whose calibrated top probability reaches this join training with their pseudo-label
+PSEUDO_LABEL_THRESHOLD = 0.8
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class Adapter:
     matrix: np.ndarray | None = None
     transform: FeatureTransform | None = None
     info: dict[str, Any] | None = None
+    #: the target rows, mapped (selftrain's pseudo-labelling needs them)
+    target_rows: np.ndarray | None = None
 
     def source(self, X: np.ndarray) -> np.ndarray:
         if self.method == "none":
@@ -157,6 +166,7 @@ def fit_adapter(source: np.ndarray, target: np.ndarray, *, method: str, shrinkag
     check_method(method)
     if method == "none":
         return Adapter(method="none")
+    # selftrain's statistics are standardize's; its second fit is self_train
     if len(target) < 2:
         raise HeadError(f"the target domain has {len(target)} rows; adaptation needs at least 2 (more than a few "
                         "dozen for stable statistics)")
@@ -172,7 +182,26 @@ def fit_adapter(source: np.ndarray, target: np.ndarray, *, method: str, shrinkag
         info["shrinkage"] = {"source": source_shrinkage, "target": target_shrinkage,
                              "rule": "fixed" if shrinkage is not None else "ledoit-wolf"}
     return Adapter(method=method, source_mean=source_mean, source_scale=source_scale, matrix=matrix,
-                   transform=transform, info=info)
+                   transform=transform, info=info,
+                   target_rows=transform.apply(target) if method == "selftrain" else None)
+
+
+def self_train(adapter: Adapter, head: Any, new_head: Any, X_train: np.ndarray, y_train: np.ndarray,
+               X_val: np.ndarray, y_val: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """``selftrain``'s second fit: ``new_head()`` on the source rows plus the confidently
+    pseudo-labeled target rows of ``head``; returns it and what it did."""
+    probabilities = head.predict_proba(adapter.target_rows)
+    confident = probabilities.max(axis=1) >= PSEUDO_LABEL_THRESHOLD
+    pseudo = head.classes_[probabilities.argmax(axis=1)][confident]
+    info = {"threshold": PSEUDO_LABEL_THRESHOLD, "pseudo_labeled": int(confident.sum()),
+            "of": int(len(confident)), "per_class": {str(c): int((pseudo == c).sum()) for c in head.classes_}}
+    if not confident.any():
+        logger.warning("selftrain: no target row reached probability %.2f; the head is standardize's",
+                       PSEUDO_LABEL_THRESHOLD)
+        return head, info
+    X = np.concatenate([X_train, adapter.target_rows[confident]])
+    y = np.concatenate([np.asarray(y_train), pseudo])
+    return new_head().fit(X, y, X_val=X_val, y_val=y_val, copy=False), info
 
 
 def read_target(path: str | Path, source_meta: Any) -> tuple[np.ndarray, dict[str, Any]]:

@@ -206,6 +206,11 @@ def fit_head(
     report(0, "fit")
     X_val = rows_of(val)
     model.fit(rows_of(train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    if adapter is not None and adapter.target_rows is not None:
+        from embedx.heads.adapt import self_train
+
+        model, adapter.info["self_training"] = self_train(adapter, model, lambda: make_head(head, **values),
+                                                          rows_of(train), y_names[train], X_val, y_names[val])
     report(1, "metrics")
     metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
     metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
