@@ -11,6 +11,9 @@ import click
 from embedx.cli.types import FiniteFloatRange
 
 HEAD_CHOICES = ("logreg", "linear", "mlp", "knn")
+#: heads.adapt.METHODS and DEFAULT_METHOD, restated so that --help needs no numpy import
+ADAPT_CHOICES = ("selftrain", "coral", "standardize", "none")
+ADAPT_DEFAULT = "selftrain"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -49,16 +52,24 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--label-smoothing", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="For the linear and mlp heads.")
+@click.option("--adapt-to", "adapt_to", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Unlabeled cache of the target domain (same backbone and settings): adapt the head to it.")
+@click.option("--adapt", type=click.Choice(ADAPT_CHOICES), default=None,
+              help="With --adapt-to: standardize (per domain), selftrain (standardize, then refit with confident "
+                   "target pseudo-labels), coral (standardize, then whiten/recolour) or none "
+                   f"[default: {ADAPT_DEFAULT}].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
-                     seed: int, label_smoothing: float, as_json: bool) -> None:
+                     seed: int, label_smoothing: float, adapt_to: Path | None, adapt: str | None,
+                     as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
     from embedx.heads import fit_head
 
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
-                          seed=seed, label_smoothing=label_smoothing, progress=progress)
+                          seed=seed, label_smoothing=label_smoothing, progress=progress, adapt_to=adapt_to,
+                          adapt=adapt)
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
@@ -70,6 +81,11 @@ def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bo
     click.echo(_metric_line("val", metrics["val"]))
     if "test" in metrics:
         click.echo(_metric_line("test", metrics["test"]))
+    if "adaptation" in metrics:
+        adaptation = metrics["adaptation"]
+        click.echo(f"adaptation {adaptation['method']} to {adaptation.get('target_cache')}: source-val accuracy "
+                   f"{_fmt(adaptation['source_val_accuracy_before'])} before, "
+                   f"{_fmt(adaptation['source_val_accuracy_after'])} after")
     if metrics.get("note"):
         click.echo(f"note: {metrics['note']}")
     click.echo(f"head: {result.output_dir}")

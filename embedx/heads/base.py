@@ -26,6 +26,7 @@ import numpy as np
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
 from embedx.fsio import TEMP_MARK, atomic_dir, make_parent, remove_stale_temporaries
+from embedx.heads.adapt import load_transform, write_transform
 from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
 logger = logging.getLogger(__name__)
@@ -174,8 +175,13 @@ class Head:
         return X
 
     def logits(self, X: Any) -> np.ndarray:
-        """Raw class scores (N, C), before temperature scaling."""
-        return self._logits(self._check(X)).astype(np.float32, copy=False)
+        """Raw class scores (N, C), before temperature scaling (of rows mapped by ``adaptation_``,
+        the prediction-time feature transform of a head fitted with ``--adapt-to``, if any)."""
+        X = self._check(X)
+        adaptation = getattr(self, "adaptation_", None)
+        if adaptation is not None:
+            X = adaptation.apply(X)
+        return self._logits(X).astype(np.float32, copy=False)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``softmax(logits / temperature_)``: calibrated probabilities, rows sum to 1."""
@@ -238,6 +244,7 @@ class Head:
 
         arrays = {k: np.ascontiguousarray(v) for k, v in self._arrays().items()}
         save_file(arrays, str(Path(folder) / record.weights_file), metadata={"format": "embedx-head"})
+        write_transform(folder, getattr(self, "adaptation_", None), record)
         record.write(folder)
 
     @property
@@ -256,7 +263,10 @@ class Head:
 
         self._check(np.zeros((1, getattr(self, "feature_dim_", 1)), dtype=np.float32))
         builder = GraphBuilder()
-        out = self._onnx_nodes(builder, "features")
+        features = "features"
+        if getattr(self, "adaptation_", None) is not None:
+            features = self.adaptation_.onnx_nodes(builder, features)
+        out = self._onnx_nodes(builder, features)
         builder.node("Identity", [out], ["logits"])
         model = builder.model(self.feature_dim_, len(self.classes_), name=f"embedx_{self.head_type}_head")
         onnx.checker.check_model(model, full_check=True)
@@ -434,6 +444,7 @@ def load_head(directory: str | Path | HeadRecord) -> Head:
     head.fit_seconds_ = float(info.get("fit_seconds", 0.0))
     head.chosen_params_ = {k: v for k, v in info.get("params", {}).items() if init_params.get(k) != v}
     head.record_ = record
+    head.adaptation_ = load_transform(record)
     try:
         head._set_arrays(arrays)
     except KeyError as e:

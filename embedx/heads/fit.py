@@ -156,11 +156,17 @@ def fit_head(
     params: dict[str, Any] | None = None,
     plots: bool = True,
     progress: ProgressCallback | None = None,
+    adapt_to: str | Path | None = None,
+    adapt: str | None = None,
 ) -> FitResult:
     """Train a head on a cache (path or ``CacheData``) and write its directory.
 
     ``refit``: after choosing hyperparameters on val, train again on train+val with
     them (val metrics and the temperature stay those of the model before the refit).
+    ``adapt_to``: an unlabeled cache of the target domain (same backbone), to adapt with
+    ``adapt`` (``heads.adapt.METHODS``, default ``heads.adapt.DEFAULT_METHOD``); val and test
+    metrics are then of the source rows mapped as the head's training rows, and
+    ``metrics["adaptation"]`` holds the guard's source-val accuracy before and after.
     """
     from embedx.metrics import plot_confusion_matrix, plot_reliability
 
@@ -188,9 +194,23 @@ def fit_head(
     train, val, test, val_source = _split_rows(data, seed)  # ascending rows, as read_feature_rows needs
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
     model = make_head(head, **values)
+    adapter = None
+    if adapt_to is not None or adapt is not None:
+        from embedx.heads.adapt import fit_adapter_on_cache
+
+        adapter = fit_adapter_on_cache(data, _feature_rows(data, train), adapt_to, adapt)
+
+    def rows_of(rows: np.ndarray) -> np.ndarray:  # the source rows as the head trains on them
+        return _feature_rows(data, rows) if adapter is None else adapter.source(_feature_rows(data, rows))
+
     report(0, "fit")
-    X_val = _feature_rows(data, val)
-    model.fit(_feature_rows(data, train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    X_val = rows_of(val)
+    model.fit(rows_of(train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    if adapter is not None and adapter.target_rows is not None:
+        from embedx.heads.adapt import self_train
+
+        model, adapter.info["self_training"] = self_train(adapter, model, lambda: make_head(head, **values),
+                                                          rows_of(train), y_names[train], X_val, y_names[val])
     report(1, "metrics")
     metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
     metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
@@ -199,20 +219,29 @@ def fit_head(
     if refit:
         report(2, "refit on train+val")
         rows = np.sort(np.concatenate([train, val]))
-        final = make_head(head, **fixed_params(model)).fit(_feature_rows(data, rows), y_names[rows], copy=False)
+        final = make_head(head, **fixed_params(model)).fit(rows_of(rows), y_names[rows], copy=False)
         final.temperature_ = model.temperature_
         final.chosen_params_ = {**model.chosen_params_, "refit": "train+val"}
         final.sweep_ = model.sweep_
         metrics["refit"] = True
         metrics["note"] = "val metrics and temperature are from the model before the refit on train+val"
     if len(test):
-        metrics["test"], _, _ = head_metrics(final, _feature_rows(data, test), y_names[test])
+        metrics["test"], _, _ = head_metrics(final, rows_of(test), y_names[test])
+    extra = {}
+    if adapter is not None:
+        before = metrics["val"]["accuracy"]
+        if adapter.method != "none":  # the guard: the same head without adaptation, on the raw source rows
+            plain = make_head(head, **values).fit(_feature_rows(data, train), y_names[train],
+                                                  X_val=_feature_rows(data, val), y_val=y_names[val], copy=False)
+            before = head_metrics(plain, _feature_rows(data, val), y_names[val])[0]["accuracy"]
+        metrics["adaptation"] = extra["adaptation"] = adapter.record(before, metrics["val"]["accuracy"])
+        final.adaptation_ = adapter.transform  # from here on the head sees target-domain rows
     fit_seconds = time.perf_counter() - start
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)
     report(steps_total - 2, "save")
     record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics,
-                         val_source=val_source, fit_seconds=fit_seconds)
+                         val_source=val_source, fit_seconds=fit_seconds, **extra)
     # head.json, weights and plots go to one new folder that replaces output_dir as a whole.
     with head_dir_writer(output_dir) as work:
         final.write_files(work, record)

@@ -13,7 +13,8 @@ Fields (schema_version 1): ``schema_version``, ``embedx_version``, ``head_type``
 ``feature_dim``, ``temperature``, ``weights_file``, ``params`` / ``init_params``,
 ``n_train``, ``sweep``, ``fit_seconds``, and from ``fit_head``: ``cache`` (the
 ``CacheMeta`` of the training features plus ``fingerprint`` and ``path``), ``metrics``,
-``val_source``; ``finetune`` adds ``finetune``.
+``val_source``, and with ``--adapt-to`` ``adaptation`` (``heads.adapt``: method, target cache,
+the prediction-time statistics file, checked when the head is loaded); ``finetune`` adds ``finetune``.
 
 torch-, scikit-learn- and numpy-free.
 """
@@ -50,6 +51,7 @@ _TYPED_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "fit_seconds": ((int, float), "a number"),
     "sweep": ((list,), "a list"),
     "cache": ((dict, type(None)), "an object"),
+    "adaptation": ((dict,), "an object"),
 }
 #: Fields of ``cache`` the record relies on (bundle, predict --head, evaluate).
 _CACHE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
