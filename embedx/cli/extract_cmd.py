@@ -30,6 +30,8 @@ def _summary_lines(summary: dict) -> list[str]:
                      "or held NaN/inf")
     if summary.get("int8_cosine") is not None:
         lines.append(f"int8: mean cosine {summary['int8_cosine']:.4f} to fp32 on the calibration images")
+    if summary.get("views") or summary.get("new_views"):
+        lines.append(f"views: {summary['views']} rows ({summary['new_views']} new)")
     for path, reason in summary.get("error_list", [])[:20]:
         lines.append(f"  skipped {path}: {reason}")
     if summary["errors"] > 20:
@@ -65,12 +67,22 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Who decodes and resizes: gpu (nvJPEG + resize on the device; other files fall back to "
                    "the CPU one by one), cpu (decode workers), auto (gpu when the model runs on CUDA).")
+@click.option("--views", "views", type=click.IntRange(min=0), default=None,
+              help="Also store K augmented views of every train image (val/test stay clean): K extra forward "
+                   "passes per train image, paid once here, not per epoch; fit-head trains on them. "
+                   "Default: what the cache has; 0 drops them.")
+@click.option("--augment", default=None, metavar="OPS",
+              help="The views' augmentations, any of flip,crop,color,rotate [default: flip,crop,color]. "
+                   "Other settings replace the views; a larger --views adds only the new ones.")
+@click.option("--tta", "tta", type=click.Choice(["flip", "none"]), default=None,
+              help="Also store a test-time view (flip) of every val/test image, averaged with the clean row "
+                   "by `fit-head --tta` (one extra forward pass per val/test image); none drops it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings, start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, overwrite, as_json,
-                    quiet) -> None:
+                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, views, augment, tta,
+                    overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
@@ -96,7 +108,8 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
-            decode=decode, progress=progress, allow_outside=allow_outside,
+            decode=decode, progress=progress, allow_outside=allow_outside, views=views, augment=augment,
+            tta=None if tta is None else (() if tta == "none" else (tta,)),
         )
     result = summary.to_dict()
     if as_json:
@@ -105,6 +118,17 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
         for line in _summary_lines(result):
             click.echo(line, err=True)
         click.echo(result["output"])
+
+
+def _views_line(views: dict) -> str:
+    plan, kinds = views["plan"], views["per_kind"]
+    parts = []
+    if plan.get("views"):
+        parts.append(f"{plan['views']} augmented per train image ({','.join(plan['augment']['ops'])}): "
+                     f"{kinds.get('augment', 0)}")
+    if plan.get("tta"):
+        parts.append(f"test-time {','.join(plan['tta'])} per val/test image: {kinds.get('tta', 0)}")
+    return f"views: {views['rows']} rows of {views['images']} images; " + "; ".join(parts)
 
 
 def _info_lines(info: dict) -> list[str]:
@@ -132,6 +156,8 @@ def _info_lines(info: dict) -> list[str]:
     lines.append(f"errors: {info['errors']}")
     for error in info["error_list"]:
         lines.append(f"  {error['path']}: {error['reason']}")
+    if "views" in info:
+        lines.append(_views_line(info["views"]))
     if "journal" in info:
         lines.append(f"an update is in progress: journal {info['journal']['path']} ({info['journal']['rows']} rows)")
     return lines

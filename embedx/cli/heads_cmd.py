@@ -49,22 +49,27 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--label-smoothing", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="For the linear and mlp heads.")
+@click.option("--views/--no-views", "views", default=True, show_default=True,
+              help="Train on the cache's augmented views of train images too (`extract --views`); "
+                   "val is always clean.")
+@click.option("--tta", is_flag=True, help="Average val/test rows with their test-time views (`extract --tta flip`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
-                     seed: int, label_smoothing: float, as_json: bool) -> None:
+                     seed: int, label_smoothing: float, views: bool, tta: bool, as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
     from embedx.heads import fit_head
 
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
-                          seed=seed, label_smoothing=label_smoothing, progress=progress)
+                          seed=seed, label_smoothing=label_smoothing, progress=progress, views=views, tta=tta)
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
         return
     metrics = result.metrics
-    click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows "
+    with_views = f" + {metrics['n_train_views']} views" if metrics.get("n_train_views") else ""
+    click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows{with_views} "
                f"({metrics['val_source']}: {metrics['n_val']} rows)")
     click.echo(f"chosen: {_chosen(summary['params'])}")
     click.echo(_metric_line("val", metrics["val"]))

@@ -93,6 +93,41 @@ def _feature_rows(data, rows: np.ndarray) -> np.ndarray:
     return np.asarray(data.features, dtype=np.float32)[rows]
 
 
+def _view_rows(data, sources: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, clean row of each) of the cache's views of kind ``kind`` of rows ``sources``;
+    none for a cache without views or in-memory data without a file."""
+    path = getattr(data, "path", None)
+    dim = int(data.meta.feature_dim)
+    if not path or not Path(path).is_file():
+        return np.empty((0, dim), np.float32), np.empty(0, np.int64)
+    from embedx.cache import read_views
+
+    views = read_views(path, sources=sources, kind=kind)
+    return views.features, views.source
+
+
+def _with_views(data, rows: np.ndarray, y_names: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Training features of ``rows`` followed by their augmented views (views of these rows only,
+    so a view never lands on the other side of a split from its image), labels, and the view count."""
+    X = _feature_rows(data, rows)
+    X_views, source = _view_rows(data, rows, "augment")
+    if not len(source):
+        return X, y_names[rows], 0
+    return np.concatenate([X, X_views]), np.concatenate([y_names[rows], y_names[source]]), len(source)
+
+
+def _test_time(data, rows: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, int]:
+    """``X`` (the features of ``rows``) averaged with each row's test-time views, and how many were used."""
+    X_views, source = _view_rows(data, rows, "tta")
+    if not len(source):
+        return X, 0
+    position = np.searchsorted(rows, source)
+    total = X.astype(np.float32, copy=True)
+    np.add.at(total, position, X_views)
+    total /= (1 + np.bincount(position, minlength=len(rows)))[:, None]
+    return total, len(source)
+
+
 def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(train, val, test) row indices, each ascending, and where val came from."""
     splits = np.asarray(data.splits).astype(str)
@@ -156,11 +191,18 @@ def fit_head(
     params: dict[str, Any] | None = None,
     plots: bool = True,
     progress: ProgressCallback | None = None,
+    views: bool = True,
+    tta: bool = False,
 ) -> FitResult:
     """Train a head on a cache (path or ``CacheData``) and write its directory.
 
     ``refit``: after choosing hyperparameters on val, train again on train+val with
     them (val metrics and the temperature stay those of the model before the refit).
+    ``views``: train on the cache's augmented views of the training rows too (``extract
+    --views``); regularization is chosen and metrics reported on clean val rows only.
+    ``tta``: val and test features are the mean of each clean row and its test-time views
+    (``extract --tta flip``), for choosing, calibrating and reporting (a prediction from
+    one image does not average views: the metrics then describe a different input).
     """
     from embedx.metrics import plot_confusion_matrix, plot_reliability
 
@@ -190,23 +232,38 @@ def fit_head(
     model = make_head(head, **values)
     report(0, "fit")
     X_val = _feature_rows(data, val)
-    model.fit(_feature_rows(data, train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    tta_views = 0
+    if tta:
+        X_val, tta_views = _test_time(data, val, X_val)
+    X_train, y_train, n_views = _with_views(data, train, y_names) if views else (
+        _feature_rows(data, train), y_names[train], 0)
+    model.fit(X_train, y_train, X_val=X_val, y_val=y_names[val], copy=False)
+    del X_train, y_train
     report(1, "metrics")
-    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
+    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val)),
+                               "n_train_views": int(n_views)}
+    if tta:
+        metrics["n_val_tta_views"] = int(tta_views)
     metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
     del X_val
     final = model
     if refit:
         report(2, "refit on train+val")
         rows = np.sort(np.concatenate([train, val]))
-        final = make_head(head, **fixed_params(model)).fit(_feature_rows(data, rows), y_names[rows], copy=False)
+        X_rows, y_rows, _ = _with_views(data, rows, y_names) if views else (
+            _feature_rows(data, rows), y_names[rows], 0)
+        final = make_head(head, **fixed_params(model)).fit(X_rows, y_rows, copy=False)
+        del X_rows, y_rows
         final.temperature_ = model.temperature_
         final.chosen_params_ = {**model.chosen_params_, "refit": "train+val"}
         final.sweep_ = model.sweep_
         metrics["refit"] = True
         metrics["note"] = "val metrics and temperature are from the model before the refit on train+val"
     if len(test):
-        metrics["test"], _, _ = head_metrics(final, _feature_rows(data, test), y_names[test])
+        X_test = _feature_rows(data, test)
+        if tta:
+            X_test, _ = _test_time(data, test, X_test)
+        metrics["test"], _, _ = head_metrics(final, X_test, y_names[test])
     fit_seconds = time.perf_counter() - start
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)
