@@ -234,3 +234,27 @@ def test_hash_split_keeps_views_of_val_images_out_of_training(tmp_path, backbone
     assert result.metrics["n_train_views"] == 2 * len(train)
     held = read_views(output, sources=val)
     assert len(held.keys) == 2 * len(val)  # they exist, and were left out
+
+
+@pytest.mark.slow
+def test_hymenoptera_views_added_to_an_existing_cache(hymenoptera, hymenoptera_lite0, tmp_path, monkeypatch):
+    """Real weights and data: views join a finished cache without recomputing its rows, and the
+    default head trains on them (accuracy stays where the clean head is, within a few points)."""
+    import shutil
+
+    from embedx.extract import extract
+    from embedx.heads import fit_head
+
+    cache, _ = hymenoptera_lite0
+    output = tmp_path / "views.h5"
+    shutil.copy(cache, output)
+    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(cache.parent))
+    summary = extract(hymenoptera, backbone="efficientnet_lite0", output=output, device="cpu", views=2)
+    clean = read_cache(output)
+    n_train = int((clean.splits == "train").sum())
+    assert summary.new == 0 and summary.new_views == summary.views == 2 * n_train
+    assert np.array_equal(clean.features, read_cache(cache).features)
+    with_views = fit_head(output, output=tmp_path / "v", plots=False)
+    without = fit_head(output, output=tmp_path / "c", plots=False, views=False)
+    assert with_views.metrics["n_train_views"] == 2 * n_train and without.metrics["n_train_views"] == 0
+    assert with_views.metrics["val"]["accuracy"] >= 0.92 and without.metrics["val"]["accuracy"] >= 0.92
