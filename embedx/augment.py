@@ -1,10 +1,11 @@
 """Augmented views of an image for the feature cache (numpy and Pillow only: runs in extract's decode workers).
 
-A *view* is an image made from a decoded image before resize and crop: either a random
+A *view* is an image made from a decoded image before resize and crop: a random
 augmentation (``AugmentSpec``: flip, random resized crop, colour jitter, rotation) drawn
-with a seed derived from (image key, view name, parameters), or a deterministic test-time
-view (``TEST_TIME_OPS``: a horizontal flip). The same key, view and parameters always
-give the same pixels, so a rerun or a resumed run stores the same rows.
+with a seed derived from (image key, view name, parameters). The same key, view and
+parameters always give the same pixels, so a rerun or a resumed run stores the same rows.
+(Deterministic test-time views of val images, a flip averaged with the clean row, were
+measured and added nothing on ants/bees: see bench/views.py; they are not offered.)
 
 Each view has its own cache key (``view_key``): the sha256 of the image key, the view's
 name and its parameters. A view made with other parameters has another key, so changing
@@ -28,11 +29,8 @@ from embedx.fsio import sha256_bytes
 #: Random augmentations a view can combine, applied in this order.
 OPS = ("crop", "rotate", "flip", "color")
 DEFAULT_OPS = ("flip", "crop", "color")
-#: Deterministic test-time views (averaged with the clean row at evaluation).
-TEST_TIME_OPS = ("flip",)
-#: View names: ``augment/<i>`` for the i-th random view, ``tta/<op>`` for a test-time view.
+#: View names: ``augment/<i>`` for the i-th random view (the prefix leaves room for other kinds).
 AUGMENT_PREFIX = "augment/"
-TTA_PREFIX = "tta/"
 
 
 @dataclass(frozen=True)
@@ -87,40 +85,33 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class ViewPlan:
-    """The views an extract stores: ``count`` random views of every train image, and the
-    test-time views ``tta`` of every val and test image."""
+    """The views an extract stores: ``count`` random views of every train image (val and test
+    images get none)."""
 
     count: int = 0
     augment: AugmentSpec = field(default_factory=AugmentSpec)
-    tta: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.count < 0:
             raise ConfigError(f"views must be >= 0, got {self.count}")
-        unknown = [op for op in self.tta if op not in TEST_TIME_OPS]
-        if unknown:
-            raise ConfigError(f"test-time views must be some of {','.join(TEST_TIME_OPS)}; got {','.join(unknown)}")
 
     def __bool__(self) -> bool:
-        return bool(self.count or self.tta)
+        return bool(self.count)
 
     def names(self, split: str) -> list[str]:
         """The view names an image of ``split`` gets."""
-        if split == "train":
-            return [f"{AUGMENT_PREFIX}{i}" for i in range(self.count)]
-        return [f"{TTA_PREFIX}{op}" for op in self.tta]
+        return [f"{AUGMENT_PREFIX}{i}" for i in range(self.count)] if split == "train" else []
 
     def parameters(self, name: str) -> str:
-        return self.augment.to_json() if name.startswith(AUGMENT_PREFIX) else "{}"
+        return self.augment.to_json()
 
     def to_dict(self) -> dict:
-        return {"views": self.count, "augment": self.augment.parameters(), "tta": list(self.tta),
+        return {"views": self.count, "augment": self.augment.parameters(),
                 "seed": "sha256(image key | view name | parameters)"}
 
     @classmethod
     def from_dict(cls, data: dict) -> ViewPlan:
-        return cls(count=int(data.get("views", 0)), augment=AugmentSpec.from_parameters(data["augment"]),
-                   tta=tuple(data.get("tta", ())))
+        return cls(count=int(data.get("views", 0)), augment=AugmentSpec.from_parameters(data["augment"]))
 
 
 def _digest(key: str, name: str, parameters: str) -> str:
@@ -134,11 +125,6 @@ def view_key(key: str, name: str, parameters: str) -> str:
 
 def view_image(image: Image.Image, key: str, name: str, parameters: str) -> Image.Image:
     """View ``name`` of a decoded RGB image: the same pixels for the same (key, name, parameters)."""
-    if name.startswith(TTA_PREFIX):
-        op = name[len(TTA_PREFIX):]
-        if op == "flip":
-            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        raise ConfigError(f"unknown test-time view {op!r}")
     spec = AugmentSpec.from_parameters(json.loads(parameters))
     seed = int(_digest(key, name, parameters)[:16], 16)
     return augment(image, spec, np.random.default_rng(seed))
@@ -177,4 +163,4 @@ def augment(image: Image.Image, spec: AugmentSpec, rng: np.random.Generator) -> 
     return image
 
 
-__all__ = ["AugmentSpec", "OPS", "TEST_TIME_OPS", "ViewPlan", "augment", "view_image", "view_key"]
+__all__ = ["AugmentSpec", "OPS", "ViewPlan", "augment", "view_image", "view_key"]

@@ -62,7 +62,7 @@ CHUNK_BYTES = 1 << 20
 #: The dataset of per-row checksums (crc32 of each row's stored bytes); caches written
 #: before it existed have none and read unchecked.
 CHECKSUMS = "row_crc32"
-#: The group of augmented and test-time views (rows made from the clean rows' images); caches
+#: The group of augmented views (rows made from the clean rows' images); caches
 #: without views have none and read as before.
 VIEWS = "views"
 #: ``CacheWriter``'s source name for a view row of the previous cache.
@@ -387,16 +387,16 @@ class ViewData:
 
     features: np.ndarray | None  # float32, M x D (None: read with load_features=False)
     source: np.ndarray  # int64: the row of the clean image (index into read_cache's unfiltered rows)
-    names: np.ndarray  # "augment/<i>" (random view i) or "tta/<op>" (deterministic test-time view)
+    names: np.ndarray  # "augment/<i>" (random view i)
     keys: np.ndarray  # each view's own key (sha256 of image key, name and parameters)
-    plan: dict  # how they were made: {"views": K, "augment": {...}, "tta": [...], "seed": ...}
+    plan: dict  # how they were made: {"views": K, "augment": {...}, "seed": ...}
 
 
 def read_views(path: str | Path, *, sources: np.ndarray | None = None, kind: str | None = None,
                load_features: bool = True) -> ViewData:
     """The views of a complete cache, empty (M = 0) when it has none.
 
-    ``sources``: only views of these clean rows; ``kind``: ``"augment"`` or ``"tta"`` only.
+    ``sources``: only views of these clean rows; ``kind``: only names ``<kind>/…`` (``"augment"``).
     Rows come in file order (grouped by clean row); features are float32, checksummed like rows.
     """
     path = Path(path)

@@ -97,7 +97,7 @@ class ExtractSummary:
     error_list: list[tuple[str, str]] = field(default_factory=list)
     decode: str = "cpu"
     repaired: int = 0  # rows of the previous cache that failed their checksum or held NaN/inf: computed again
-    views: int = 0  # view rows in the finished cache (augmented train views and test-time views)
+    views: int = 0  # view rows in the finished cache (augmented views of train images)
     new_views: int = 0  # view rows computed by this run (one forward pass each)
     view_plan: dict[str, Any] = field(default_factory=dict)  # ``ViewPlan.to_dict()``, {} without views
 
@@ -612,7 +612,7 @@ def _split(item: Any, key: str, val_fraction: float | None) -> str:
     return split_for_key(key, val_fraction) if val_fraction else item.split
 
 
-def _resolve_views(writer: Any, views: int | None, augment: Any, tta: Sequence[str] | None) -> Any:
+def _resolve_views(writer: Any, views: int | None, augment: Any) -> Any:
     """The views of this run: what was asked, and for what was not asked, what the cache has
     (a plain rerun keeps a cache's views, and gives new images theirs)."""
     from embedx.augment import AugmentSpec, ViewPlan
@@ -621,8 +621,7 @@ def _resolve_views(writer: Any, views: int | None, augment: Any, tta: Sequence[s
     if augment is not None and not isinstance(augment, AugmentSpec):
         augment = AugmentSpec.parse(augment)
     return ViewPlan(count=previous.count if views is None else int(views),
-                    augment=previous.augment if augment is None else augment,
-                    tta=previous.tta if tta is None else tuple(tta))
+                    augment=previous.augment if augment is None else augment)
 
 
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
@@ -765,7 +764,7 @@ def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):
 
 def _assemble_views(rows: dict[str, list], writer: Any, plan: Any) -> dict[str, Any] | None:
     """The view rows of the finished cache: each clean row's views of ``plan`` (by its split:
-    augmented views of train rows, test-time views of val and test rows), in row order."""
+    augmented views of train rows), in row order."""
     from embedx.augment import view_key
 
     if not plan:
@@ -807,7 +806,6 @@ def extract(
     decode: str = "auto",
     views: int | None = None,
     augment: Any = None,
-    tta: Sequence[str] | None = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
 ) -> ExtractSummary:
     """Fill (or update, or finish) the feature cache of ``data`` under ``backbone``.
@@ -827,8 +825,7 @@ def extract(
     ``views``: store that many augmented views of every *train* image (``augment``: an
     ``augment.AugmentSpec`` or ``"flip,crop,color,rotate"``, any subset; default flip, crop, color)
     next to its clean row, in the cache's ``views`` group; each costs one more forward pass,
-    once. ``tta``: deterministic test-time views (``("flip",)``) of every val and test image.
-    View i of an image is the same on every run (its seed is the image key, the view's name and
+    once. View i of an image is the same on every run (its seed is the image key, the view's name and
     the augmentation's parameters); views resume and follow increments like rows. Options not
     given keep the previous cache's views; ``views=0`` drops the augmented ones; other
     augmentation parameters replace them (new keys). Views are decoded on the CPU.
@@ -873,10 +870,10 @@ def extract(
     from embedx.gpu import resolve_decode
     from embedx.providers import GPU_PROVIDERS, resolve_providers
 
-    wants_views = bool(views) or bool(tta)
+    wants_views = bool(views)
     if wants_views and decode == "gpu":
         raise ConfigError("views are decoded on the CPU (augmentation runs in the decode workers); "
-                          "use --decode cpu (or auto) with --views/--tta")
+                          "use --decode cpu (or auto) with --views")
     decode = resolve_decode("cpu" if wants_views and decode == "auto" else decode,
                             resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode)
@@ -885,7 +882,7 @@ def extract(
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
         # int8 picks its calibration images by key: it needs every key before it starts
-        plan = _resolve_views(writer, views, augment, tta)
+        plan = _resolve_views(writer, views, augment)
         if plan and decode == "gpu":
             raise ConfigError(f"{output} stores views, which are decoded on the CPU; use --decode cpu")
         # int8 needs every key first; views with --val-fraction need keys to know which rows are train

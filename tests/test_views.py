@@ -1,4 +1,4 @@
-"""Augmented and test-time views in the cache: extract, resume, increments, reading, fit-head."""
+"""Augmented views in the cache: extract, resume, increments, reading, fit-head."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def test_view_image_is_deterministic_and_depends_on_key_and_name():
     other = np.asarray(view_image(image, key="a" * 64, name="augment/1", parameters=params))
     assert np.array_equal(first, again)
     assert first.shape != other.shape or not np.array_equal(first, other)
-    flipped = np.asarray(view_image(image, key="b" * 64, name="tta/flip", parameters="{}"))
+    flip_only = AugmentSpec(ops=("flip",), flip_probability=1.0).to_json()
+    flipped = np.asarray(view_image(image, key="b" * 64, name="augment/0", parameters=flip_only))
     assert np.array_equal(flipped, np.asarray(image)[:, ::-1])
     assert view_key("a" * 64, "augment/0", params) != view_key("a" * 64, "augment/0", AugmentSpec().to_json())
 
@@ -53,8 +54,8 @@ def test_view_image_is_deterministic_and_depends_on_key_and_name():
 def test_augment_spec_refuses_unknown_ops():
     with pytest.raises(ConfigError, match="augmentations must be some of"):
         AugmentSpec.parse("flip,warp")
-    with pytest.raises(ConfigError, match="test-time views"):
-        ViewPlan(count=1, tta=("crop",))
+    with pytest.raises(ConfigError, match="views must be >= 0"):
+        ViewPlan(count=-1)
 
 
 def test_views_of_train_only_rerun_same_bytes(tmp_path, backbone):
@@ -89,16 +90,16 @@ def test_info_shows_views(tmp_path, backbone):
 
     data = split_data(tmp_path / "data", train=2, val=1)
     output = tmp_path / "c.h5"
-    run(data, backbone, output, views=2, augment="flip,crop", tta=("flip",))
+    run(data, backbone, output, views=2, augment="flip,crop")
     info = cache_info(output)
-    assert info["views"]["rows"] == 4 * 2 + 2 * 1
-    assert info["views"]["per_kind"] == {"augment": 8, "tta": 2}
+    assert info["views"]["rows"] == 4 * 2 and info["views"]["images"] == 4
+    assert info["views"]["per_kind"] == {"augment": 8}
     assert info["views"]["plan"]["augment"]["ops"] == ["crop", "flip"]
     result = CliRunner().invoke(cli, ["info", str(output)])
     assert result.exit_code == 0, result.output
-    assert "views: 10 rows" in result.output and "2 augmented per train image (crop,flip)" in result.output
+    assert "views: 8 rows of 4 images; 2 augmented per train image (crop,flip)" in result.output
     result = CliRunner().invoke(cli, ["info", str(output), "--json"])
-    assert json.loads(result.output)["views"]["rows"] == 10
+    assert json.loads(result.output)["views"]["rows"] == 8
 
 
 def test_incremental_add_and_remove_follow_views(tmp_path, backbone):
@@ -150,7 +151,7 @@ def test_resume_after_kill_keeps_views_complete(tmp_path, backbone, monkeypatch)
     """A run that dies after some batches (views included) resumes to the uninterrupted result."""
     data = split_data(tmp_path / "data", train=5, val=2)
     reference = tmp_path / "ref.h5"
-    run(data, backbone, reference, dtype="float32", views=2, tta=("flip",))
+    run(data, backbone, reference, dtype="float32", views=2)
     output = tmp_path / "g.h5"
     calls = {"n": 0}
     original = CacheWriter.append
@@ -163,16 +164,16 @@ def test_resume_after_kill_keeps_views_complete(tmp_path, backbone, monkeypatch)
 
     monkeypatch.setattr(CacheWriter, "append", dying)
     with pytest.raises(RuntimeError, match="killed"):
-        run(data, backbone, output, dtype="float32", views=2, tta=("flip",))
+        run(data, backbone, output, dtype="float32", views=2)
     monkeypatch.setattr(CacheWriter, "append", original)
     assert not output.exists()
-    summary = run(data, backbone, output, dtype="float32", views=2, tta=("flip",))
-    assert summary.new + summary.new_views < 14 + 24  # something came from the journal
+    summary = run(data, backbone, output, dtype="float32", views=2)
+    assert summary.new + summary.new_views < 14 + 20  # something came from the journal
     ref_clean, ref_views = stored(reference)
     clean, views = stored(output)
     assert np.array_equal(clean.features, ref_clean.features)
     assert np.array_equal(views.keys, ref_views.keys) and np.array_equal(views.features, ref_views.features)
-    assert len(set(views.keys.tolist())) == len(views.keys) == 10 * 2 + 4
+    assert len(set(views.keys.tolist())) == len(views.keys) == 10 * 2
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def view_cache(tmp_path_factory, backbone) -> Path:
     root = tmp_path_factory.mktemp("fit")
     data = split_data(root / "data", train=8, val=4)
     output = root / "views.h5"
-    run(data, backbone, output, views=VIEWS, tta=("flip",))
+    run(data, backbone, output, views=VIEWS)
     return output
 
 
@@ -201,22 +202,6 @@ def test_fit_head_trains_on_views_by_default_and_not_with_no_views(view_cache, t
         assert sum(map(sum, metrics["val"]["confusion_matrix"])) == 8
     text = runner.invoke(cli, ["fit-head", "--cache", str(view_cache), "-o", str(tmp_path / "t")])
     assert f"on 16 rows + {16 * VIEWS} views" in text.output
-
-
-def test_fit_head_tta_averages_val_rows_with_their_flips(view_cache, tmp_path):
-    from embedx.heads.fit import _test_time
-
-    data = read_cache(view_cache)
-    val = np.flatnonzero(data.splits == "val")
-    averaged, used = _test_time(data, val, data.features[val])
-    flips = read_views(view_cache, kind="tta")
-    assert used == len(val) == len(flips.keys)
-    order = np.searchsorted(val, flips.source)
-    assert np.allclose(averaged[order], (data.features[flips.source] + flips.features) / 2)
-    from embedx.heads import fit_head
-
-    result = fit_head(view_cache, output=tmp_path / "h", tta=True, plots=False)
-    assert result.metrics["n_val_tta_views"] == len(val)
 
 
 def test_hash_split_keeps_views_of_val_images_out_of_training(tmp_path, backbone):
@@ -258,3 +243,14 @@ def test_hymenoptera_views_added_to_an_existing_cache(hymenoptera, hymenoptera_l
     without = fit_head(output, output=tmp_path / "c", plots=False, views=False)
     assert with_views.metrics["n_train_views"] == 2 * n_train and without.metrics["n_train_views"] == 0
     assert with_views.metrics["val"]["accuracy"] >= 0.92 and without.metrics["val"]["accuracy"] >= 0.92
+
+
+def test_fit_head_ignores_views_of_a_filtered_cache_data(view_cache, tmp_path):
+    """Row numbers of a CacheData read with splits= are not the file's: its views are not used."""
+    from embedx.heads import fit_head
+
+    full = fit_head(read_cache(view_cache), output=tmp_path / "full", plots=False)
+    assert full.metrics["n_train_views"] == 16 * VIEWS
+    part = read_cache(view_cache, splits=("train",))
+    filtered = fit_head(part, output=tmp_path / "part", plots=False)
+    assert filtered.metrics["n_train_views"] == 0

@@ -74,14 +74,11 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--augment", default=None, metavar="OPS",
               help="The views' augmentations, any of flip,crop,color,rotate [default: flip,crop,color]. "
                    "Other settings replace the views; a larger --views adds only the new ones.")
-@click.option("--tta", "tta", type=click.Choice(["flip", "none"]), default=None,
-              help="Also store a test-time view (flip) of every val/test image, averaged with the clean row "
-                   "by `fit-head --tta` (one extra forward pass per val/test image); none drops it.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings, start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, views, augment, tta,
+                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, views, augment,
                     overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
@@ -109,7 +106,6 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
             decode=decode, progress=progress, allow_outside=allow_outside, views=views, augment=augment,
-            tta=None if tta is None else (() if tta == "none" else (tta,)),
         )
     result = summary.to_dict()
     if as_json:
@@ -121,14 +117,9 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
 
 
 def _views_line(views: dict) -> str:
-    plan, kinds = views["plan"], views["per_kind"]
-    parts = []
-    if plan.get("views"):
-        parts.append(f"{plan['views']} augmented per train image ({','.join(plan['augment']['ops'])}): "
-                     f"{kinds.get('augment', 0)}")
-    if plan.get("tta"):
-        parts.append(f"test-time {','.join(plan['tta'])} per val/test image: {kinds.get('tta', 0)}")
-    return f"views: {views['rows']} rows of {views['images']} images; " + "; ".join(parts)
+    plan = views["plan"]
+    return (f"views: {views['rows']} rows of {views['images']} images; {plan['views']} augmented per train image "
+            f"({','.join(plan['augment']['ops'])})")
 
 
 def _info_lines(info: dict) -> list[str]:

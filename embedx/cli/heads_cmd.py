@@ -52,17 +52,16 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--views/--no-views", "views", default=True, show_default=True,
               help="Train on the cache's augmented views of train images too (`extract --views`); "
                    "val is always clean.")
-@click.option("--tta", is_flag=True, help="Average val/test rows with their test-time views (`extract --tta flip`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
-                     seed: int, label_smoothing: float, views: bool, tta: bool, as_json: bool) -> None:
+                     seed: int, label_smoothing: float, views: bool, as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
     from embedx.heads import fit_head
 
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
-                          seed=seed, label_smoothing=label_smoothing, progress=progress, views=views, tta=tta)
+                          seed=seed, label_smoothing=label_smoothing, progress=progress, views=views)
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))

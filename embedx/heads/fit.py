@@ -100,8 +100,11 @@ def _view_rows(data, sources: np.ndarray, kind: str) -> tuple[np.ndarray, np.nda
     dim = int(data.meta.feature_dim)
     if not path or not Path(path).is_file():
         return np.empty((0, dim), np.float32), np.empty(0, np.int64)
-    from embedx.cache import read_views
+    from embedx.cache import cache_info, read_views
 
+    if cache_info(path)["rows"] != len(data.keys):  # a CacheData read with splits=: its rows are not the file's
+        logger.warning("not using the views of %s: the data given hold a subset of its rows", path)
+        return np.empty((0, dim), np.float32), np.empty(0, np.int64)
     views = read_views(path, sources=sources, kind=kind)
     return views.features, views.source
 
@@ -114,18 +117,6 @@ def _with_views(data, rows: np.ndarray, y_names: np.ndarray) -> tuple[np.ndarray
     if not len(source):
         return X, y_names[rows], 0
     return np.concatenate([X, X_views]), np.concatenate([y_names[rows], y_names[source]]), len(source)
-
-
-def _test_time(data, rows: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, int]:
-    """``X`` (the features of ``rows``) averaged with each row's test-time views, and how many were used."""
-    X_views, source = _view_rows(data, rows, "tta")
-    if not len(source):
-        return X, 0
-    position = np.searchsorted(rows, source)
-    total = X.astype(np.float32, copy=True)
-    np.add.at(total, position, X_views)
-    total /= (1 + np.bincount(position, minlength=len(rows)))[:, None]
-    return total, len(source)
 
 
 def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -192,7 +183,6 @@ def fit_head(
     plots: bool = True,
     progress: ProgressCallback | None = None,
     views: bool = True,
-    tta: bool = False,
 ) -> FitResult:
     """Train a head on a cache (path or ``CacheData``) and write its directory.
 
@@ -200,9 +190,6 @@ def fit_head(
     them (val metrics and the temperature stay those of the model before the refit).
     ``views``: train on the cache's augmented views of the training rows too (``extract
     --views``); regularization is chosen and metrics reported on clean val rows only.
-    ``tta``: val and test features are the mean of each clean row and its test-time views
-    (``extract --tta flip``), for choosing, calibrating and reporting (a prediction from
-    one image does not average views: the metrics then describe a different input).
     """
     from embedx.metrics import plot_confusion_matrix, plot_reliability
 
@@ -232,9 +219,6 @@ def fit_head(
     model = make_head(head, **values)
     report(0, "fit")
     X_val = _feature_rows(data, val)
-    tta_views = 0
-    if tta:
-        X_val, tta_views = _test_time(data, val, X_val)
     X_train, y_train, n_views = _with_views(data, train, y_names) if views else (
         _feature_rows(data, train), y_names[train], 0)
     model.fit(X_train, y_train, X_val=X_val, y_val=y_names[val], copy=False)
@@ -242,8 +226,6 @@ def fit_head(
     report(1, "metrics")
     metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val)),
                                "n_train_views": int(n_views)}
-    if tta:
-        metrics["n_val_tta_views"] = int(tta_views)
     metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
     del X_val
     final = model
@@ -260,10 +242,7 @@ def fit_head(
         metrics["refit"] = True
         metrics["note"] = "val metrics and temperature are from the model before the refit on train+val"
     if len(test):
-        X_test = _feature_rows(data, test)
-        if tta:
-            X_test, _ = _test_time(data, test, X_test)
-        metrics["test"], _, _ = head_metrics(final, X_test, y_names[test])
+        metrics["test"], _, _ = head_metrics(final, _feature_rows(data, test), y_names[test])
     fit_seconds = time.perf_counter() - start
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)
