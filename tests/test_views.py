@@ -254,3 +254,40 @@ def test_fit_head_ignores_views_of_a_filtered_cache_data(view_cache, tmp_path):
     part = read_cache(view_cache, splits=("train",))
     filtered = fit_head(part, output=tmp_path / "part", plots=False)
     assert filtered.metrics["n_train_views"] == 0
+
+
+def test_sigkill_during_views_then_rerun_equals_uninterrupted(tmp_path, backbone):
+    """kill -9 the CLI while it computes views (batches of 1: many shards), then rerun the same command."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_extract_resume import command, shard_count
+
+    data = split_data(tmp_path / "data", train=10, val=2)  # 24 rows, then 20 x 3 views
+    env = dict(os.environ, EMBEDX_CACHE_DIR=str(tmp_path / "cachedir"))
+
+    def views_command(output: Path) -> list[str]:
+        line = command(data, Path(backbone), output, 0)
+        line[line.index("--batch-size") + 1] = "1"
+        return [*line, "--views", str(VIEWS)]
+
+    reference = tmp_path / "reference.h5"
+    subprocess.run(views_command(reference), env=env, check=True, capture_output=True)
+    output = tmp_path / "killed.h5"
+    process = subprocess.Popen(views_command(output), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while process.poll() is None and shard_count(output) < 24 + 20:  # every clean row and 20 views journaled
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL and not output.exists(), "finished before the kill"
+    finished = subprocess.run([*views_command(output), "--json"], env=env, capture_output=True)
+    assert finished.returncode == 0, finished.stderr.decode()
+    summary = json.loads(finished.stdout)
+    assert summary["new"] == 0 and 0 < summary["new_views"] <= 60 - 20
+    ref_clean, ref_views = stored(reference)
+    clean, views = stored(output)
+    np.testing.assert_array_equal(clean.features, ref_clean.features)
+    assert views.keys.tolist() == ref_views.keys.tolist() and len(set(views.keys.tolist())) == 60
+    np.testing.assert_array_equal(views.features, ref_views.features)
