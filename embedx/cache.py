@@ -492,6 +492,18 @@ def scan_rows(path: str | Path) -> tuple[list[int], list[int], bool]:
         return failed, nonfinite, CHECKSUMS in handle
 
 
+def scan_views(path: str | Path) -> tuple[int, list[int]]:
+    """``(view rows, view rows failing their checksum or holding NaN or inf)`` of a complete
+    cache, reading every view; ``(0, [])`` without views."""
+    path = Path(path)
+    handle, _ = _open_checked(path)
+    with handle:
+        if VIEWS not in handle:
+            return 0, []
+        failed, nonfinite = damaged_rows(handle[VIEWS])
+        return int(handle[VIEWS]["features"].shape[0]), sorted(set(failed) | set(nonfinite))
+
+
 def cache_info(path: str | Path) -> dict[str, Any]:
     """A summary of a cache without loading its features (what `embedx info` prints).
 

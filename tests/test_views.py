@@ -291,3 +291,27 @@ def test_sigkill_during_views_then_rerun_equals_uninterrupted(tmp_path, backbone
     np.testing.assert_array_equal(clean.features, ref_clean.features)
     assert views.keys.tolist() == ref_views.keys.tolist() and len(set(views.keys.tolist())) == 60
     np.testing.assert_array_equal(views.features, ref_views.features)
+
+
+def test_damaged_view_is_reported_by_verify_and_recomputed_by_extract(tmp_path, backbone):
+    import h5py
+
+    from embedx.cache import CacheChecksumError
+    from embedx.cli.main import cli
+
+    data = split_data(tmp_path / "data", train=2, val=1)
+    output = tmp_path / "v.h5"
+    run(data, backbone, output, views=2, dtype="float32")
+    _, good = stored(output)
+    with h5py.File(output, "r+") as handle:  # a flipped value, its checksum left as it was
+        handle["views/features"][3, 0] = handle["views/features"][3, 0] + 1.0
+    with pytest.raises(CacheChecksumError):
+        read_views(output)
+    result = CliRunner().invoke(cli, ["verify", str(output), "--sample", "0"])
+    assert result.exit_code == 1
+    assert "views: 8 rows, 1 fail their checksum or hold NaN/inf (3)" in result.output
+    summary = run(data, backbone, output, dtype="float32")
+    assert summary.repaired == 1 and summary.new_views == 1 and summary.new == 0
+    _, repaired = stored(output)
+    np.testing.assert_array_equal(repaired.features, good.features)
+    assert CliRunner().invoke(cli, ["verify", str(output), "--sample", "0"]).exit_code == 0
