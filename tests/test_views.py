@@ -315,3 +315,9 @@ def test_damaged_view_is_reported_by_verify_and_recomputed_by_extract(tmp_path, 
     _, repaired = stored(output)
     np.testing.assert_array_equal(repaired.features, good.features)
     assert CliRunner().invoke(cli, ["verify", str(output), "--sample", "0"]).exit_code == 0
+
+
+def test_views_refuse_gpu_decode(tmp_path, backbone):
+    data = split_data(tmp_path / "data", train=1, val=1)
+    with pytest.raises(ConfigError, match="views are decoded on the CPU"):
+        run(data, backbone, tmp_path / "g.h5", views=1, decode="gpu")
