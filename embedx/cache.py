@@ -62,6 +62,11 @@ CHUNK_BYTES = 1 << 20
 #: The dataset of per-row checksums (crc32 of each row's stored bytes); caches written
 #: before it existed have none and read unchecked.
 CHECKSUMS = "row_crc32"
+#: The group of augmented views (rows made from the clean rows' images); caches
+#: without views have none and read as before.
+VIEWS = "views"
+#: ``CacheWriter``'s source name for a view row of the previous cache.
+_BASE_VIEWS = "@views"
 
 _STR = None  # h5py string dtype, created on first use (h5py is imported lazily)
 
@@ -401,9 +406,58 @@ def read_feature_rows(path: str | Path, rows: np.ndarray) -> np.ndarray:
         return _read_features(handle, rows, path)
 
 
-def _feature_blocks(handle):
-    """``(start, block)`` over the features in stored dtype, a few HDF5 chunks at a time."""
-    dataset = handle["features"]
+@dataclass
+class ViewData:
+    """Views of a cache's images (``read_views``): one row per view, each pointing at its clean row."""
+
+    features: np.ndarray | None  # float32, M x D (None: read with load_features=False)
+    source: np.ndarray  # int64: the row of the clean image (index into read_cache's unfiltered rows)
+    names: np.ndarray  # "augment/<i>" (random view i)
+    keys: np.ndarray  # each view's own key (sha256 of image key, name and parameters)
+    plan: dict  # how they were made: {"views": K, "augment": {...}, "seed": ...}
+
+
+def read_views(path: str | Path, *, sources: np.ndarray | None = None, kind: str | None = None,
+               load_features: bool = True) -> ViewData:
+    """The views of a complete cache, empty (M = 0) when it has none.
+
+    ``sources``: only views of these clean rows; ``kind``: only names ``<kind>/…`` (``"augment"``).
+    Rows come in file order (grouped by clean row); features are float32, checksummed like rows.
+    """
+    path = Path(path)
+    handle, attrs = _open_checked(path)
+    with handle:
+        dim = int(handle["features"].shape[1])
+        if VIEWS not in handle:
+            empty = np.array([], dtype=str)
+            return ViewData(np.empty((0, dim), np.float32) if load_features else None,
+                            np.array([], dtype=np.int64), empty, empty, {})
+        group = handle[VIEWS]
+        source = group["source"][()].astype(np.int64)
+        names = _strings(group["names"])
+        keep = np.ones(len(source), dtype=bool)
+        if sources is not None:
+            keep &= np.isin(source, np.asarray(sources, dtype=np.int64))
+        if kind is not None:
+            keep &= np.char.startswith(names.astype(str), f"{kind}/") if len(names) else keep
+        selected = np.flatnonzero(keep)
+        features = _read_features(group, selected, path) if load_features else None
+        return ViewData(features=features, source=source[selected], names=names[selected],
+                        keys=_strings(group["keys"])[selected], plan=json.loads(_attr(group.attrs["plan"])))
+
+
+def _views_info(group) -> dict[str, Any]:
+    names = _strings(group["names"])
+    kinds = np.array([name.split("/", 1)[0] for name in names.tolist()], dtype=str)
+    return {"rows": len(names), "plan": json.loads(_attr(group.attrs["plan"])),
+            "per_kind": {kind: int(n) for kind, n in zip(*np.unique(kinds, return_counts=True), strict=True)},
+            "images": int(len(np.unique(group["source"][()])))}
+
+
+def _feature_blocks(group):
+    """``(start, block)`` over the features of ``group`` (the file, or its ``views`` group) in
+    stored dtype, a few HDF5 chunks at a time."""
+    dataset = group["features"]
     rows, dim = dataset.shape
     step = dataset.chunks[0] if dataset.chunks else max(1, CHUNK_BYTES // max(1, dim * 4))
     step = max(step, 1024)
@@ -428,8 +482,9 @@ def iter_features(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def _read_features(handle, selected: np.ndarray | None, path: Path) -> np.ndarray:
-    """Features (all rows, or the ascending rows ``selected``) as float32; each row read
-    is checked against its checksum (``CacheChecksumError`` naming every bad row)."""
+    """Features of ``handle`` (the file, or its ``views`` group: all rows, or the ascending rows
+    ``selected``) as float32; each row read is checked against its checksum
+    (``CacheChecksumError`` naming every bad row)."""
     rows, dim = handle["features"].shape
     checksums = handle[CHECKSUMS][()] if CHECKSUMS in handle else None
     out = np.empty((rows if selected is None else len(selected), dim), dtype=np.float32)
@@ -455,7 +510,8 @@ def _read_features(handle, selected: np.ndarray | None, path: Path) -> np.ndarra
 
 
 def damaged_rows(handle) -> tuple[list[int], list[int]]:
-    """``(rows failing their checksum, rows holding NaN or inf)`` of an open cache, reading every row."""
+    """``(rows failing their checksum, rows holding NaN or inf)`` of an open cache (or of its
+    ``views`` group), reading every row."""
     checksums = handle[CHECKSUMS][()] if CHECKSUMS in handle else None
     failed: list[int] = []
     nonfinite: list[int] = []
@@ -475,6 +531,18 @@ def scan_rows(path: str | Path) -> tuple[list[int], list[int], bool]:
     with handle:
         failed, nonfinite = damaged_rows(handle)
         return failed, nonfinite, CHECKSUMS in handle
+
+
+def scan_views(path: str | Path) -> tuple[int, list[int]]:
+    """``(view rows, view rows failing their checksum or holding NaN or inf)`` of a complete
+    cache, reading every view; ``(0, [])`` without views."""
+    path = Path(path)
+    handle, _ = _open_checked(path)
+    with handle:
+        if VIEWS not in handle:
+            return 0, []
+        failed, nonfinite = damaged_rows(handle[VIEWS])
+        return int(handle[VIEWS]["features"].shape[0]), sorted(set(failed) | set(nonfinite))
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
@@ -530,6 +598,8 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "error_list": errors,
             "file_size": path.stat().st_size,
         }
+        if VIEWS in handle:
+            info["views"] = _views_info(handle[VIEWS])
         extra = attrs.get("extra")
         if extra:
             info["extra"] = json.loads(extra)
@@ -638,6 +708,10 @@ class CacheWriter:
         self.base_stats: dict[str, tuple[int, int, str]] = {}
         #: Rows of the previous cache that fail their checksum or hold NaN/inf (not reused).
         self.damaged_rows: list[int] = []
+        #: View rows of the previous cache that fail their checksum or hold NaN/inf (not reused).
+        self.damaged_views: list[int] = []
+        #: How the previous cache's views were made (its ``views`` group's plan), or {} without views.
+        self.base_views: dict[str, Any] = {}
 
     # -- lifecycle
 
@@ -707,6 +781,8 @@ class CacheWriter:
                 logger.warning("%s: rows %s hold NaN or inf; computing them again",
                                self.path, row_ranges(nonfinite))
             self._base_rows = len(keys)
+            if VIEWS in handle:
+                self._open_base_views(handle[VIEWS])
             if "sizes" in handle and "mtimes" in handle:
                 sizes, mtimes = handle["sizes"][()].tolist(), handle["mtimes"][()].tolist()
                 self.base_stats = {
@@ -722,6 +798,17 @@ class CacheWriter:
                 if key:
                     self._known_errors[key] = reason
         logger.info("reusing %d rows of %s", self._base_rows, self.path)
+
+    def _open_base_views(self, group) -> None:
+        failed, nonfinite = damaged_rows(group)
+        damaged = set(failed) | set(nonfinite)
+        for row, key in enumerate(_strings(group["keys"]).tolist()):
+            if row not in damaged:
+                self._sources.setdefault(key, (_BASE_VIEWS, row))
+        self.damaged_views = sorted(damaged)
+        if damaged:
+            logger.warning("%s: view rows %s are damaged; computing them again", self.path, row_ranges(damaged))
+        self.base_views = json.loads(_attr(group.attrs["plan"]))
 
     def _open_journal(self) -> None:
         meta_file = self.journal / "meta.json"
@@ -768,7 +855,7 @@ class CacheWriter:
             if data is None:
                 continue
             for row, key in enumerate(data["keys"].tolist()):
-                if key not in self._sources or self._sources[key][0] == "":
+                if key not in self._sources or self._sources[key][0] in ("", _BASE_VIEWS):
                     if key not in self._sources:
                         self.reused_from_journal += 1
                     self._sources[key] = (shard.name, row)
@@ -818,6 +905,7 @@ class CacheWriter:
         self._base_rows = 0
         self.base_extra = {}
         self.base_stats = {}
+        self.base_views = {}
         for shard in self.journal.glob("shard-*.npz"):
             shard.unlink()
         (self.journal / "notes.json").unlink(missing_ok=True)
@@ -896,6 +984,7 @@ class CacheWriter:
         errors: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]],
         attrs: dict[str, Any] | None = None,
         stats: Sequence[tuple[int, int]] | None = None,
+        views: dict[str, Any] | None = None,
     ) -> Path:
         """Write the finished cache with these rows, in this order, then drop the journal.
 
@@ -904,11 +993,14 @@ class CacheWriter:
         ``extra`` attribute as JSON.  ``stats`` are ``(size, mtime_ns)`` per row, as seen
         when the key was computed; the next writer trusts a row's key for a file whose
         path, size and mtime are unchanged (``base_stats``) instead of reading it again.
+        ``views``: ``{"keys", "source" (the clean row of each), "names", "plan"}``, written to
+        the ``views`` group (every view key must have features, like a row's).
         """
         rows = len(keys)
         if not (len(paths) == len(labels) == len(splits) == rows) or (stats is not None and len(stats) != rows):
             raise CacheError("finalize needs keys, paths, labels, splits (and stats) of the same length")
-        missing = [k for k in keys if k not in self._sources]
+        view_keys = list(views["keys"]) if views else []
+        missing = [k for k in [*keys, *view_keys] if k not in self._sources]
         if missing:
             raise CacheError(f"{len(missing)} rows have no features (first key {missing[0]}); "
                              "this is a bug in the caller")
@@ -916,14 +1008,15 @@ class CacheWriter:
         try:
             with atomic_path(self.path) as temp:  # fsynced, then renamed over the cache; removed on error
                 self._write_final(temp, keys=keys, paths=paths, labels=labels, splits=splits, classes=classes,
-                                  errors=errors, attrs=attrs, stats=stats)
+                                  errors=errors, attrs=attrs, stats=stats, views=views)
         except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
             raise write_error(self.path, e) from e
         shutil.rmtree(self.journal, ignore_errors=True)
         logger.info("wrote %s: %d rows, %d errors", self.path, rows, len(errors))
         return self.path
 
-    def _write_final(self, temp: Path, *, keys, paths, labels, splits, classes, errors, attrs, stats) -> None:
+    def _write_final(self, temp: Path, *, keys, paths, labels, splits, classes, errors, attrs, stats,
+                     views=None) -> None:
         """Write the whole cache to ``temp`` and close it; on any error every HDF5 handle is
         closed (the output, then the base) before the error goes on, so that h5py never
         finalizes a half-closed file later."""
@@ -931,6 +1024,8 @@ class CacheWriter:
         rows = len(keys)
         dim = self.meta.feature_dim
         dtype = np.dtype(self.meta.dtype)
+        view_keys = list(views["keys"]) if views else []
+        view_rows = len(view_keys)
         chunk_rows = max(1, min(max(rows, 1), CHUNK_BYTES // (dim * dtype.itemsize)))
         shards: OrderedDict[str, np.ndarray] = OrderedDict()
         base = h5py.File(self.path, "r") if self._base_rows and self.path.exists() else None
@@ -938,20 +1033,12 @@ class CacheWriter:
         try:
             # no chunk cache: a failed write of features fails at once and leaves nothing to flush
             out = h5py.File(temp, "w", rdcc_nbytes=0)
-            _reserve(temp, _final_size(rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes, errors))
+            _reserve(temp, _final_size(rows + view_rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes,
+                                       errors) + view_rows * 96)
             out.attrs["format"] = "embedx-features"
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["complete"] = False
-            features = out.create_dataset(
-                "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
-            )
-            checksums = out.create_dataset(CHECKSUMS, shape=(rows,), dtype=np.uint32)
-            step = chunk_rows * max(1, 4096 // chunk_rows)  # whole chunks: there is no chunk cache
-            for start in range(0, rows, step):
-                block = self._gather(keys[start : start + step], base, shards).astype(dtype)
-                features[start : start + len(block)] = block
-                checksums[start : start + len(block)] = row_checksums(block)
-            del features, checksums
+            self._write_features(out, keys, base, shards, chunk_rows)
             out.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
             out.create_dataset("classes", data=list(classes), dtype=_vlen_str())
             out.create_dataset("paths", data=[str(p) for p in paths], dtype=_vlen_str())
@@ -966,6 +1053,14 @@ class CacheWriter:
             group.create_dataset("reasons", data=[e[1] for e in errors], dtype=_vlen_str())
             group.create_dataset("keys", data=np.asarray([e[2] for e in errors], dtype="S64"))
             del group
+            if views:
+                group = out.create_group(VIEWS)
+                group.attrs["plan"] = json.dumps(views["plan"], sort_keys=True)
+                self._write_features(group, view_keys, base, shards, chunk_rows)
+                group.create_dataset("source", data=np.asarray(views["source"], dtype=np.int64))
+                group.create_dataset("names", data=[str(n) for n in views["names"]], dtype=_vlen_str())
+                group.create_dataset("keys", data=np.asarray(view_keys, dtype="S64"))
+                del group
             meta = self.meta
             out.attrs["embedx_version"] = __version__
             out.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -994,13 +1089,26 @@ class CacheWriter:
             if base is not None:
                 base.close()
 
+    def _write_features(self, group, keys: Sequence[str], base, shards: OrderedDict, chunk_rows: int) -> None:
+        """``features`` and ``row_crc32`` of ``group`` (the file or its views group): the rows of ``keys``."""
+        rows, dim, dtype = len(keys), self.meta.feature_dim, np.dtype(self.meta.dtype)
+        features = group.create_dataset(
+            "features", shape=(rows, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim)
+        )
+        checksums = group.create_dataset(CHECKSUMS, shape=(rows,), dtype=np.uint32)
+        step = chunk_rows * max(1, 4096 // chunk_rows)  # whole chunks: there is no chunk cache
+        for start in range(0, rows, step):
+            block = self._gather(keys[start : start + step], base, shards).astype(dtype)
+            features[start : start + len(block)] = block
+            checksums[start : start + len(block)] = row_checksums(block)
+
     def _gather(self, keys: Sequence[str], base, shards: OrderedDict) -> np.ndarray:
         block = np.empty((len(keys), self.meta.feature_dim), dtype=np.float32)
-        from_base: list[tuple[int, int]] = []
+        from_base: dict[str, list[tuple[int, int]]] = {"": [], _BASE_VIEWS: []}
         for i, key in enumerate(keys):
             source, row = self._sources[key]
-            if source == "":
-                from_base.append((i, row))
+            if source in from_base:
+                from_base[source].append((i, row))
                 continue
             if source not in shards:
                 data = _load_shard(self.journal / source, self.meta.feature_dim, with_features=True)
@@ -1013,14 +1121,17 @@ class CacheWriter:
             else:
                 shards.move_to_end(source)
             block[i] = shards[source][row]
-        if from_base:
-            rows = np.array(sorted({row for _, row in from_base}))
+        for source, wanted in from_base.items():
+            if not wanted:
+                continue
+            dataset = base["features"] if source == "" else base[VIEWS]["features"]
+            rows = np.array(sorted({row for _, row in wanted}))
             low, high = int(rows[0]), int(rows[-1]) + 1
             if high - low <= 4 * len(rows):
-                values = base["features"][low:high][rows - low]  # a slice: far faster than a point selection
+                values = dataset[low:high][rows - low]  # a slice: far faster than a point selection
             else:
-                values = base["features"][rows]
+                values = dataset[rows]
             position = {row: j for j, row in enumerate(rows.tolist())}
-            for i, row in from_base:
+            for i, row in wanted:
                 block[i] = values[position[row]]
         return block

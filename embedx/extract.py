@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -76,7 +77,7 @@ class ExtractSummary:
     reused: int  # rows taken from the existing cache or the resume journal
     errors: int  # entries in the cache's errors table
     seconds: float  # the whole call, including backbone export
-    images_per_second: float  # new / pipeline_seconds
+    images_per_second: float  # (new + new_views) / pipeline_seconds: forward passes per second
     pipeline_seconds: float  # from opening the cache to the finished file: hash, session, decode, infer, write
     setup_seconds: float  # discover the data, export/resolve the backbone (cached after the first run)
     hash_seconds: float
@@ -96,6 +97,9 @@ class ExtractSummary:
     error_list: list[tuple[str, str]] = field(default_factory=list)
     decode: str = "cpu"
     repaired: int = 0  # rows of the previous cache that failed their checksum or held NaN/inf: computed again
+    views: int = 0  # view rows in the finished cache (augmented views of train images)
+    new_views: int = 0  # view rows computed by this run (one forward pass each)
+    view_plan: dict[str, Any] = field(default_factory=dict)  # ``ViewPlan.to_dict()``, {} without views
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,9 +128,11 @@ _SPECS: dict[str, preprocess.PreprocessSpec] = {}
 _WORKER_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
+def _decode_batch(spec_json: str, paths: Sequence[str | tuple[str, str, str]]) -> dict[str, Any]:
     """Read, hash and decode ``paths`` into one uint8 NHWC batch (runs in a worker).
 
+    An entry ``(path, view name, parameters)`` is an augmented view of that file
+    (``embedx.augment``): its key is the view's key, made from the key of the bytes read.
     Returns ``rows`` (indices into ``paths`` that decoded), ``keys`` (for every
     path, "" when unreadable), ``pixels`` for the decoded rows, ``errors`` as
     ``(index, reason)`` and the CPU seconds spent.
@@ -140,7 +146,8 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
     rows: list[int] = []
     keys: list[str] = []
     errors: list[tuple[int, str]] = []
-    for index, path in enumerate(paths):
+    for index, task in enumerate(paths):
+        path, view = (task, None) if isinstance(task, str) else (task[0], task[1:])
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
@@ -148,8 +155,15 @@ def _decode_batch(spec_json: str, paths: Sequence[str]) -> dict[str, Any]:
             keys.append("")
             errors.append((index, f"cannot read: {e.strerror or e}"))
             continue
-        keys.append(sha256_bytes(data))
-        decoded, reason = preprocess.pixels_or_reason(data, spec)
+        key = sha256_bytes(data)
+        transform = None
+        if view is not None:
+            from embedx.augment import view_image, view_key
+
+            transform = functools.partial(view_image, key=key, name=view[0], parameters=view[1])
+            key = view_key(key, *view)
+        keys.append(key)
+        decoded, reason = preprocess.pixels_or_reason(data, spec, transform=transform)
         if decoded is None:
             errors.append((index, reason))
             continue
@@ -466,6 +480,8 @@ class _Run:
     calibration_keys: list[str] | None = None
     computed: set[str] = field(default_factory=set)  # keys computed in this run
     members: set[int] | None = None  # with a shard: the items in it, fixed when planned
+    view_todo: list[tuple[int, str]] = field(default_factory=list)  # (item index, view name) to compute
+    new_views: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("hash", "session", "decode", "wait", "inference", "write"), 0.0)
     )
@@ -554,18 +570,65 @@ class _Journal:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _first_of_each_key(run: _Run, features: np.ndarray, rows: list[int]) -> tuple[np.ndarray, list[int]]:
-    """Drop rows whose bytes (key) were already computed in this run: copies of one image
-    under several names are computed once when the plan hashed them (lazy plans do not)."""
+def _first_of_each_key(run: _Run, features: np.ndarray, rows: list[int],
+                       keys: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """Drop rows whose key (``keys``, one per row: bytes or view) was already computed in this run:
+    copies of one image under several names are computed once when the plan hashed them (lazy plans do not)."""
     keep = []
-    for position, index in enumerate(rows):
-        key = run.keys[index]
+    for position, key in enumerate(keys):
         if key not in run.computed:
             run.computed.add(key)
             keep.append(position)
     if len(keep) == len(rows):
         return features, rows
     return features[keep], [rows[position] for position in keep]
+
+
+def _plan_views(run: _Run, items: Sequence[Any], writer: Any, plan: Any, val_fraction: float | None, *,
+                lazy: bool) -> None:
+    """List the views to compute: those of ``plan`` for each item's split that the cache lacks.
+
+    A lazy plan (a fresh cache: keys unknown yet) lists every view of every item; the
+    decoders key them and duplicates are dropped at journaling time, like rows."""
+    from embedx.augment import view_key
+
+    if not plan:
+        return
+    known_errors = writer.known_errors
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if run.members is not None and index not in run.members:
+            continue  # another shard's image
+        key = run.keys[index]
+        if lazy:
+            run.view_todo.extend((index, name) for name in plan.names(item.split))
+            continue
+        if not key or key in known_errors:
+            continue
+        for name in plan.names(_split(item, key, val_fraction)):
+            vkey = view_key(key, name, plan.parameters(name))
+            if vkey not in seen and not writer.has(vkey):
+                run.view_todo.append((index, name))
+            seen.add(vkey)
+
+
+def _split(item: Any, key: str, val_fraction: float | None) -> str:
+    """The split a row lands in: its item's, or the hash split by key with ``val_fraction``."""
+    from embedx.data import split_for_key
+
+    return split_for_key(key, val_fraction) if val_fraction else item.split
+
+
+def _resolve_views(writer: Any, views: int | None, augment: Any) -> Any:
+    """The views of this run: what was asked, and for what was not asked, what the cache has
+    (a plain rerun keeps a cache's views, and gives new images theirs)."""
+    from embedx.augment import AugmentSpec, ViewPlan
+
+    previous = ViewPlan.from_dict(writer.base_views) if writer.base_views else ViewPlan()
+    if augment is not None and not isinstance(augment, AugmentSpec):
+        augment = AugmentSpec.parse(augment)
+    return ViewPlan(count=previous.count if views is None else int(views),
+                    augment=previous.augment if augment is None else augment)
 
 
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
@@ -588,8 +651,9 @@ def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list
 
 def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, batch_size: int,
              workers: int | None, threads: int | None, device: str, precision: str, decode: str,
-             progress) -> None:
-    """Decode, infer and journal every item in ``run.todo``, in order.
+             progress, plan: Any = None) -> None:
+    """Decode, infer and journal every item in ``run.todo``, then every view in ``run.view_todo``
+    (extra rows through the same decoders, session and journal), in order.
 
     Every precision but int8 runs a pixel-input copy of the backbone (uint8 NHWC in,
     normalization in the graph: ``pixel_input``). On a GPU the session runs through IO
@@ -597,8 +661,14 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
     cuDNN searches once, and GPU-decoded batches never leave the device.
     """
     spec = exported.preprocess
-    batches = [run.todo[i : i + batch_size] for i in range(0, len(run.todo), batch_size)]
-    decoder = _decoder(run, spec, [[str(items[i].path) for i in batch] for batch in batches],
+    tasks: list[tuple[int, str | None]] = [(i, None) for i in run.todo] + list(run.view_todo)
+    batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
+
+    def source(index: int, name: str | None) -> str | tuple[str, str, str]:
+        path = str(items[index].path)
+        return path if name is None else (path, name, plan.parameters(name))
+
+    decoder = _decoder(run, spec, [[source(*task) for task in batch] for batch in batches],
                        workers=workers, decode=decode)
     journal = _Journal(writer)
     try:
@@ -623,7 +693,7 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             writer.note({"int8_calibration_keys": run.calibration_keys})
         run.seconds["session"] = time.perf_counter() - tick
         if progress is not None:
-            progress(0, len(run.todo), {})
+            progress(0, len(tasks), {})
         done = 0
         waited = time.perf_counter()
         for batch, result in zip(batches, decoder, strict=True):
@@ -632,12 +702,17 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             for position, key in enumerate(result["keys"]):
                 # the bytes read for decoding are what the features belong to; a file that could
                 # not be read now has no key, so its error is retried by the next run, not kept
-                run.keys[batch[position]] = key
+                index, view = batch[position]
+                if view is None:
+                    run.keys[index] = key
             for position, reason in result["errors"]:
-                index = batch[position]
+                index, view = batch[position]
+                if view is not None:  # the clean row records the file's error; a view is retried next run
+                    logger.warning("view %s of %s not stored: %s", view, items[index].relpath, reason)
+                    continue
                 run.decode_errors[index] = reason
                 journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
-            rows = [batch[position] for position in result["rows"]]
+            rows = list(result["rows"])  # positions in the batch
             tick = time.perf_counter()
             if rows:
                 pixels = result["pixels"]
@@ -646,17 +721,19 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
                 if not pixel_input:  # on a GPU the bound runner pads the batch to its fixed shape
                     pixels = _normalize_into(pixels, spec)
                 features = (runner or run.model).run(pixels)[: len(rows)]
-                features, rows = _first_of_each_key(run, features, rows)
+                features, rows = _first_of_each_key(run, features, rows, [result["keys"][p] for p in rows])
             run.seconds["inference"] += time.perf_counter() - tick
             if rows:
-                journal.submit("append", [run.keys[i] for i in rows], features,
-                               paths=[items[i].relpath for i in rows])
+                journal.submit("append", [result["keys"][p] for p in rows], features,
+                               paths=[items[batch[p][0]].relpath for p in rows])
             else:
                 journal.submit("flush")
-            run.new += len(rows)
+            views = sum(batch[p][1] is not None for p in rows)
+            run.new += len(rows) - views
+            run.new_views += views
             done += len(batch)
             if progress is not None:
-                progress(done, len(run.todo), {"errors": len(run.decode_errors)})
+                progress(done, len(tasks), {"errors": len(run.decode_errors)})
             waited = time.perf_counter()
         journal.close()  # a failed journal write is raised here
     finally:
@@ -691,13 +768,36 @@ def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None,
             rows["keys"].append(key)
             rows["paths"].append(item.relpath)
             rows["labels"].append(item.label)
-            rows["splits"].append(split_for_key(key, val_fraction) if val_fraction else item.split)
+            rows["splits"].append(_split(item, key, val_fraction))
             rows["stats"].append(run.stats[index] or (-1, -1))
         elif key in known_errors:
             errors.append((item.relpath, known_errors[key], key))
         else:  # its bytes changed between hashing and decoding; the next run picks it up
             errors.append((item.relpath, "changed during extraction; run again to include it", key))
     return rows, errors
+
+
+def _assemble_views(rows: dict[str, list], writer: Any, plan: Any) -> dict[str, Any] | None:
+    """The view rows of the finished cache: each clean row's views of ``plan`` (by its split:
+    augmented views of train rows), in row order."""
+    from embedx.augment import view_key
+
+    if not plan:
+        return None
+    views: dict[str, Any] = {"keys": [], "source": [], "names": [], "plan": plan.to_dict()}
+    missing = 0
+    for row, (key, split) in enumerate(zip(rows["keys"], rows["splits"], strict=True)):
+        for name in plan.names(split):
+            vkey = view_key(key, name, plan.parameters(name))
+            if writer.has(vkey):
+                views["keys"].append(vkey)
+                views["source"].append(row)
+                views["names"].append(name)
+            else:
+                missing += 1
+    if missing:
+        logger.warning("%d views could not be made (see the warnings above); the next run tries again", missing)
+    return views
 
 
 def extract(
@@ -719,6 +819,8 @@ def extract(
     overwrite: bool = False,
     preprocess_mode: str | None = None,
     decode: str = "auto",
+    views: int | None = None,
+    augment: Any = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
     shard: tuple[int, int] | None = None,
 ) -> ExtractSummary:
@@ -736,6 +838,13 @@ def extract(
     other files fall back to the CPU decoder one by one), ``"cpu"`` uses decode workers,
     ``"auto"`` is ``gpu`` when the model runs on CUDA and torch has CUDA. The cache records
     it (features differ slightly: cosine ~0.99 to the CPU's) and refuses a run the other way.
+    ``views``: store that many augmented views of every *train* image (``augment``: an
+    ``augment.AugmentSpec`` or ``"flip,crop,color,rotate"``, any subset; default flip, crop, color)
+    next to its clean row, in the cache's ``views`` group; each costs one more forward pass,
+    once. View i of an image is the same on every run (its seed is the image key, the view's name and
+    the augmentation's parameters); views resume and follow increments like rows. Options not
+    given keep the previous cache's views; ``views=0`` drops the augmented ones; other
+    augmentation parameters replace them (new keys). Views are decoded on the CPU.
     ``progress(done, total, info)`` is called once per batch.
     ``shard=(index, count)``: only the images of that shard (``embedx.shards``: by content key;
     every file is hashed first), with the whole data set's classes and splits; the cache
@@ -783,16 +892,25 @@ def extract(
     from embedx.gpu import resolve_decode
     from embedx.providers import GPU_PROVIDERS, resolve_providers
 
-    decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
+    wants_views = bool(views)
+    if wants_views and decode == "gpu":
+        raise ConfigError("views are decoded on the CPU (augmentation runs in the decode workers); "
+                          "use --decode cpu (or auto) with --views")
+    decode = resolve_decode("cpu" if wants_views and decode == "auto" else decode,
+                            resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = dataclasses.replace(CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode),
                                shard=shard)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision, shard)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
-        # int8 picks its calibration images by key, a shard its images: both need every key first
-        run = _plan(dataset.items, writer, default_workers() if workers is None else workers,
-                    lazy=precision != "int8" and shard is None)
+        plan = _resolve_views(writer, views, augment)
+        if plan and decode == "gpu":
+            raise ConfigError(f"{output} stores views, which are decoded on the CPU; use --decode cpu")
+        # int8 picks its calibration images by key and a shard its images: both need every key
+        # first; so do views with --val-fraction, to know which rows are train
+        lazy = precision != "int8" and shard is None and not (plan and val_fraction)
+        run = _plan(dataset.items, writer, default_workers() if workers is None else workers, lazy=lazy)
         if precision == "int8":
             # an int8 model depends on its calibration images: keep the earlier run's
             calibration_keys, discarded = _recorded_calibration(run, writer)
@@ -802,10 +920,13 @@ def extract(
         if shard is not None:
             run.members = members(dataset.items, run.keys, shard)
             run.todo = [index for index in run.todo if index in run.members]
-        if run.todo:
+        _plan_views(run, dataset.items, writer, plan, val_fraction, lazy=lazy and not any(run.keys))
+        if run.todo or run.view_todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
-                     threads=threads, device=device, precision=precision, decode=decode, progress=progress)
+                     threads=threads, device=device, precision=precision, decode=decode, progress=progress,
+                     plan=plan)
         rows, errors = _assemble(run, dataset, writer, val_fraction, shard)
+        view_rows = _assemble_views(rows, writer, plan)
         tick = time.perf_counter()
         model = run.model
         int8_cosine = model.int8_cosine if model is not None else writer.base_extra.get("int8_cosine")
@@ -814,9 +935,9 @@ def extract(
                  "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
         if shard is not None:  # where each error stands in a whole run's table, for merge
             extra["error_order"] = error_order(dataset.skipped, dataset.items, errors)
-        writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
+        writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra, views=view_rows)
         run.seconds["write"] += time.perf_counter() - tick
-        repaired = len(writer.damaged_rows)
+        repaired = len(writer.damaged_rows) + len(writer.damaged_views)
 
     finished = time.perf_counter()
     pipeline_seconds = finished - pipeline_start
@@ -828,7 +949,7 @@ def extract(
         reused=len(rows["keys"]) - run.new,
         errors=len(errors),
         seconds=finished - started,
-        images_per_second=run.new / pipeline_seconds if pipeline_seconds > 0 else 0.0,
+        images_per_second=(run.new + run.new_views) / pipeline_seconds if pipeline_seconds > 0 else 0.0,
         pipeline_seconds=pipeline_seconds,
         setup_seconds=pipeline_start - started,
         hash_seconds=run.seconds["hash"],
@@ -848,6 +969,9 @@ def extract(
         error_list=[(path, reason) for path, reason, _ in errors],
         decode=decode,
         repaired=repaired,
+        views=len(view_rows["keys"]) if view_rows else 0,
+        new_views=run.new_views,
+        view_plan=plan.to_dict() if plan else {},
     )
     logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",

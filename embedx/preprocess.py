@@ -47,6 +47,7 @@ import json
 import math
 import numbers
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -561,10 +562,15 @@ def to_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.nda
     return np.ascontiguousarray(_pixels_view(source, spec))
 
 
-def pixels_or_reason(source: ImageSource, spec: PreprocessSpec) -> tuple[np.ndarray | None, str]:
+def pixels_or_reason(source: ImageSource, spec: PreprocessSpec, *,
+                     transform: Callable[[Image.Image], Image.Image] | None = None) -> tuple[np.ndarray | None, str]:
     """``(to_pixels(source, spec), "")``, or ``(None, reason)`` for a file that cannot be used:
-    one bad file in a batch costs only its row (extract's CPU and GPU decoders)."""
+    one bad file in a batch costs only its row (extract's CPU and GPU decoders).
+    ``transform`` (an augmented view, ``embedx.augment``) is applied to the decoded image
+    before resize and crop."""
     try:
+        if transform is not None:
+            return to_pixels(transform(decode(source, min_size=spec.resize_size)), spec), ""
         return to_pixels(source, spec), ""
     except ImageDecodeError as e:
         return None, decode_reason(e)

@@ -57,6 +57,8 @@ class VerifyReport:
     low_cosine_rows: list[int] = field(default_factory=list)
     tolerance: float = MIN_COSINE
     reembed_skipped: str = ""  # why the sample was not re-embedded, if it was not
+    views: int = 0  # augmented view rows (``extract --views``), each checked like a row
+    damaged_views: list[int] = field(default_factory=list)  # view rows failing their checksum or holding NaN/inf
 
     @property
     def bad_rows(self) -> list[int]:
@@ -66,7 +68,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.bad_rows
+        return not self.bad_rows and not self.damaged_views
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,7 +83,7 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
     """Check every checksum of the cache ``path``, then ``sample`` random rows (``seed``)
     against their images (under ``data_root``, default the one the cache recorded) and
     against the backbone run again on ``device``."""
-    from embedx.cache import read_cache, scan_rows
+    from embedx.cache import read_cache, scan_rows, scan_views
 
     if sample < 0:
         raise CacheError(f"sample must be >= 0, got {sample}")
@@ -90,6 +92,7 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
     failed, nonfinite, has_checksums = scan_rows(path)
     report = VerifyReport(path=str(path), rows=len(data), checksums=has_checksums, checksum_rows=failed,
                           nonfinite_rows=nonfinite)
+    report.views, report.damaged_views = scan_views(path)
     if not len(data) or not sample:
         return report
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))

@@ -30,6 +30,8 @@ def _summary_lines(summary: dict) -> list[str]:
                      "or held NaN/inf")
     if summary.get("int8_cosine") is not None:
         lines.append(f"int8: mean cosine {summary['int8_cosine']:.4f} to fp32 on the calibration images")
+    if summary.get("views") or summary.get("new_views"):
+        lines.append(f"views: {summary['views']} rows ({summary['new_views']} new)")
     for path, reason in summary.get("error_list", [])[:20]:
         lines.append(f"  skipped {path}: {reason}")
     if summary["errors"] > 20:
@@ -68,12 +70,19 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--shard", type=ShardType(), default=None, metavar="I/N",
               help="Only shard I of N (0 <= I < N, by content hash: stable on every machine); "
                    "join the N caches with `embedx merge`.")
+@click.option("--views", "views", type=click.IntRange(min=0), default=None,
+              help="Also store K augmented views of every train image (val/test stay clean): K extra forward "
+                   "passes per train image, paid once here, not per epoch; fit-head trains on them. "
+                   "Default: what the cache has; 0 drops them.")
+@click.option("--augment", default=None, metavar="OPS",
+              help="The views' augmentations, any of flip,crop,color,rotate [default: flip,crop,color]. "
+                   "Other settings replace the views; a larger --views adds only the new ones.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings, start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, shard, overwrite, as_json,
-                    quiet) -> None:
+                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, shard, views, augment,
+                    overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
@@ -99,7 +108,7 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
-            decode=decode, progress=progress, allow_outside=allow_outside, shard=shard,
+            decode=decode, progress=progress, allow_outside=allow_outside, shard=shard, views=views, augment=augment,
         )
     result = summary.to_dict()
     if as_json:
@@ -108,6 +117,12 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
         for line in _summary_lines(result):
             click.echo(line, err=True)
         click.echo(result["output"])
+
+
+def _views_line(views: dict) -> str:
+    plan = views["plan"]
+    return (f"views: {views['rows']} rows of {views['images']} images; {plan['views']} augmented per train image "
+            f"({','.join(plan['augment']['ops'])})")
 
 
 def _info_lines(info: dict) -> list[str]:
@@ -141,6 +156,8 @@ def _info_lines(info: dict) -> list[str]:
     lines.append(f"errors: {info['errors']}")
     for error in info["error_list"]:
         lines.append(f"  {error['path']}: {error['reason']}")
+    if "views" in info:
+        lines.append(_views_line(info["views"]))
     if "journal" in info:
         lines.append(f"an update is in progress: journal {info['journal']['path']} ({info['journal']['rows']} rows)")
     return lines

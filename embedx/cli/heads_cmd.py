@@ -58,9 +58,12 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
               help="With --adapt-to: standardize (per domain), selftrain (standardize, then refit with confident "
                    "target pseudo-labels), coral (standardize, then whiten/recolour) or none "
                    f"[default: {ADAPT_DEFAULT}].")
+@click.option("--views/--no-views", "views", default=True, show_default=True,
+              help="Train on the cache's augmented views of train images too (`extract --views`); "
+                   "val is always clean.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
-                     seed: int, label_smoothing: float, adapt_to: Path | None, adapt: str | None,
+                     seed: int, label_smoothing: float, adapt_to: Path | None, adapt: str | None, views: bool,
                      as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
@@ -69,13 +72,14 @@ def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bo
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
                           seed=seed, label_smoothing=label_smoothing, progress=progress, adapt_to=adapt_to,
-                          adapt=adapt)
+                          adapt=adapt, views=views)
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
         return
     metrics = result.metrics
-    click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows "
+    with_views = f" + {metrics['n_train_views']} views" if metrics.get("n_train_views") else ""
+    click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows{with_views} "
                f"({metrics['val_source']}: {metrics['n_val']} rows)")
     click.echo(f"chosen: {_chosen(summary['params'])}")
     click.echo(_metric_line("val", metrics["val"]))

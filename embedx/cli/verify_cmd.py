@@ -19,6 +19,9 @@ def _report_lines(report) -> list[str]:
         lines.append("checksums: none (a cache written before embedx kept them)")
     if report.nonfinite_rows:
         lines.append(f"NaN or inf: {len(report.nonfinite_rows)} rows ({row_ranges(report.nonfinite_rows)})")
+    if report.views:
+        lines.append(f"views: {report.views} rows, {len(report.damaged_views)} fail their checksum or hold NaN/inf"
+                     + (f" ({row_ranges(report.damaged_views)})" if report.damaged_views else ""))
     if report.sampled:
         lines.append(f"sample: {len(report.sampled)} rows; {len(report.missing)} images missing, "
                      f"{len(report.changed)} changed since extraction, {len(report.unreadable)} unreadable")
@@ -35,7 +38,8 @@ def _report_lines(report) -> list[str]:
     if report.ok:
         lines.append("ok")
     else:
-        lines.append(f"BAD rows: {row_ranges(report.bad_rows, limit=50)}; rerun the `embedx extract` command "
+        bad = f"BAD rows: {row_ranges(report.bad_rows, limit=50)}" if report.bad_rows else "BAD views"
+        lines.append(f"{bad}; rerun the `embedx extract` command "
                      "that made the cache to recompute them")
     return lines
 

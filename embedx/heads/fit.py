@@ -93,6 +93,32 @@ def _feature_rows(data, rows: np.ndarray) -> np.ndarray:
     return np.asarray(data.features, dtype=np.float32)[rows]
 
 
+def _view_rows(data, sources: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, clean row of each) of the cache's views of kind ``kind`` of rows ``sources``;
+    none for a cache without views or in-memory data without a file."""
+    path = getattr(data, "path", None)
+    dim = int(data.meta.feature_dim)
+    if not path or not Path(path).is_file():
+        return np.empty((0, dim), np.float32), np.empty(0, np.int64)
+    from embedx.cache import cache_info, read_views
+
+    if cache_info(path)["rows"] != len(data.keys):  # a CacheData read with splits=: its rows are not the file's
+        logger.warning("not using the views of %s: the data given hold a subset of its rows", path)
+        return np.empty((0, dim), np.float32), np.empty(0, np.int64)
+    views = read_views(path, sources=sources, kind=kind)
+    return views.features, views.source
+
+
+def _with_views(data, rows: np.ndarray, y_names: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Training features of ``rows`` followed by their augmented views (views of these rows only,
+    so a view never lands on the other side of a split from its image), labels, and the view count."""
+    X = _feature_rows(data, rows)
+    X_views, source = _view_rows(data, rows, "augment")
+    if not len(source):
+        return X, y_names[rows], 0
+    return np.concatenate([X, X_views]), np.concatenate([y_names[rows], y_names[source]]), len(source)
+
+
 def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(train, val, test) row indices, each ascending, and where val came from."""
     splits = np.asarray(data.splits).astype(str)
@@ -158,6 +184,7 @@ def fit_head(
     progress: ProgressCallback | None = None,
     adapt_to: str | Path | None = None,
     adapt: str | None = None,
+    views: bool = True,
 ) -> FitResult:
     """Train a head on a cache (path or ``CacheData``) and write its directory.
 
@@ -167,6 +194,8 @@ def fit_head(
     ``adapt`` (``heads.adapt.METHODS``, default ``heads.adapt.DEFAULT_METHOD``); val and test
     metrics are then of the source rows mapped as the head's training rows, and
     ``metrics["adaptation"]`` holds the guard's source-val accuracy before and after.
+    ``views``: train on the cache's augmented views of the training rows too (``extract
+    --views``); regularization is chosen and metrics reported on clean val rows only.
     """
     from embedx.metrics import plot_confusion_matrix, plot_reliability
 
@@ -203,23 +232,32 @@ def fit_head(
     def rows_of(rows: np.ndarray) -> np.ndarray:  # the source rows as the head trains on them
         return _feature_rows(data, rows) if adapter is None else adapter.source(_feature_rows(data, rows))
 
+    def train_set(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:  # + their views, if asked
+        X, y, n_views = _with_views(data, rows, y_names) if views else (_feature_rows(data, rows), y_names[rows], 0)
+        return (X if adapter is None else adapter.source(X)), y, n_views
+
     report(0, "fit")
     X_val = rows_of(val)
-    model.fit(rows_of(train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    X_train, y_train, n_views = train_set(train)
+    model.fit(X_train, y_train, X_val=X_val, y_val=y_names[val], copy=False)
     if adapter is not None and adapter.target_rows is not None:
         from embedx.heads.adapt import self_train
 
         model, adapter.info["self_training"] = self_train(adapter, model, lambda: make_head(head, **values),
-                                                          rows_of(train), y_names[train], X_val, y_names[val])
+                                                          X_train, y_train, X_val, y_names[val])
+    del X_train, y_train
     report(1, "metrics")
-    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
+    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val)),
+                               "n_train_views": int(n_views)}
     metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
     del X_val
     final = model
     if refit:
         report(2, "refit on train+val")
         rows = np.sort(np.concatenate([train, val]))
-        final = make_head(head, **fixed_params(model)).fit(rows_of(rows), y_names[rows], copy=False)
+        X_rows, y_rows, _ = train_set(rows)
+        final = make_head(head, **fixed_params(model)).fit(X_rows, y_rows, copy=False)
+        del X_rows, y_rows
         final.temperature_ = model.temperature_
         final.chosen_params_ = {**model.chosen_params_, "refit": "train+val"}
         final.sweep_ = model.sweep_
