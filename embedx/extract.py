@@ -749,7 +749,6 @@ def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None,
               shard: tuple[int, int] | None = None):
     """The cache's rows (every item whose key has features, in data set order) and errors;
     with ``shard``, only the items in ``run.members`` and the skipped entries of that shard."""
-    from embedx.data import split_for_key
     from embedx.shards import shard_of_path
 
     known_errors = writer.known_errors
