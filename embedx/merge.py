@@ -53,6 +53,7 @@ class MergeSummary:
     copied: int  # features (distinct keys) copied by this call
     reused: int  # features already in the output or its journal (a rerun), not copied again
     seconds: float
+    views: int = 0  # augmented view rows in the merged cache (``extract --views``)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +176,58 @@ def _merged_errors(parts: Sequence[_Part]) -> list[tuple[str, str, str]]:
     return sorted(entries, key=entries.__getitem__)
 
 
+def _check_same_views(parts: Sequence[_Part]) -> list[Any]:
+    """Each part's views (without features); ``CacheMismatchError`` unless all were made with
+    one views plan (or none has views)."""
+    from embedx.cache import read_views
+
+    views = [read_views(part.path, load_features=False) for part in parts]
+    plans = [json.dumps(view.plan, sort_keys=True) for view in views]
+    for part, plan in zip(parts[1:], plans[1:], strict=True):
+        if plan != plans[0]:
+            raise CacheMismatchError(
+                f"{part.path} was extracted with other views than {parts[0].path} (views: {plan} vs {plans[0]}); "
+                "extract every shard with the same --views and --augment"
+            )
+    return views
+
+
+def _copy_views(parts: Sequence[_Part], views: Sequence[Any], rows: Sequence[tuple[int, int]],
+                writer: Any) -> tuple[dict[str, Any] | None, int]:
+    """Copy the views of the merged rows (those not in ``writer`` yet), block by block; the
+    ``views`` argument of ``finalize`` (grouped by merged row, in each part's order, as a
+    single extraction writes them) and how many were copied."""
+    from embedx.cache import read_views
+
+    if not any(view.plan for view in views):
+        return None, 0
+    merged_row = {entry: index for index, entry in enumerate(rows)}
+    entries: list[tuple[int, int, str, str]] = []  # merged row, position in its part, key, name
+    copied = 0
+    for number, (part, view) in enumerate(zip(parts, views, strict=True)):
+        wanted: list[int] = []
+        for position, source in enumerate(view.source.tolist()):
+            row = merged_row.get((number, source))
+            if row is None:  # the clean row was a duplicate taken from another part
+                continue
+            key = str(view.keys[position])
+            entries.append((row, position, key, str(view.names[position])))
+            if not writer.has(key):
+                wanted.append(source)
+        sources = np.unique(np.asarray(wanted, dtype=np.int64))
+        for start in range(0, len(sources), BATCH_ROWS):
+            block = read_views(part.path, sources=sources[start : start + BATCH_ROWS])  # checksums checked
+            fresh = [i for i, key in enumerate(block.keys.tolist()) if not writer.has(key)]
+            if fresh:
+                writer.append([str(block.keys[i]) for i in fresh], block.features[fresh])
+                copied += len(fresh)
+    entries.sort(key=lambda entry: entry[:2])
+    seen: set[str] = set()
+    unique = [entry for entry in entries if not (entry[2] in seen or seen.add(entry[2]))]
+    return {"keys": [entry[2] for entry in unique], "source": [entry[0] for entry in unique],
+            "names": [entry[3] for entry in unique], "plan": views[0].plan}, copied
+
+
 def merge(
     parts: Sequence[str | Path],
     *,
@@ -200,6 +253,7 @@ def merge(
     output = Path(output)
     loaded = [_read_part(Path(path)) for path in parts]
     _check_same_extraction(loaded)
+    part_views = _check_same_views(loaded)
     warnings = _coverage_problems(loaded)
     if warnings and not allow_partial:
         raise ConfigError(f"the parts are not every shard of the data set once: {'; '.join(warnings)}; "
@@ -258,6 +312,8 @@ def merge(
                         progress(copied, total, {})
                 if at == len(wanted):
                     break
+        view_rows, copied_views = _copy_views(loaded, part_views, rows, writer)
+        copied += copied_views
         caches = [part.cache for part in loaded]
         writer.finalize(
             keys=[str(caches[n].keys[r]) for n, r in rows],
@@ -268,12 +324,13 @@ def merge(
             errors=errors,
             attrs=extra,
             stats=[tuple(caches[n].stats[r].tolist()) for n, r in rows] if with_stats else None,
+            views=view_rows,
         )
     summary = MergeSummary(
         output=str(output), parts=[str(part.path) for part in loaded],
         shards=[shard_text(part.cache.meta.shard) for part in loaded], images=len(rows), errors=len(errors),
         duplicates=duplicates, copied=copied, reused=reused,
-        seconds=time.perf_counter() - started, warnings=warnings,
+        seconds=time.perf_counter() - started, warnings=warnings, views=len(view_rows["keys"]) if view_rows else 0,
     )
     logger.info("merged %d parts into %s: %d rows, %d errors", len(loaded), output, summary.images, summary.errors)
     return summary

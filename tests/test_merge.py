@@ -277,3 +277,33 @@ def test_default_output_names_the_shard(tmp_path):
 
     assert default_output(tmp_path / "imgs", "tiny", shard=(2, 8)).name == "imgs-tiny-shard2of8.h5"
     assert default_output(tmp_path / "imgs", "tiny").name == "imgs-tiny.h5"
+
+
+def test_shards_with_views_merged_equal_one_extraction(tmp_path, backbone):  # noqa: F811
+    """Views (`extract --views`) of each shard's train images travel through merge: the merged
+    views (keys, clean rows, names, plan, feature bytes) equal one extraction's; parts made
+    with other views are refused."""
+    from embedx.cache import read_views
+
+    data = tmp_path / "data"
+    for i in range(10):
+        name = ("alpha", "beta")[i % 2]
+        write_image(data / ("train", "train", "val")[i % 3] / name / f"img_{i:02d}.jpg", name, i)
+    single = tmp_path / "single.h5"
+    run(data, backbone, single, views=2)
+    parts = [tmp_path / f"part-{i}.h5" for i in range(2)]
+    for i, part in enumerate(parts):
+        run(data, backbone, part, shard=(i, 2), views=2)
+    out = tmp_path / "all.h5"
+    summary = merge(parts, output=out)
+    assert_same_cache(out, single)
+    a, b = read_views(out), read_views(single)
+    assert summary.views == len(b.keys) == 2 * int((read_cache(single).splits == "train").sum()) > 0
+    for name in ("source", "names", "keys"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.plan == b.plan and a.features.tobytes() == b.features.tobytes()
+
+    other = tmp_path / "part-1-views3.h5"
+    run(data, backbone, other, shard=(1, 2), views=3)
+    with pytest.raises(CacheMismatchError, match=r"part-1-views3\.h5 was extracted with other views"):
+        merge([parts[0], other], output=tmp_path / "bad.h5")
