@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedx import __version__, untrusted
+from embedx import __version__, fsio, untrusted
 from embedx.errors import CacheMismatchError, ConfigError, HeadError, OnnxModelError
 from embedx.fsio import atomic_write, sha256_file
 
@@ -82,7 +82,7 @@ class HeadRecord:
     @classmethod
     def read(cls, directory: str | Path) -> HeadRecord:
         """The record of the head directory ``directory``; HeadError if it is missing or malformed."""
-        directory = Path(directory)
+        directory = _recovered(Path(directory))
         path = directory / HEAD_JSON
         if not path.is_file():
             raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
@@ -246,6 +246,33 @@ def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metr
     """
     cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint, "path": str(cache_path)}
     return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
+
+
+#: How long a reader waits for a live writer that is between its two renames.
+RESTORE_WAIT_SECONDS = 10.0
+
+
+def _recovered(directory: Path) -> Path:
+    """``directory``, or where its head is while a killed writer left it moved aside.
+
+    ``fsio.atomic_dir`` renames the old folder aside, then the new one in; a kill between the
+    two leaves no ``directory``. The reader puts the old one back under the writer lock (a
+    live writer finishes its swap first) and logs it; where it cannot (a read-only folder),
+    it reads the folder where it lies.
+    """
+    if fsio.moved_aside(directory) is None:
+        return directory
+    try:
+        with fsio.writer_lock(directory, what="head directory", error=HeadError, wait=RESTORE_WAIT_SECONDS):
+            fsio.restore_moved_aside(directory)
+        return directory
+    except (OSError, HeadError) as e:
+        previous = fsio.moved_aside(directory)
+        if previous is None:
+            return directory
+        logger.warning("%s is missing and its previous copy %s cannot be put back (%s); reading it there",
+                       directory, previous, e)
+        return previous
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:

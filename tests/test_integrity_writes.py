@@ -1,0 +1,156 @@
+"""Multi-file artifacts under kills and concurrent writers (issue 15, items 6 and the Build
+section): a head directory or a fine-tune output is the old one or the new one, never a mix;
+a folder a killed swap moved aside is put back by the next reader; one writer at a time, and
+the second is told who holds the lock. Kills here are real SIGKILLs of child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+
+from embedx.errors import HeadError
+from embedx.heads import load_head, make_head
+from tests.test_heads import write_cache
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+#: Run in a child: SIGKILL itself at the ``n``-th ``os.replace`` onto argv[1] (the target).
+KILL_AT_RENAME = """
+    import os, signal, sys
+    from pathlib import Path
+    target, n = Path(sys.argv[1]).resolve(), int(sys.argv[2])
+    real, seen = os.replace, [0]
+    def replace(src, dst):
+        if Path(dst).resolve() == target or Path(src).resolve() == target:
+            seen[0] += 1
+            if seen[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+    os.replace = replace
+"""
+
+
+@pytest.fixture
+def heads(tmp_path):
+    X, y = make_classification(n_samples=120, n_features=8, n_informative=4, n_classes=2, random_state=0)
+    X = X.astype(np.float32)
+    return {kind: make_head(kind).fit(X, np.array(["ants", "bees"])[y]) for kind in ("logreg", "knn")}
+
+
+@pytest.fixture
+def cache_file(tmp_path):
+    X, y = make_classification(n_samples=200, n_features=10, n_informative=5, n_classes=2, random_state=0)
+    return write_cache(tmp_path / "feats.h5", X.astype(np.float32), y, ["train"] * 150 + ["val"] * 50,
+                       ["ants", "bees"])
+
+
+# -- a head moved aside by a killed swap is found by readers ----------------------------------
+
+
+def test_a_head_moved_aside_by_a_killed_swap_is_restored_by_load_head(heads, tmp_path, caplog):
+    out = tmp_path / "h"
+    heads["logreg"].save(out)
+    heads["knn"].save(tmp_path / "knn")
+    # a real writer, SIGKILLed between atomic_dir's two renames (old aside, new not yet in)
+    child = _python(KILL_AT_RENAME + """
+    from embedx.heads import load_head
+    load_head(sys.argv[3]).save(target)
+    """, str(out), "2", str(tmp_path / "knn"))
+    child.communicate(timeout=120)
+    assert child.returncode == -9
+    assert not out.exists() and list(tmp_path.glob(".h.old.tmp-*/previous"))  # the state the kill left
+    with caplog.at_level("WARNING"):
+        head = load_head(out)
+    assert head.head_type == "logreg"  # the old head, whole
+    assert "restored" in caplog.text and str(out) in caplog.text
+    assert out.is_dir() and not list(tmp_path.glob(".h.old.tmp-*/previous"))
+    heads["knn"].save(out)  # the next writer cleans the empty aside folder and the killed run's temporary
+    assert load_head(out).head_type == "knn"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_reader_of_a_read_only_folder_reads_the_moved_aside_head_where_it_lies(heads, tmp_path, monkeypatch):
+    from embedx import fsio
+
+    out = tmp_path / "h"
+    heads["logreg"].save(out)
+    aside = tmp_path / ".h.old.tmp-killed"
+    aside.mkdir()
+    out.rename(aside / "previous")
+
+    def refused(target):
+        raise PermissionError(13, "Read-only file system", str(target))
+
+    monkeypatch.setattr(fsio, "restore_moved_aside", refused)
+    assert load_head(out).head_type == "logreg"
+    assert not out.exists()
+
+
+# -- one writer at a time ---------------------------------------------------------------------
+
+
+HOLD_HEAD_DIR = """
+    import sys
+    from embedx.heads.base import head_dir_writer
+    with head_dir_writer(sys.argv[1]) as work:
+        (work / "partial").write_text("half a head")
+        print("held", flush=True)
+        sys.stdin.read()
+"""
+
+
+def test_a_second_writer_of_a_head_directory_is_refused_naming_the_first(heads, cache_file, tmp_path):
+    out = tmp_path / "h"
+    heads["logreg"].save(out)
+    holder = _python(HOLD_HEAD_DIR, str(out))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "embedx", "fit-head", "--cache", str(cache_file), "-o",
+                                 str(out), "--head", "knn", "--json"], env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 1, second.stderr
+        lines = [line for line in second.stderr.splitlines() if "stage" not in line]  # progress bars aside
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert "another process is writing the head directory" in lines[0]
+        assert f"pid {holder.pid}" in lines[0]
+        with pytest.raises(HeadError, match=f"pid {holder.pid}"):
+            heads["knn"].save(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert load_head(out).head_type == "logreg"  # the killed holder changed nothing
+    heads["knn"].save(out)  # its lock died with it; its temporary is cleaned
+    assert load_head(out).head_type == "knn"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_two_fit_heads_at_once_leave_one_whole_head(cache_file, tmp_path):
+    out = tmp_path / "h"
+    runs = [subprocess.Popen([sys.executable, "-m", "embedx", "fit-head", "--cache", str(cache_file), "-o",
+                              str(out), "--head", kind, "--json"], env=_env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for kind in ("logreg", "knn")]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    for code, err in results:
+        assert code == 0 or (code == 1 and "another process is writing" in err), err
+    head = load_head(out)
+    record = head.record_.fields
+    assert head.head_type in ("logreg", "knn") and record["head_type"] == head.head_type
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "head.json", "reliability.png",
+                                                     "weights.safetensors"]
