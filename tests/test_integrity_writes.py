@@ -154,3 +154,83 @@ def test_two_fit_heads_at_once_leave_one_whole_head(cache_file, tmp_path):
     assert head.head_type in ("logreg", "knn") and record["head_type"] == head.head_type
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "head.json", "reliability.png",
                                                      "weights.safetensors"]
+
+
+# -- a record names its own files relative to its folder --------------------------------------
+
+
+def _head_with_onnx(heads, folder: Path, onnx_path: str, *, finetune: bool) -> Path:
+    import json
+
+    from embedx.fsio import sha256_file
+
+    heads["logreg"].save(folder)
+    (folder / "backbone.onnx").write_bytes(b"an onnx file")
+    record = json.loads((folder / "head.json").read_text())
+    record["cache"] = {"onnx_path": onnx_path, "onnx_sha256": sha256_file(folder / "backbone.onnx")}
+    if finetune:
+        record["finetune"] = {"epochs": 1}
+    (folder / "head.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_a_relative_backbone_path_is_read_inside_the_folder_wherever_it_moved(heads, tmp_path):
+    from embedx.heads.record import HeadRecord
+
+    folder = _head_with_onnx(heads, tmp_path / "ft", "backbone.onnx", finetune=True)
+    folder.rename(tmp_path / "moved")
+    assert HeadRecord.read(tmp_path / "moved").backbone_onnx() == tmp_path / "moved" / "backbone.onnx"
+
+
+def test_an_old_absolute_backbone_path_inside_the_folder_still_works(heads, tmp_path):
+    from embedx.heads.record import HeadRecord
+
+    folder = tmp_path / "ft"
+    _head_with_onnx(heads, folder, str((folder / "backbone.onnx").resolve()), finetune=True)
+    assert HeadRecord.read(folder).backbone_onnx() == (folder / "backbone.onnx").resolve()
+
+
+@pytest.mark.parametrize("onnx_path", ["../outside.onnx", "sub/../../outside.onnx", "ABSOLUTE"])
+def test_a_fine_tune_record_naming_a_file_outside_its_folder_is_refused(heads, tmp_path, onnx_path):
+    from embedx.heads.record import HeadRecord
+
+    (tmp_path / "outside.onnx").write_bytes(b"an onnx file")
+    if onnx_path == "ABSOLUTE":
+        onnx_path = str(tmp_path / "outside.onnx")
+    folder = _head_with_onnx(heads, tmp_path / "ft", onnx_path, finetune=True)
+    with pytest.raises(HeadError, match="outside the head directory"):
+        HeadRecord.read(folder).backbone_onnx()
+
+
+def test_a_fit_head_record_may_name_an_export_elsewhere_by_absolute_path(heads, tmp_path):
+    from embedx.heads.record import HeadRecord
+
+    (tmp_path / "export.onnx").write_bytes(b"an onnx file")
+    folder = _head_with_onnx(heads, tmp_path / "h", str(tmp_path / "export.onnx"), finetune=False)
+    (folder / "backbone.onnx").unlink()
+    assert HeadRecord.read(folder).backbone_onnx() == tmp_path / "export.onnx"
+    with pytest.raises(HeadError, match="outside the head directory"):  # a relative name stays inside
+        _head_with_onnx(heads, tmp_path / "h2", "../export.onnx", finetune=False)
+        HeadRecord.read(tmp_path / "h2").backbone_onnx()
+
+
+def test_a_second_bundle_writer_is_refused_naming_the_first(heads, tmp_path):
+    out = tmp_path / "model.onnx"
+    heads["logreg"].save(tmp_path / "h")
+    holder = _python("""
+        import sys
+        from embedx.bundle import _output_lock
+        with _output_lock(sys.argv[1]):
+            print("held", flush=True)
+            sys.stdin.read()
+    """, str(out))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "embedx", "bundle", "--head", str(tmp_path / "h"), "-o",
+                                 str(out)], env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert "another process is writing the bundle" in second.stderr and f"pid {holder.pid}" in second.stderr

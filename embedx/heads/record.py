@@ -214,7 +214,7 @@ class HeadRecord:
         if not onnx_path:
             raise HeadError(f"{self._where()} has no cache.onnx_path; refit the head with `embedx fit-head` "
                             "from a cache made by this embedx version")
-        path = Path(onnx_path)
+        path = self._own_file(onnx_path, "cache.onnx_path")
         if not path.is_file():
             raise OnnxModelError(
                 f"the backbone ONNX this head was trained on, {path}, is missing; re-export it with "
@@ -231,6 +231,24 @@ class HeadRecord:
                     "export, or restore the original ONNX file"
                 )
         return path
+
+    def _own_file(self, name: str, field_name: str) -> Path:
+        """The file a field names. A relative name is the folder's own file (a fine-tune output
+        names its backbone ``backbone.onnx``): it must stay inside the folder. An absolute one is
+        taken as it is (a fit-head record names the export it used), except in a fine-tune
+        record, whose files all live in its folder: older ones recorded them by absolute path,
+        accepted while it leads inside the folder."""
+        path = Path(name)
+        if self.directory is None:
+            return path
+        inside = self.directory.resolve()
+        if path.is_absolute() and "finetune" not in self.fields:
+            return path
+        resolved = (self.directory / path).resolve()
+        if resolved != inside and inside not in resolved.parents:
+            raise HeadError(f"{self._where()}: {field_name} {name!r} leads to {resolved}, outside the head directory "
+                            f"{inside}; a head's own files stay in its folder: refit or fine-tune it again")
+        return self.directory / path if not path.is_absolute() else path
 
     def _where(self) -> str:
         return str(self.directory / HEAD_JSON) if self.directory is not None else HEAD_JSON
