@@ -23,7 +23,7 @@ from typing import Any
 
 from embedx import __version__, onnxmeta
 from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
-from embedx.fsio import atomic_path, make_parent, remove_stale_temporaries
+from embedx.fsio import atomic_path, make_parent, remove_stale_temporaries, writer_lock
 from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
@@ -43,13 +43,25 @@ _PROTO_LIMIT = 2_000_000_000
 def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = False, force: bool = False) -> Path:
     """Write backbone + head + softmax as one ONNX file at ``output``; return its path.
 
-    An existing ``output`` that is not an embedx bundle is only replaced with ``force``.
+    An existing ``output`` that is not an embedx bundle is only replaced with ``force``;
+    ``<output>.lock`` is held throughout (``fsio.writer_lock``).
     """
+    check_output(output, force=force)  # before any work
+    make_parent(output, what="bundle")
+    with _output_lock(output):
+        return _bundle(head_dir, output, with_preprocess=with_preprocess, force=force)
+
+
+def _output_lock(output: str | Path):
+    """One writer of a bundle at a time: a second gets a one-line ConfigError naming the first."""
+    return writer_lock(output, what="bundle", error=ConfigError)
+
+
+def _bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool, force: bool) -> Path:
     import onnx
 
     from embedx.heads import HeadRecord, load_head
 
-    check_output(output, force=force)  # before any work
     record = HeadRecord.read(head_dir)
     onnx_path = record.backbone_onnx()  # checked before the head's weights are read
     head = load_head(record)
@@ -80,7 +92,7 @@ def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = 
         with_preprocess=with_preprocess,
         metadata=metadata,
     )
-    return save(model, output, force=force)
+    return _save(model, Path(output), force=force)
 
 
 def compose(
@@ -260,13 +272,20 @@ def save(model: Any, output: str | Path, *, force: bool = False) -> Path:
     """Write to a temporary name beside ``output``, then rename (no half-written bundles).
 
     Temporaries that a killed earlier run left beside ``output`` are deleted first; an existing
-    ``output`` must be a bundle unless ``force`` (``check_output``).
+    ``output`` must be a bundle unless ``force`` (``check_output``); ``<output>.lock`` is held
+    while writing.
     """
-    import onnx
-
     output = Path(output)
     check_output(output, force=force)
     make_parent(output, what="bundle")
+    with _output_lock(output):
+        return _save(model, output, force=force)
+
+
+def _save(model: Any, output: Path, *, force: bool) -> Path:
+    import onnx
+
+    check_output(output, force=force)
     removed = remove_stale_temporaries(output.parent, output.name)
     if removed:
         logger.info("removed %d temporary file(s) a killed earlier run left beside %s", removed, output)

@@ -15,11 +15,12 @@ format is documented in docs/cache-format.md; in short:
 * ``CacheMeta.fingerprint`` says which model made the features; a cache or journal
   with another fingerprint is never reused silently (``CacheMismatchError``).
 * One writer at a time: ``<cache>.lock`` is taken without waiting
-  (``CacheLockedError`` for the second process).
+  (``fsio.writer_lock``; ``CacheLockedError`` naming the holder for the second process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import json
 import logging
@@ -42,10 +43,12 @@ from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
 from embedx.fsio import (
     atomic_path,
     atomic_write,
+    lock_path,  # noqa: F401 - part of the cache API (where the writer lock lives)
     make_parent,
     remove_stale_temporaries,
     sha256_bytes,
     sha256_file,
+    writer_lock,
 )
 
 logger = logging.getLogger(__name__)
@@ -208,11 +211,6 @@ def journal_dir(path: str | Path) -> Path:
     """Where the resume journal of cache ``path`` lives."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
-
-
-def lock_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".lock")
 
 
 class CacheChecksumError(CacheError):
@@ -723,17 +721,9 @@ class CacheWriter:
         self.close()
 
     def open(self) -> CacheWriter:
-        from filelock import FileLock, Timeout
-
         make_parent(self.path, what="feature cache")
-        lock = FileLock(str(lock_path(self.path)), timeout=0)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout as e:
-            raise CacheLockedError(
-                f"another process is writing {self.path} (lock {lock_path(self.path)} is held); "
-                "wait for it to finish or write to another file with -o"
-            ) from e
+        lock = contextlib.ExitStack()
+        lock.enter_context(writer_lock(self.path, what="feature cache", error=CacheLockedError))
         self._lock = lock
         remove_stale_temporaries(self.path.parent, self.path.name)  # a finalize that was killed (we hold the lock)
         try:
@@ -746,7 +736,7 @@ class CacheWriter:
 
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.release()
+            self._lock.close()
             self._lock = None
 
     def _mismatch(self, what: str, other: CacheMeta) -> CacheMismatchError:

@@ -220,13 +220,16 @@ def _export_torch(module: Any, *, path: Path, name: str, weights_tag: str, weigh
 
 def export_backbone(backbone: str, *, weights: str | Path | None = "DEFAULT", layer: str | None = None,
                     output: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                    force: bool = False, progress: ProgressCallback | None = None) -> ExportResult:
+                    force: bool = False, progress: ProgressCallback | None = None,
+                    weights_arg: str | None = None) -> ExportResult:
     """Export registry backbone ``backbone`` to a verified ONNX feature extractor.
 
     Cached under ``paths.onnx_dir()``: a second call with the same arguments returns at
     once with ``cached=True``.  ``output`` also writes the file there.  ``force``
     rebuilds even when a valid cached export exists.  ``progress`` is called once per
-    stage of ``EXPORT_STAGES`` (not at all for a cached export).
+    stage of ``EXPORT_STAGES`` (not at all for a cached export).  ``weights_arg``: the
+    weights argument recorded (default: the resolved ``weights``), for a weights file
+    written under a temporary name that will be renamed to this one (fine-tuning).
     """
     from embedx.backbones import build_feature_extractor
 
@@ -244,7 +247,7 @@ def export_backbone(backbone: str, *, weights: str | Path | None = "DEFAULT", la
         _report(progress, "build")
         module = build_feature_extractor(spec.name, weights=choice.arg, layer=layer)
         return _export_torch(module, path=path, name=spec.name, weights_tag=choice.tag,
-                             weights_arg=choice.arg, feature_layer=layer, preprocess=preprocess,
+                             weights_arg=weights_arg or choice.arg, feature_layer=layer, preprocess=preprocess,
                              fingerprint=fingerprint, opset=opset, progress=progress)
 
     return cached_or_build(spec.name, fingerprint, build, output=output, force=force)

@@ -6,7 +6,11 @@ temporary name beside the target, are fsynced, and are renamed over the target l
 reader sees the old file or the new one, never a mix. A failed write removes its temporary
 file. Temporary names start with ``.`` and contain ``.tmp-`` so that folder listings skip them
 and a later run can recognise (and :func:`remove_stale_temporaries` can delete) what a killed
-run left behind.
+run left behind. A folder that a killed :func:`atomic_dir` had moved aside and not yet replaced
+is put back (:func:`restore_moved_aside`), by the next writer and by readers alike.
+
+One writer at a time: :func:`writer_lock` takes ``<target>.lock`` without waiting and writes
+who holds it into the file, so that the second writer's one-line error names the first.
 
 torch-free and numpy-free: imported by every stage.
 """
@@ -18,7 +22,10 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
 TEMP_MARK = ".tmp-"
+#: The name under which :func:`atomic_dir` keeps the previous folder while it swaps.
+ASIDE_NAME = "previous"
 
 
 def make_parent(path: str | Path, *, what: str) -> None:
@@ -129,13 +138,13 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
         if target.exists() or target.is_symlink():
             if not replace:
                 raise FileExistsError(f"{target} exists")
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old{TEMP_MARK}"))
-            os.replace(target, old / "previous")
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_aside_prefix(target)))
+            os.replace(target, old / ASIDE_NAME)
         os.replace(work, target)
         _fsync_dir(target.parent)
     except BaseException:
-        if old is not None and not target.exists():
-            os.replace(old / "previous", target)  # put the previous folder back
+        if old is not None and not target.exists() and (old / ASIDE_NAME).exists():
+            os.replace(old / ASIDE_NAME, target)  # put the previous folder back
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,15 +152,99 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _aside_prefix(target: Path) -> str:
+    return f".{target.name}.old{TEMP_MARK}"
+
+
+def moved_aside(target: str | Path) -> Path | None:
+    """The previous ``target`` folder that an :func:`atomic_dir` killed between its two renames
+    left aside (``target`` itself is then missing), or None."""
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    for aside in sorted(target.parent.glob(f"{_aside_prefix(target)}*")):
+        if (aside / ASIDE_NAME).is_dir():
+            return aside / ASIDE_NAME
+    return None
+
+
+def restore_moved_aside(target: str | Path) -> bool:
+    """Put back the folder :func:`moved_aside` finds; True if one was restored. The caller
+    holds ``target``'s :func:`writer_lock` (a live writer's swap is not undone)."""
+    target = Path(target)
+    previous = moved_aside(target)
+    if previous is None:
+        return False
+    os.replace(previous, target)
+    _fsync_dir(target.parent)
+    logger.warning("restored %s, which an interrupted write had moved aside", target)
+    return True
+
+
 def remove_stale_temporaries(folder: str | Path, name: str) -> int:
-    """Delete temporaries that killed writers of ``folder/name`` left; returns how many."""
+    """Clean what killed writers of ``folder/name`` left: a previous folder moved aside and not
+    replaced is put back first (:func:`restore_moved_aside`), then every temporary is deleted;
+    returns how many were deleted. Call it holding the target's :func:`writer_lock`."""
+    restore_moved_aside(Path(folder) / name)
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in Path(folder).iterdir():
-            if entry.name.startswith(f".{name}{TEMP_MARK}") or entry.name.startswith(f".{name}.old{TEMP_MARK}"):
+            if entry.name.startswith(f".{name}{TEMP_MARK}") or entry.name.startswith(_aside_prefix(Path(name))):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+# -- one writer at a time ------------------------------------------------------------------
+
+
+def lock_path(target: str | Path) -> Path:
+    """``<target>.lock``, beside the file or folder it guards."""
+    target = Path(target)
+    return target.with_name(target.name + ".lock")
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock file ``path``, as its holder wrote it (one line), or a placeholder."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(300).decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    text = " ".join(text.split())
+    return text or "a process that did not say who it is"
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, *, what: str, error: type[Exception], wait: float = 0.0) -> Iterator[Path]:
+    """Hold ``<target>.lock`` (a ``filelock.FileLock``: an OS lock, gone with its process) while
+    writing ``target``; yields the lock file's path.
+
+    Taken without waiting (or for up to ``wait`` seconds); when another process holds it,
+    ``error`` is raised with one line naming ``what``, the target and who holds it (the pid,
+    host, command and start time the holder wrote into the lock file). A second writer in the
+    same process is refused the same way.
+    """
+    from filelock import FileLock, Timeout
+
+    path = lock_path(target)
+    lock = FileLock(str(path), timeout=wait)
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout as e:
+        raise error(f"another process is writing the {what} {target} (lock {path} held by {_holder(path)}); wait "
+                    "for it to finish or write to another -o") from e
+    try:
+        command = " ".join(Path(arg).name if i == 0 else arg for i, arg in enumerate(sys.argv[:4]))
+        with contextlib.suppress(OSError), open(path, "r+b") as handle:  # the flock holds, not the contents
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({command[:120]}) since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode("utf-8", "replace"))
+        yield path
+    finally:
+        with contextlib.suppress(OSError), open(path, "r+b") as handle:
+            handle.truncate(0)
+        lock.release()

@@ -212,7 +212,8 @@ def test_one_epoch_writes_a_head_dir_on_the_fine_tuned_backbone(finetuned):
     assert info["head_type"] == "logreg" and info["classes"] == ["blue", "red"]
     cache = info["cache"]
     assert cache["backbone"] == BACKBONE
-    assert Path(cache["onnx_path"]) == (out / "backbone.onnx").resolve() == result.onnx_path.resolve()
+    assert cache["onnx_path"] == "backbone.onnx"  # relative to the folder, which may move
+    assert head.record_.backbone_onnx() == out / "backbone.onnx" == result.onnx_path
     assert cache["weights_arg"] == str((out / "backbone.safetensors").resolve())
     assert cache["weights_tag"].startswith("file:")
     assert cache["preprocess"]["input_size"] == SMALL["input_size"]
@@ -271,6 +272,29 @@ def test_fine_tuned_head_works_with_predict_and_bundle(finetuned, tmp_path):
         assert probs_a == pytest.approx(probs_b, abs=1e-4)
 
 
+def test_predict_and_bundle_put_back_an_output_a_killed_swap_moved_aside(finetuned, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from embedx.cli.main import cli
+
+    data, _, result = finetuned
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.old.tmp-killed"
+    aside.mkdir()
+    shutil.copytree(result.output_dir, aside / "previous")  # what a kill between the two renames leaves
+    image = str(sorted((data / "val" / "red").glob("*.png"))[0])
+    runner = CliRunner()
+    by_head = runner.invoke(cli, ["predict", "--head", str(out), "--json", "--device", "cpu", image])
+    assert by_head.exit_code == 0, by_head.output
+    assert out.is_dir() and not (aside / "previous").exists()
+    shutil.move(out, aside / "previous")
+    made = runner.invoke(cli, ["bundle", "--head", str(out), "-o", str(tmp_path / "model.onnx")])
+    assert made.exit_code == 0, made.output
+    assert out.is_dir() and (tmp_path / "model.onnx").is_file()
+
+
 def test_training_loss_goes_down(start, tmp_path):
     data, head_dir = start
     result = ft.finetune(head_dir, data, epochs=3, lr=3e-3, augment=False, reinit_head=True,
@@ -303,31 +327,170 @@ def test_interrupted_run_resumes_after_the_last_finished_epoch(start, tmp_path):
     assert (out / "head.json").is_file()
 
 
-def test_killed_while_writing_the_head_leaves_no_old_head_json_beside_new_weights(finetuned, tmp_path,
-                                                                                   monkeypatch):
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of an output but the carried-over checkpoint, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.parent.name != "train"}
+
+
+def _old_output(result, out: Path) -> dict[str, bytes]:
+    """A copy of a finished output at ``out``, marked so that none of its files equals a rerun's."""
+    import json
     import shutil
 
+    shutil.copytree(result.output_dir, out)
+    record = json.loads((out / "head.json").read_text())
+    record["temperature"] = 1.5
+    record["finetune"]["marker"] = "old"
+    (out / "head.json").write_text(json.dumps(record))
+    for name in ("backbone.safetensors", "backbone.onnx"):
+        (out / name).write_bytes((out / name).read_bytes() + b"\0")  # load_head does not read them
+    for name in ("confusion_matrix.png", "reliability.png", "finetune.json"):
+        (out / name).write_bytes((out / name).read_bytes() + b"old")
+    (out / "old-plot.png").write_bytes(b"an old plot the new output does not have")
+    return _snapshot(out)
+
+
+def _new_output_is_whole(out: Path) -> None:
+    """The files of one run: none of the old ones, and head.json names these very files."""
+    import json
+
+    from embedx.fsio import sha256_file
+    from embedx.heads import load_head
+
+    assert not (out / "old-plot.png").exists()
+    record = load_head(out).record_
+    assert record.fields["finetune"].get("marker") is None
+    assert sha256_file(record.backbone_onnx()) == record.cache["onnx_sha256"]
+    assert record.cache["weights_tag"] == "file:" + sha256_file(out / "backbone.safetensors")[:16]
+    assert json.loads((out / "finetune.json").read_text())["result"]["onnx_path"] == "backbone.onnx"
+
+
+@pytest.mark.parametrize("step", [pytest.param("weights", marks=pytest.mark.slow), "plots",
+                                  pytest.param("head", marks=pytest.mark.slow), "report", "swap"])
+def test_killed_while_writing_leaves_the_old_output_whole(finetuned, tmp_path, monkeypatch, step):
+    import os
+
+    from embedx.finetune import artifacts, train
     from embedx.heads.record import HeadRecord
 
     data, head_dir, result = finetuned
     out = tmp_path / "out"
-    shutil.copytree(result.output_dir, out)
-
-    def killed(self, directory):
-        raise KeyboardInterrupt  # the rerun dies after the new weights, before its head.json
-
+    before = _old_output(result, out)
     monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(HeadRecord, "write", killed)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and ".tmp-" in Path(src).name:
+            raise KeyboardInterrupt  # the swap itself fails: the old folder goes back
+        return real_replace(src, dst)
+
+    target = {"weights": (artifacts, "_save_backbone_weights"), "plots": ("embedx.metrics.plot_reliability", None),
+              "head": (HeadRecord, "write"), "report": (train, "_write_report"), "swap": (os, "replace")}[step]
+    if target[1] is None:
+        monkeypatch.setattr(target[0], killed)
+    else:
+        monkeypatch.setattr(*target, replace if step == "swap" else killed)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(head_dir, data, epochs=1, output=out, **FAST)  # resumes after epoch 1: writes at once
-    assert not (out / "head.json").exists()  # no head, never the old head.json over the new weights
-    (out / ".backbone.onnx.tmp-killed").write_bytes(b"half")
-    (out / "train" / ".checkpoint.pt.tmp-killed").write_bytes(b"half")
     monkeypatch.undo()
-    monkeypatch.setenv("EMBEDX_CACHE_DIR", str(tmp_path / "cache"))
-    ft.finetune(head_dir, data, epochs=1, output=out, **FAST)  # the next run cleans up and writes a whole head
-    assert (out / "head.json").is_file()
-    assert not [p for p in [*out.iterdir(), *(out / "train").iterdir()] if ".tmp-" in p.name]
+    assert _snapshot(out) == before  # the old output, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+#: A child that runs the rerun and SIGKILLs itself at the ``n``-th rename onto or from the output.
+KILLED_RERUN = """
+import os, signal, sys
+from pathlib import Path
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+real, seen = os.replace, [0]
+def replace(src, dst):
+    if out in (Path(src), Path(dst)):
+        seen[0] += 1
+        if seen[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+if n == 0:  # killed while writing the new folder
+    import embedx.metrics
+    embedx.metrics.plot_reliability = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+from embedx import finetune as ft
+ft.finetune(sys.argv[3], sys.argv[4], epochs=1, output=out, batch_size=8, num_workers=0, unfreeze=1)
+"""
+
+
+@pytest.mark.parametrize("rename", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
+                                    2, pytest.param(3, marks=pytest.mark.slow)])
+def test_sigkill_at_any_point_of_the_swap_leaves_old_or_new(finetuned, tmp_path, rename):
+    """0: while writing the new folder; 1: as the old one is moved aside; 2: after that, before the
+    new one is renamed in; 3: after the swap, before the old copy is deleted (a no-op rename)."""
+    import os
+    import subprocess
+    import sys
+
+    from embedx.heads import load_head
+
+    data, head_dir, result = finetuned
+    out = tmp_path / "out"
+    before = _old_output(result, out)
+    env = {**os.environ, "EMBEDX_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    child = subprocess.run([sys.executable, "-c", KILLED_RERUN, str(out), str(rename), str(head_dir), str(data)],
+                           env=env, capture_output=True, text=True, timeout=600)
+    if rename == 3:  # no third rename: the run finishes, the new output is in place
+        assert child.returncode == 0, child.stderr
+        _new_output_is_whole(out)
+        return
+    assert child.returncode == -9, child.stderr
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # what the kill left beside it
+    if rename == 2:
+        assert not out.exists()  # moved aside, the new one not yet in: readers put the old one back
+    load_head(out)
+    assert _snapshot(out) == before
+    # the next run cleans what the killed one left, and writes the new output whole
+    ft.finetune(head_dir, data, epochs=1, output=out, **FAST)
+    _new_output_is_whole(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(finetuned, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from embedx.errors import HeadError
+
+    data, head_dir, result = finetuned
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from embedx.finetune.artifacts import output_lock\n"
+         "with output_lock(__import__('pathlib').Path(sys.argv[1])):\n print('held', flush=True); sys.stdin.read()",
+         str(out)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(HeadError, match=f"another process is writing the fine-tuning output .*pid {holder.pid}"):
+            ft.finetune(head_dir, data, epochs=1, output=out, **FAST)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "train").exists()  # refused before any work
+
+
+def test_an_output_folder_of_something_else_is_refused(finetuned, tmp_path):
+    from embedx.errors import HeadError
+
+    data, head_dir, _ = finetuned
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(HeadError, match="not a fine-tuning output"):
+        ft.finetune(head_dir, data, epochs=1, output=tmp_path / "mine", **FAST)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(finetuned):

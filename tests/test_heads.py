@@ -635,7 +635,7 @@ def test_refit_without_plots_leaves_no_old_plots(cache_file, tmp_path):
 
 
 def test_stale_temporaries_of_a_killed_save_are_cleaned_and_a_moved_head_restored(fitted, tmp_path):
-    from embedx.heads.base import restore_interrupted_dir
+    from embedx.fsio import restore_moved_aside
 
     out = tmp_path / "h"
     fitted["logreg"].save(out)
@@ -648,7 +648,7 @@ def test_stale_temporaries_of_a_killed_save_are_cleaned_and_a_moved_head_restore
     aside = tmp_path / ".h.old.tmp-killed"
     aside.mkdir()
     out.rename(aside / "previous")
-    assert restore_interrupted_dir(out)
+    assert restore_moved_aside(out)
     assert load_head(out).head_type == "knn" and not (aside / "previous").exists()
     aside.rmdir()
     out.rename(tmp_path / "moved")

@@ -106,3 +106,26 @@ def test_verify_of_a_cache_that_is_not_one(tmp_path):
     (tmp_path / "x.h5").write_bytes(b"nope")
     result = cli_run("verify", tmp_path / "x.h5")
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and "not a readable HDF5" in result.stderr
+
+
+def test_an_int8_cache_is_re_embedded_at_its_measured_tolerance(made):
+    """int8 rows were skipped; now they are compared with the fp32 model at 0.95 (measured: worst
+    0.9695 on hymenoptera with efficientnet_lite0). A row of other features (checksum rewritten
+    to match, so only the re-embedding can see it) is named."""
+    from embedx.verify import MIN_COSINES, tolerance_for
+
+    data, out = made
+    with h5py.File(out, "r+") as handle:
+        meta = json.loads(handle.attrs["meta"])
+        handle.attrs["meta"] = json.dumps({**meta, "precision": "int8"})
+    report = verify(out, sample=12)
+    assert report.ok and not report.reembed_skipped and len(report.cosines) == 12
+    assert report.tolerance == MIN_COSINES["int8"] == 0.95
+    with h5py.File(out, "r+") as handle:
+        row = -np.asarray(handle["features"][5], dtype=np.float32)  # cosine -1 to the image's features
+        handle["features"][5] = row.astype(handle["features"].dtype)
+        handle[cache.CHECKSUMS][5] = cache.row_checksums(handle["features"][5:6])[0]
+    report = verify(out, sample=12)
+    assert report.checksum_rows == [] and report.low_cosine_rows == [5] and report.bad_rows == [5]
+    assert tolerance_for("fp16") == 0.999 and tolerance_for("int8", "gpu") == 0.95
+    assert tolerance_for("fp32", "gpu") == 0.98

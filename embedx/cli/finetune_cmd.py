@@ -24,7 +24,7 @@ class UnfreezeType(click.ParamType):
 
 
 @click.command("finetune")
-@click.option("--head", "head_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--head", "head_dir", required=True, type=click.Path(file_okay=False),
               help="Head directory from `embedx fit-head` (the linear probe to start from).")
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--unfreeze", default="all", show_default=True, type=UnfreezeType(),

@@ -9,7 +9,7 @@ import click
 
 
 @click.command("bundle")
-@click.option("--head", "head_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--head", "head_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Head directory written by `embedx fit-head`.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the bundle (.onnx).")
@@ -47,7 +47,7 @@ def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, force: b
 @click.command("predict")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bundle written by `embedx bundle` (needs only onnxruntime).")
-@click.option("--head", "head_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--head", "head_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A head directory: runs its backbone ONNX, then the head.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")

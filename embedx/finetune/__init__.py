@@ -23,6 +23,10 @@ Output directory::
     train/checkpoint.pt              after each epoch: model, best model so far, optimizer,
                                      schedule, rng, history (what a resume continues from)
 
+written to a new folder and swapped in as a whole when the run ends (``artifacts.output_writer``),
+so a kill leaves the old output or the new one; head.json and finetune.json name these files
+relative to the folder.
+
 Modules:
 
 - ``data``: (path, label) lists in the head's class order, the dataset, augmentation.

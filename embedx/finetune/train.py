@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from embedx.errors import ConfigError
-from embedx.finetune.artifacts import _write_artifacts, _write_report, remove_stale_temporaries
+from embedx.finetune.artifacts import (
+    BACKBONE_ONNX_FILE,
+    BACKBONE_WEIGHTS_FILE,
+    _write_artifacts,
+    _write_report,
+    check_output,
+    output_lock,
+    output_writer,
+    remove_stale_temporaries,
+)
 from embedx.finetune.checkpoint import (
     CHECKPOINT_FILE,
     TRAIN_SUBDIR,
@@ -179,41 +188,45 @@ def finetune(
         seed=int(seed),
         reinit_head=bool(reinit_head),
     )
+    check_output(output_dir)
     make_parent(output_dir, what="fine-tuning output")
-    checkpoint_path = output_dir / TRAIN_SUBDIR / CHECKPOINT_FILE
-    if removed := remove_stale_temporaries(output_dir):
-        logger.info("removed %d temporary file(s) a killed earlier run left in %s", removed, output_dir)
-    checkpoint = _resumable_checkpoint(checkpoint_path, config.to_dict()) if resume else None
+    with output_lock(output_dir):  # the whole run: checkpoints, then the swap
+        if removed := remove_stale_temporaries(output_dir):
+            logger.info("removed %d temporary file(s) a killed earlier run left beside and in %s", removed,
+                        output_dir)
+        check_output(output_dir)
+        checkpoint_path = output_dir / TRAIN_SUBDIR / CHECKPOINT_FILE
+        checkpoint = _resumable_checkpoint(checkpoint_path, config.to_dict()) if resume else None
 
-    loaders = _make_loaders(start, train_items, val_items, config, num_workers=num_workers, device=torch_device)
-    # Before anything moves: the composed torch model must agree with the saved head.
-    probe = _first_images(loaders.eval_set, 4)
-    composition_error = None if reinit_head else check_composition(start, probe)
-    training = _make_training(start, trainable, config, epochs=epochs, train_count=len(train_items),
-                              val_count=len(val_items), device=torch_device)
-    if checkpoint is not None:
-        state = _resume(training, checkpoint)
-        logger.info("resuming %s after epoch %d of %d", checkpoint_path, state.start_epoch, epochs)
-    else:
-        state = _evaluate_the_probe(training, loaders.val, composition_error)
+        loaders = _make_loaders(start, train_items, val_items, config, num_workers=num_workers, device=torch_device)
+        # Before anything moves: the composed torch model must agree with the saved head.
+        probe = _first_images(loaders.eval_set, 4)
+        composition_error = None if reinit_head else check_composition(start, probe)
+        training = _make_training(start, trainable, config, epochs=epochs, train_count=len(train_items),
+                                  val_count=len(val_items), device=torch_device)
+        if checkpoint is not None:
+            state = _resume(training, checkpoint)
+            logger.info("resuming %s after epoch %d of %d", checkpoint_path, state.start_epoch, epochs)
+        else:
+            state = _evaluate_the_probe(training, loaders.val, composition_error)
 
-    for epoch in range(state.start_epoch, epochs):
-        _train_one_epoch(training, loaders, state, epoch=epoch, epochs=epochs, seed=seed, progress=progress)
-        _save_checkpoint(checkpoint_path, {
-            "config": config.to_dict(),
-            "epoch": epoch + 1,
-            "model": training.model.state_dict(),
-            "best_model": state.best_state,
-            "optimizer": training.optimizer.state_dict(),
-            "scheduler": training.scheduler.state_dict(),
-            "scaler": training.scaler.state_dict() if training.scaler is not None else None,
-            "history": state.history,
-            "best": state.best,
-            "initial": state.initial,
-        })
+        for epoch in range(state.start_epoch, epochs):
+            _train_one_epoch(training, loaders, state, epoch=epoch, epochs=epochs, seed=seed, progress=progress)
+            _save_checkpoint(checkpoint_path, {
+                "config": config.to_dict(),
+                "epoch": epoch + 1,
+                "model": training.model.state_dict(),
+                "best_model": state.best_state,
+                "optimizer": training.optimizer.state_dict(),
+                "scheduler": training.scheduler.state_dict(),
+                "scaler": training.scaler.state_dict() if training.scaler is not None else None,
+                "history": state.history,
+                "best": state.best,
+                "initial": state.initial,
+            })
 
-    return _finish(start, training, state, config, head_dir=head_dir, output_dir=output_dir, epochs=epochs,
-                   val_loader=loaders.val, started=started)
+        return _finish(start, training, state, config, head_dir=head_dir, output_dir=output_dir, epochs=epochs,
+                       val_loader=loaders.val, started=started)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -383,21 +396,23 @@ def _finish(start: _Start, training: _Training, state: _State, config: FinetuneC
         "history": state.history,
         "device": str(training.device),
     }
-    exported, weights_path, parity = _write_artifacts(start, model, output_dir, val_loader=val_loader, record=record)
-    result = FinetuneResult(
-        output_dir=output_dir,
-        best_val_accuracy=float(best["val_accuracy"]),
-        history=tuple(state.history),
-        seconds=time.perf_counter() - started,
-        onnx_path=Path(exported.path),
-        initial_val_accuracy=None if initial is None else float(initial["val_accuracy"]),
-        best_epoch=int(best["epoch"]),
-        backbone_weights=weights_path,
-        resumed_from_epoch=state.start_epoch,
-        device=str(training.device),
-        parity=parity,
-    )
-    _write_report(output_dir, record, result.to_dict())
+    with output_writer(output_dir) as work:  # all of it, then swapped in as a whole
+        exported, parity = _write_artifacts(start, model, work, final_dir=output_dir, val_loader=val_loader,
+                                            record=record)
+        result = FinetuneResult(
+            output_dir=output_dir,
+            best_val_accuracy=float(best["val_accuracy"]),
+            history=tuple(state.history),
+            seconds=time.perf_counter() - started,
+            onnx_path=output_dir / BACKBONE_ONNX_FILE,
+            initial_val_accuracy=None if initial is None else float(initial["val_accuracy"]),
+            best_epoch=int(best["epoch"]),
+            backbone_weights=output_dir / BACKBONE_WEIGHTS_FILE,
+            resumed_from_epoch=state.start_epoch,
+            device=str(training.device),
+            parity=parity,
+        )
+        _write_report(work, record, result.to_dict())
     logger.info("fine-tuned head in %s: val accuracy %s -> %.4f (epoch %d), %.1f s", output_dir,
                 "n/a" if initial is None else f"{initial['val_accuracy']:.4f}", best["val_accuracy"], best["epoch"],
                 result.seconds)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
-from embedx.fsio import TEMP_MARK, atomic_dir, make_parent, remove_stale_temporaries
+from embedx.fsio import atomic_dir, make_parent, remove_stale_temporaries, writer_lock
 from embedx.heads.adapt import load_transform, write_transform
 from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
@@ -369,17 +368,19 @@ def all_finite(X: np.ndarray) -> bool:
 def head_dir_writer(directory: str | Path) -> Iterator[Path]:
     """Yield an empty folder that replaces the head directory ``directory`` as a whole on success.
 
-    What a killed earlier writer left beside it is cleaned first: a previous head it had moved
-    aside and not yet replaced is put back, other temporaries are deleted. An existing folder
-    that is not a head directory (no head.json, not empty) is never replaced: HeadError.
+    One writer at a time: ``<directory>.lock`` (``fsio.writer_lock``) is held throughout, and a
+    second writer gets a one-line HeadError naming the first. What a killed earlier writer left
+    beside it is cleaned first: a previous head it had moved aside and not yet replaced is put
+    back, other temporaries are deleted. An existing folder that is not a head directory (no
+    head.json, not empty) is never replaced: HeadError.
     """
     directory = Path(directory)
-    check_head_output(directory)
     make_parent(directory, what="head directory")
-    restore_interrupted_dir(directory)
-    remove_stale_temporaries(directory.parent, directory.name)
-    with atomic_dir(directory) as work:
-        yield work
+    with writer_lock(directory, what="head directory", error=HeadError):
+        remove_stale_temporaries(directory.parent, directory.name)
+        check_head_output(directory)
+        with atomic_dir(directory) as work:
+            yield work
 
 
 def check_head_output(directory: str | Path) -> None:
@@ -391,20 +392,6 @@ def check_head_output(directory: str | Path) -> None:
     if directory.is_dir() and not (directory / HEAD_JSON).is_file() and any(directory.iterdir()):
         raise HeadError(f"{directory} is a folder without {HEAD_JSON} (not a head directory); writing the head "
                         "there would replace its contents: choose another output or empty it")
-
-
-def restore_interrupted_dir(directory: Path) -> bool:
-    """Put back the previous ``directory`` that a writer killed mid-swap left in its
-    ``.NAME.old.tmp-*/previous`` folder (``fsio.atomic_dir``); True if one was restored."""
-    if directory.exists() or directory.is_symlink() or not directory.parent.is_dir():
-        return False
-    for aside in sorted(directory.parent.glob(f".{directory.name}.old{TEMP_MARK}*")):
-        previous = aside / "previous"
-        if previous.is_dir():
-            os.replace(previous, directory)
-            logger.warning("restored %s, which an interrupted write had moved aside", directory)
-            return True
-    return False
 
 
 def load_head(directory: str | Path | HeadRecord) -> Head:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedx import __version__, untrusted
+from embedx import __version__, fsio, untrusted
 from embedx.errors import CacheMismatchError, ConfigError, HeadError, OnnxModelError
 from embedx.fsio import atomic_write, sha256_file
 
@@ -84,7 +84,7 @@ class HeadRecord:
     @classmethod
     def read(cls, directory: str | Path) -> HeadRecord:
         """The record of the head directory ``directory``; HeadError if it is missing or malformed."""
-        directory = Path(directory)
+        directory = _recovered(Path(directory))
         path = directory / HEAD_JSON
         if not path.is_file():
             raise HeadError(f"{directory} is not a head directory: {path} is missing; run `embedx fit-head` first")
@@ -216,7 +216,7 @@ class HeadRecord:
         if not onnx_path:
             raise HeadError(f"{self._where()} has no cache.onnx_path; refit the head with `embedx fit-head` "
                             "from a cache made by this embedx version")
-        path = Path(onnx_path)
+        path = self._own_file(onnx_path, "cache.onnx_path")
         if not path.is_file():
             raise OnnxModelError(
                 f"the backbone ONNX this head was trained on, {path}, is missing; re-export it with "
@@ -234,6 +234,24 @@ class HeadRecord:
                 )
         return path
 
+    def _own_file(self, name: str, field_name: str) -> Path:
+        """The file a field names. A relative name is the folder's own file (a fine-tune output
+        names its backbone ``backbone.onnx``): it must stay inside the folder. An absolute one is
+        taken as it is (a fit-head record names the export it used), except in a fine-tune
+        record, whose files all live in its folder: older ones recorded them by absolute path,
+        accepted while it leads inside the folder."""
+        path = Path(name)
+        if self.directory is None:
+            return path
+        inside = self.directory.resolve()
+        if path.is_absolute() and "finetune" not in self.fields:
+            return path
+        resolved = (self.directory / path).resolve()
+        if resolved != inside and inside not in resolved.parents:
+            raise HeadError(f"{self._where()}: {field_name} {name!r} leads to {resolved}, outside the head directory "
+                            f"{inside}; a head's own files stay in its folder: refit or fine-tune it again")
+        return self.directory / path if not path.is_absolute() else path
+
     def _where(self) -> str:
         return str(self.directory / HEAD_JSON) if self.directory is not None else HEAD_JSON
 
@@ -248,6 +266,33 @@ def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metr
     """
     cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint, "path": str(cache_path)}
     return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
+
+
+#: How long a reader waits for a live writer that is between its two renames.
+RESTORE_WAIT_SECONDS = 10.0
+
+
+def _recovered(directory: Path) -> Path:
+    """``directory``, or where its head is while a killed writer left it moved aside.
+
+    ``fsio.atomic_dir`` renames the old folder aside, then the new one in; a kill between the
+    two leaves no ``directory``. The reader puts the old one back under the writer lock (a
+    live writer finishes its swap first) and logs it; where it cannot (a read-only folder),
+    it reads the folder where it lies.
+    """
+    if fsio.moved_aside(directory) is None:
+        return directory
+    try:
+        with fsio.writer_lock(directory, what="head directory", error=HeadError, wait=RESTORE_WAIT_SECONDS):
+            fsio.restore_moved_aside(directory)
+        return directory
+    except (OSError, HeadError) as e:
+        previous = fsio.moved_aside(directory)
+        if previous is None:
+            return directory
+        logger.warning("%s is missing and its previous copy %s cannot be put back (%s); reading it there",
+                       directory, previous, e)
+        return previous
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
