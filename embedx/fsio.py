@@ -18,6 +18,7 @@ torch-free and numpy-free: imported by every stage.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -60,10 +61,22 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask (read once: setting it back is the only way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temporary_name(target: Path) -> Path:
-    """A unique hidden name beside ``target`` (same folder, so the rename is atomic)."""
+    """A unique hidden name beside ``target`` (same folder, so the rename is atomic), with the
+    mode a plain ``open`` would give (mkstemp's is 0600: a head or cache only its writer could read)."""
     handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_MARK}")
-    os.close(handle)
+    try:
+        os.fchmod(handle, 0o666 & ~_umask())
+    finally:
+        os.close(handle)
     return Path(name)
 
 
@@ -129,6 +142,7 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{TEMP_MARK}"))
+    work.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the artifact from everyone else
     old: Path | None = None
     try:
         yield work

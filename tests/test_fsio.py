@@ -108,3 +108,21 @@ def test_make_parent_says_which_folder_it_creates(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="embedx.fsio"):
         fsio.make_parent(target, what="feature cache")
     assert caplog.text == ""
+
+
+def test_atomic_artifacts_get_the_mode_a_plain_open_would_give(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700: a head, report or cache only its writer could read."""
+    old = os.umask(0o022)
+    try:
+        fsio._umask.cache_clear()
+        fsio.atomic_write(tmp_path / "report.html", "<html></html>")
+        with fsio.atomic_path(tmp_path / "weights.bin") as tmp:
+            tmp.write_bytes(b"x")
+        with fsio.atomic_dir(tmp_path / "head") as work:
+            (work / "head.json").write_text("{}")
+    finally:
+        os.umask(old)
+        fsio._umask.cache_clear()
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "weights.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "head").stat().st_mode & 0o777 == 0o755
