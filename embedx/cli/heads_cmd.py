@@ -23,9 +23,13 @@ def _chosen(params: dict[str, Any]) -> str:
 
 
 def _metric_line(name: str, metrics: dict[str, Any]) -> str:
+    from embedx.metrics import accuracy_interval
+
+    low, high = metrics.get("accuracy_ci") or accuracy_interval(metrics["accuracy"], metrics["n"])
     line = (
-        f"{name}: accuracy {_fmt(metrics['accuracy'])}, balanced {_fmt(metrics['balanced_accuracy'])}, "
-        f"macro-F1 {_fmt(metrics['macro_f1'])}, log-loss {_fmt(metrics['log_loss'])}"
+        f"{name}: accuracy {_fmt(metrics['accuracy'])} [95% CI {low:.3f}-{high:.3f}], "
+        f"balanced {_fmt(metrics['balanced_accuracy'])}, macro-F1 {_fmt(metrics['macro_f1'])}, "
+        f"log-loss {_fmt(metrics['log_loss'])}"
     )
     if "top5_accuracy" in metrics:
         line += f", top-5 {_fmt(metrics['top5_accuracy'])}"

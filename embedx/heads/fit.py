@@ -48,6 +48,7 @@ class FitResult:
             "head_type": self.head.head_type,
             "output_dir": str(self.output_dir),
             "val_accuracy": val.get("accuracy"),
+            "val_accuracy_ci": val.get("accuracy_ci"),
             "val_source": self.metrics.get("val_source"),
             "fit_seconds": self.fit_seconds,
             "params": {**self.head.get_params(), **self.head.chosen_params_},
@@ -261,7 +262,11 @@ def check_compatible(record: HeadRecord, data, *, head_dir: Path) -> None:
 
 
 def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = None) -> dict[str, Any]:
-    """Metrics of a saved head on a cache made with the same backbone: per split and over all rows."""
+    """Metrics of a saved head on a cache made with the same backbone, keyed by split name.
+
+    One split evaluated (``splits=["val"]``, or a cache with rows in one split only): one key,
+    that split's name.  Several: one key per split plus ``"all"`` over their rows together.
+    """
     head_dir = Path(head_dir)
     model = load_head(head_dir)
     data = _read(cache, load_features=False)
@@ -282,10 +287,13 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
             f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
         )
     features, y_selected = _feature_rows(data, selected), y_names[selected]  # the wanted splits' rows only
-    result["all"], _, _ = head_metrics(model, features, y_selected)
-    if len(wanted) > 1:
-        for split in wanted:
+    present = [split for split in wanted if np.any(row_splits[selected] == split)]
+    if len(present) > 1:
+        result["all"], _, _ = head_metrics(model, features, y_selected)
+        for split in present:
             inside = row_splits[selected] == split
-            if inside.any() and np.isin(y_selected[inside], model.classes_).any():
+            if np.isin(y_selected[inside], model.classes_).any():
                 result[split], _, _ = head_metrics(model, features[inside], y_selected[inside])
+    else:
+        result[present[0]], _, _ = head_metrics(model, features, y_selected)
     return result
