@@ -16,11 +16,14 @@ import click
               help="Head directory written by `embedx fit-head`.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the bundle (.onnx).")
-@click.option("--with-preprocess", is_flag=True,
-              help="The graph takes uint8 (N,H,W,3) pixels, already resized and cropped, and normalizes them itself.")
+@click.option("--with-preprocess", type=click.Choice(["none", "normalize", "full"]), default="none",
+              is_flag=False, flag_value="normalize", show_default=True,
+              help="normalize (alone: --with-preprocess): the graph takes uint8 (N,H,W,3) pixels already resized "
+                   "and cropped and normalizes them; full: it takes decoded uint8 images of any size and resizes "
+                   "and crops them too (Pillow's antialiased resize, opset 18).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT even if it is not an embedx bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
-def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, force: bool, as_json: bool) -> None:
+def bundle_command(head_dir: Path, output: Path, with_preprocess: str, force: bool, as_json: bool) -> None:
     """Write backbone + head + softmax as ONE ONNX file, labels and preprocessing inside."""
     from embedx import onnxmeta
     from embedx.bundle import bundle
