@@ -143,3 +143,30 @@ def test_cli_bundle_with_preprocess_full_and_bare_flag(tmp_path):
     assert bare.exit_code == 0 and json.loads(bare.stdout)["input_format"] == "uint8_nhwc"
     assert runner.invoke(cli, ["bundle", "--head", str(head_dir), "-o", str(tmp_path / "x.onnx"),
                                "--with-preprocess", "crop"]).exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # the first user of hymenoptera_lite0 extracts it
+def test_full_bundle_on_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_lite0, tmp_path):
+    """The graph's resize is Pillow's: against the exact path (same Pillow decode) within ~1e-3 on
+    every val image; against the head's own fast path, the top-1 of nearly every image agrees."""
+    from embedx import preprocess
+    from embedx.bundle import bundle
+    from embedx.heads import fit_head
+
+    cache, _ = hymenoptera_lite0
+    head = fit_head(cache, output=tmp_path / "head", plots=False).output_dir
+    plain = load_model(bundle(head, tmp_path / "plain.onnx"), device="cpu")
+    full = load_model(bundle(head, tmp_path / "full.onnx", with_preprocess="full"), device="cpu")
+    exact = dataclasses.replace(plain.spec, mode="exact")
+    to_exact, agree = [], 0
+    paths = sorted((hymenoptera / "val").glob("*/*"))
+    for path in paths:
+        fast_path = plain.predict_proba(plain.prepare(path)[None])[0]
+        exact_path = plain.predict_proba(preprocess.load(path, exact)[None])[0]
+        in_graph = full.predict_proba(preprocess.decode_pixels(path, exact)[None])[0]
+        to_exact.append(np.abs(in_graph - exact_path).max())
+        agree += int(full.predict_proba(full.prepare(path)[None])[0].argmax() == fast_path.argmax())
+    assert len(paths) == 153
+    assert max(to_exact) <= 2e-3 and np.quantile(to_exact, 0.99) <= 1e-3  # measured: 1.1e-3 max, 4e-4 p99
+    assert agree >= 150  # measured: 152 of 153
