@@ -189,6 +189,7 @@ def classification_metrics(
     }
     if n_classes > 5:
         metrics["top5_accuracy"] = top_k_accuracy(y_true, proba, 5)
+        metrics["top5_accuracy_ci"] = list(accuracy_interval(metrics["top5_accuracy"], len(y_true)))
     metrics["per_class"] = {
         str(name): {
             "precision": float(precision[i]),

@@ -158,3 +158,5 @@ def test_metrics_carry_the_accuracy_interval(case):
     low, high = metrics["accuracy_ci"]
     assert low < metrics["accuracy"] < high
     assert (low, high) == wilson_interval(round(metrics["accuracy"] * len(y)), len(y))
+    top5_low, top5_high = metrics["top5_accuracy_ci"]  # 8 classes: top-5 is reported, with its interval
+    assert top5_low < metrics["top5_accuracy"] < top5_high and metrics["top5_accuracy"] >= metrics["accuracy"]

@@ -32,7 +32,9 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
         f"log-loss {_fmt(metrics['log_loss'])}"
     )
     if "top5_accuracy" in metrics:
-        line += f", top-5 {_fmt(metrics['top5_accuracy'])}"
+        top5_low, top5_high = metrics.get("top5_accuracy_ci") or accuracy_interval(metrics["top5_accuracy"],
+                                                                                     metrics["n"])
+        line += f", top-5 {_fmt(metrics['top5_accuracy'])} [95% CI {top5_low:.3f}-{top5_high:.3f}]"
     line += (
         f"; ECE {_fmt(metrics['ece'])} -> {_fmt(metrics['ece_calibrated'])} "
         f"at T={metrics['temperature']:.3g} (n={metrics['n']})"
