@@ -12,11 +12,10 @@ With ``with_preprocess="normalize"`` (or ``True``) the graph instead takes ``"im
 uint8 (N,H,W,3) pixels already resized and cropped (``preprocess.to_pixels``) and
 normalizes them itself (input_format ``"uint8_nhwc"``).  With ``"full"`` it takes the
 decoded image of any size, uint8 (N,H,W,3), and resizes and crops it too
-(``pixel_input.prepend_full_preprocess``, input_format ``"uint8_nhwc_full"``; the model
-is converted to opset 18 for Resize's antialiasing).  The caller only decodes
-(``preprocess.decode_pixels``).  The resize is Pillow's (what ``mode="exact"`` computes),
-so a bundle of a ``mode="fast"`` head differs from the cache's pixels as exact differs
-from fast.
+(``resize_graph.prepend_full_preprocess``, as the head's ``mode`` resizes: Pillow's
+antialiased filter for exact, OpenCV's blur + resize for fast; input_format
+``"uint8_nhwc_full"``; the model is converted to opset 18 for Resize's antialiasing).
+The caller only decodes (``preprocess.decode_pixels``).
 
 Needs ``onnx`` (not torch) to build; the bundle runs with onnxruntime alone.
 """
@@ -30,13 +29,7 @@ from typing import Any
 from embedx import __version__, onnxmeta
 from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
 from embedx.fsio import atomic_path, make_parent, remove_stale_temporaries
-from embedx.pixel_input import (
-    FLOAT_INPUT,
-    FULL_OPSET,
-    PIXEL_INPUT,
-    prepend_full_preprocess,
-    prepend_normalization,
-)
+from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -168,6 +161,8 @@ def compose(
         ]
     )
     if level == "full":
+        from embedx.resize_graph import FULL_OPSET, prepend_full_preprocess
+
         model = _at_least_opset(model, FULL_OPSET)
         prepend_full_preprocess(model, preprocess, batch_dim=batch_dim)
     elif level == "normalize":

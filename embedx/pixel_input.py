@@ -33,16 +33,13 @@ PREFIX_VERSION = "1"
 
 
 def prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any = "N",
-                          float_input: str = FLOAT_INPUT) -> None:
+                          float_input: str = FLOAT_INPUT, pixels: str = PIXEL_INPUT) -> None:
     """Make ``model`` take uint8 NHWC ``"image"`` and feed ``float_input`` from it, in place.
 
     ``uint8 NHWC -> Cast -> Transpose -> x * 1/(255 std) + (-mean/std) -> float_input``.
+    ``pixels``: the uint8 NHWC tensor read (the graph input ``"image"``, declared here, unless
+    another name: ``resize_graph`` feeds the prefix from its crop).
     """
-    _prepend_normalization(model, spec, batch_dim=batch_dim, float_input=float_input, pixels=PIXEL_INPUT)
-
-
-def _prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any, float_input: str,
-                           pixels: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -73,73 +70,6 @@ def _prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any, 
     graph.input.extend(kept)
 
 
-#: ONNX Resize settings per ``PreprocessSpec.interpolation``: Pillow's filters (cubic with a = -0.5).
-_RESIZE_MODES = {"bilinear": "linear", "bicubic": "cubic"}
-#: Resize's ``antialias`` attribute (Pillow's filter widening when shrinking) came with opset 18.
-FULL_OPSET = 18
-
-
-def prepend_full_preprocess(model: Any, spec: PreprocessSpec, *, batch_dim: Any = "N",
-                            float_input: str = FLOAT_INPUT) -> None:
-    """Make ``model`` take decoded uint8 ``"image"`` (N, H, W, 3) of any size, in place.
-
-    ``Resize`` (uint8, antialiased, half-pixel centres: onnxruntime's port of Pillow's
-    resampling) of the shorter side to ``resize_size`` with torchvision's sizes, ``Slice``
-    of the centre ``input_size`` square (torchvision's offsets: half-to-even rounding, as
-    ONNX ``Round``), then ``prepend_normalization``'s prefix.  The model must be at opset
-    ``FULL_OPSET`` or later.  Images of one call share one size (N of them).
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    if spec.interpolation not in _RESIZE_MODES:
-        raise ValueError(f"a graph with resize and crop supports interpolation {sorted(_RESIZE_MODES)}, "
-                         f"not {spec.interpolation!r}")
-    cropped = PREFIX + "cropped"
-    _prepend_normalization(model, spec, batch_dim=batch_dim, float_input=float_input, pixels=cropped)
-    graph = model.graph
-
-    def const(name: str, values: list, dtype=np.int64) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), PREFIX + name))
-        return PREFIX + name
-
-    def node(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [PREFIX + name], name=PREFIX + name, **attrs))
-        return PREFIX + name
-
-    nodes: list[Any] = []
-    shape = node("Shape", [PIXEL_INPUT], "shape")
-    batch = node("Slice", [shape, const("at0", [0]), const("at1", [1])], "batch")
-    height = node("Slice", [shape, const("at1b", [1]), const("at2", [2])], "height")
-    width = node("Slice", [shape, const("at2b", [2]), const("at3", [3])], "width")
-    short = node("Min", [height, width], "short")
-    resize = const("resize_size", [spec.resize_size])
-    # torchvision: the shorter side becomes resize_size, the longer int(resize_size * long / short)
-    new_height = node("Div", [node("Mul", [height, resize], "height_x"), short], "new_height")
-    new_width = node("Div", [node("Mul", [width, resize], "width_x"), short], "new_width")
-    sizes = node("Concat", [batch, new_height, new_width, const("channels", [3])], "sizes", axis=0)
-    resized = node("Resize", [PIXEL_INPUT, "", "", sizes], "resized", mode=_RESIZE_MODES[spec.interpolation],
-                   antialias=1, coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.5)
-    crop = const("crop", [spec.input_size])
-
-    def offset(length: str, name: str) -> str:  # int(round((length - crop) / 2)), round half to even
-        margin = node("Cast", [node("Sub", [length, crop], name + "_margin")], name + "_float", to=TensorProto.FLOAT)
-        half = node("Div", [margin, const(name + "_two", [2.0], np.float32)], name + "_half")
-        return node("Cast", [node("Round", [half], name + "_round")], name, to=TensorProto.INT64)
-
-    top, left = offset(new_height, "top"), offset(new_width, "left")
-    starts = node("Concat", [top, left], "starts", axis=0)
-    ends = node("Add", [starts, crop], "ends")
-    nodes.append(helper.make_node("Slice", [resized, starts, ends, const("axes", [1, 2])], [cropped],
-                                  name=cropped))
-    existing = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + existing)
-    kept = [value for value in graph.input if value.name != PIXEL_INPUT]
-    del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(PIXEL_INPUT, TensorProto.UINT8, [batch_dim, "H", "W", 3]))
-    graph.input.extend(kept)
-
-
 def pixel_model(path: str | Path, spec: PreprocessSpec, *, source_sha256: str | None = None) -> Path:
     """A copy of the backbone ``path`` that takes uint8 pixels, cached under ``cache_dir()/runtime``.
 
@@ -164,4 +94,4 @@ def pixel_model(path: str | Path, spec: PreprocessSpec, *, source_sha256: str | 
     return target
 
 
-__all__ = ["FLOAT_INPUT", "PIXEL_INPUT", "pixel_model", "prepend_full_preprocess", "prepend_normalization"]
+__all__ = ["FLOAT_INPUT", "PIXEL_INPUT", "pixel_model", "prepend_normalization"]

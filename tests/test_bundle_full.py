@@ -24,8 +24,8 @@ from tests.test_serve import Server
 
 SIZES = [(40, 30), (30, 40), (64, 64), (23, 57), (200, 120), (20, 20), (21, 300)]
 #: Measured on these images: exact-mode bundles agree to 3e-4 (onnxruntime's uint8 antialiased Resize is a
-#: port of Pillow's), fast-mode ones to 4e-3 (the graph resizes like Pillow, the fast path like OpenCV).
-TOLERANCE = {"exact": 1e-3, "fast": 1e-2}
+#: port of Pillow's), fast-mode ones to 9e-4 (the graph blurs and resizes in float, OpenCV in fixed point).
+TOLERANCE = {"exact": 1e-3, "fast": 2e-3}
 
 
 def encoded(size: tuple[int, int], fmt: str, seed: int) -> bytes:
@@ -63,7 +63,7 @@ def test_full_bundle_agrees_with_the_existing_path_on_images_of_several_sizes(pa
 
 
 def test_full_bundle_metadata_and_graph(pair):
-    _, _, full_path = pair
+    mode, _, full_path = pair
     model = onnx.load(str(full_path))
     meta = onnxmeta.from_proto(model)
     assert meta["input_format"] == "uint8_nhwc_full" and meta["kind"] == "bundle"
@@ -73,8 +73,9 @@ def test_full_bundle_metadata_and_graph(pair):
     assert image.name == "image" and dims[1:] == ["H", "W", 3]
     assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     resize = [n for n in model.graph.node if n.op_type == "Resize"]
-    assert len(resize) == 1 and onnx.helper.get_attribute_value(
-        next(a for a in resize[0].attribute if a.name == "antialias")) == 1
+    antialias = onnx.helper.get_attribute_value(next(a for a in resize[0].attribute if a.name == "antialias"))
+    assert len(resize) == 1 and antialias == (1 if mode == "exact" else 0)  # fast: OpenCV's blur, then no widening
+    assert any(n.op_type == "Conv" and n.name.startswith("preprocess/") for n in model.graph.node) == (mode == "fast")
 
 
 def test_predict_files_runs_a_full_bundle_on_mixed_sizes_in_one_batch(pair, tmp_path):
@@ -148,25 +149,25 @@ def test_cli_bundle_with_preprocess_full_and_bare_flag(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # the first user of hymenoptera_lite0 extracts it
 def test_full_bundle_on_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_lite0, tmp_path):
-    """The graph's resize is Pillow's: against the exact path (same Pillow decode) within ~1e-3 on
-    every val image; against the head's own fast path, the top-1 of nearly every image agrees."""
-    from embedx import preprocess
+    """Against the existing path on the 153 val images: the fast-mode head (the cache's) and the same
+    head declared exact (its head.json edited), each with its own decode and resize."""
     from embedx.bundle import bundle
     from embedx.heads import fit_head
 
     cache, _ = hymenoptera_lite0
     head = fit_head(cache, output=tmp_path / "head", plots=False).output_dir
-    plain = load_model(bundle(head, tmp_path / "plain.onnx"), device="cpu")
-    full = load_model(bundle(head, tmp_path / "full.onnx", with_preprocess="full"), device="cpu")
-    exact = dataclasses.replace(plain.spec, mode="exact")
-    to_exact, agree = [], 0
+    record = json.loads((head / "head.json").read_text())
+    assert record["cache"]["preprocess"]["mode"] == "fast"
+    exact_head = tmp_path / "exact"
+    exact_head.mkdir()
+    (exact_head / record["weights_file"]).write_bytes((head / record["weights_file"]).read_bytes())
+    record["cache"]["preprocess"]["mode"] = "exact"
+    (exact_head / "head.json").write_text(json.dumps(record))
     paths = sorted((hymenoptera / "val").glob("*/*"))
-    for path in paths:
-        fast_path = plain.predict_proba(plain.prepare(path)[None])[0]
-        exact_path = plain.predict_proba(preprocess.load(path, exact)[None])[0]
-        in_graph = full.predict_proba(preprocess.decode_pixels(path, exact)[None])[0]
-        to_exact.append(np.abs(in_graph - exact_path).max())
-        agree += int(full.predict_proba(full.prepare(path)[None])[0].argmax() == fast_path.argmax())
     assert len(paths) == 153
-    assert max(to_exact) <= 2e-3 and np.quantile(to_exact, 0.99) <= 1e-3  # measured: 1.1e-3 max, 4e-4 p99
-    assert agree >= 150  # measured: 152 of 153
+    for head_dir, worst, p90 in ((head, 2e-2, 5e-3), (exact_head, 2e-3, 5e-4)):  # measured 9e-3/2.4e-3, 1.1e-3/2e-4
+        plain = load_model(bundle(head_dir, tmp_path / "plain.onnx", force=True), device="cpu")
+        full = load_model(bundle(head_dir, tmp_path / "full.onnx", with_preprocess="full", force=True), device="cpu")
+        gaps = [np.abs(full.predict_proba(full.prepare(p)[None]) - plain.predict_proba(plain.prepare(p)[None])).max()
+                for p in paths]
+        assert max(gaps) <= worst and np.quantile(gaps, 0.9) <= p90, (plain.spec.mode, max(gaps))
