@@ -13,7 +13,7 @@ uint8 (N,H,W,3) pixels already resized and cropped (``preprocess.to_pixels``) an
 normalizes them itself (input_format ``"uint8_nhwc"``).  With ``"full"`` it takes the
 decoded image of any size, uint8 (N,H,W,3), and resizes and crops it too
 (``resize_graph.prepend_full_preprocess``, as the head's ``mode`` resizes: Pillow's
-antialiased filter for exact, OpenCV's blur + resize for fast; input_format
+antialiased filter for exact, OpenCV's fixed-point blur + resize for fast; input_format
 ``"uint8_nhwc_full"``; the model is converted to opset 18 for Resize's antialiasing).
 The caller only decodes (``preprocess.decode_pixels``).
 
