@@ -171,7 +171,7 @@ def test_cli_predict_bad_model_is_one_line_error(tmp_path, images):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_preprocess", [False, True], ids=["float_nchw", "uint8_nhwc"])
+@pytest.mark.parametrize("with_preprocess", [False, True, "full"], ids=["float_nchw", "uint8_nhwc", "full"])
 def test_bundle_on_the_gpu_agrees_with_the_cpu(with_preprocess, images, tmp_path):
     from embedx import runtime
 
