@@ -57,7 +57,8 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
               help="For the linear and mlp heads.")
 @click.option("--cv", "cv", type=click.IntRange(min=2), default=None,
               help="Choose the regularization by stratified K-fold over train+val (for a small val set), report "
-                   "the folds' accuracy (mean +- sd) and out-of-fold metrics, and train the head on train+val.")
+                   "the folds' accuracy (mean +- sd) and out-of-fold metrics, and train the head on train+val. "
+                   "Costs about K sweeps and K+1 fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
                      seed: int, label_smoothing: float, cv: int | None, as_json: bool) -> None:
