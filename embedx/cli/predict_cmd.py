@@ -20,7 +20,7 @@ import click
               is_flag=False, flag_value="normalize", show_default=True,
               help="normalize (alone: --with-preprocess): the graph takes uint8 (N,H,W,3) pixels already resized "
                    "and cropped and normalizes them; full: it takes decoded uint8 images of any size and resizes "
-                   "and crops them too (Pillow's antialiased resize, opset 18).")
+                   "and crops them too, as the head's preprocessing mode does (opset 18).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT even if it is not an embedx bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary to stdout.")
 def bundle_command(head_dir: Path, output: Path, with_preprocess: str, force: bool, as_json: bool) -> None:
