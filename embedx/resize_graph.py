@@ -16,8 +16,9 @@
   ``(v + 2^15) >> 16``), then for bilinear ``cv::resize``'s 11-bit weights and vectorized
   rounding on the cropped pixels only (bicubic: a plain ``Resize``, a = -0.75, rounded).  On
   hymenoptera's 153 val images 143 come out pixel for pixel equal to ``to_pixels``; in the other
-  10 (a 5-tap blur on both axes) OpenCV 5's kernel differs by one unit in some cases, and a few
-  per cent of their pixels by one grey level.
+  10 OpenCV 5's kernel differs (when rounding leaves its centre weight more than one unit off, it
+  moves units between the centre and a pair of side taps; the graph does not), and a few per cent
+  of their pixels by one grey level.
 
 ``Resize``'s ``antialias`` needs opset 18 (``FULL_OPSET``); the model must be there already.
 Torch-free; needs ``onnx``.
