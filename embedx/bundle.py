@@ -8,9 +8,14 @@ checks its sha256), the head's own graph (``head.to_onnx()``: ``"features"`` ->
 class names, the preprocessing, the backbone and weights tag, the head summary and the
 temperature, so that ``predict`` and ``serve-onnx`` need nothing else.
 
-With ``with_preprocess=True`` the graph instead takes ``"image"``: uint8 (N,H,W,3)
-pixels already resized and cropped (``preprocess.to_pixels``) and normalizes them
-itself (input_format ``"uint8_nhwc"``).
+With ``with_preprocess="normalize"`` (or ``True``) the graph instead takes ``"image"``:
+uint8 (N,H,W,3) pixels already resized and cropped (``preprocess.to_pixels``) and
+normalizes them itself (input_format ``"uint8_nhwc"``).  With ``"full"`` it takes the
+decoded image of any size, uint8 (N,H,W,3), and resizes and crops it too
+(``resize_graph.prepend_full_preprocess``, as the head's ``mode`` resizes: Pillow's
+antialiased filter for exact, OpenCV's fixed-point blur + resize for fast; input_format
+``"uint8_nhwc_full"``; the model is converted to opset 18 for Resize's antialiasing).
+The caller only decodes (``preprocess.decode_pixels``).
 
 Needs ``onnx`` (not torch) to build; the bundle runs with onnxruntime alone.
 """
@@ -38,13 +43,29 @@ HEAD_PREFIX = "head/"
 POST_PREFIX = "bundle/"
 #: protobuf cannot serialize more than 2 GiB; larger models keep weights beside the file
 _PROTO_LIMIT = 2_000_000_000
+#: ``with_preprocess`` values -> the bundle's ``input_format``
+INPUT_FORMATS = {"none": "float_nchw", "normalize": "uint8_nhwc", "full": "uint8_nhwc_full"}
 
 
-def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool = False, force: bool = False) -> Path:
+def preprocess_level(with_preprocess: bool | str | None) -> str:
+    """``with_preprocess`` as one of ``INPUT_FORMATS`` (False/None: "none", True: "normalize")."""
+    if with_preprocess is None or with_preprocess is False:
+        return "none"
+    if with_preprocess is True:
+        return "normalize"
+    if with_preprocess not in INPUT_FORMATS:
+        raise ConfigError(f"with_preprocess must be one of {sorted(INPUT_FORMATS)} (or a bool), "
+                          f"got {with_preprocess!r}")
+    return str(with_preprocess)
+
+
+def bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool | str = False,
+           force: bool = False) -> Path:
     """Write backbone + head + softmax as one ONNX file at ``output``; return its path.
 
     An existing ``output`` that is not an embedx bundle is only replaced with ``force``;
     ``<output>.lock`` is held throughout (``fsio.writer_lock``).
+    ``with_preprocess``: ``"none"``/False, ``"normalize"``/True or ``"full"`` (module docstring).
     """
     check_output(output, force=force)  # before any work
     make_parent(output, what="bundle")
@@ -57,7 +78,7 @@ def _output_lock(output: str | Path):
     return writer_lock(output, what="bundle", error=ConfigError)
 
 
-def _bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool, force: bool) -> Path:
+def _bundle(head_dir: str | Path, output: str | Path, *, with_preprocess: bool | str, force: bool) -> Path:
     import onnx
 
     from embedx.heads import HeadRecord, load_head
@@ -102,7 +123,7 @@ def compose(
     classes: list[str],
     temperature: float,
     preprocess: PreprocessSpec,
-    with_preprocess: bool = False,
+    with_preprocess: bool | str = False,
     metadata: dict[str, Any] | None = None,
 ) -> Any:
     """Join a backbone ``ModelProto`` ("input" -> "features") and a head ("features" ->
@@ -110,6 +131,10 @@ def compose(
     import onnx
     from onnx import TensorProto, helper
 
+    level = preprocess_level(with_preprocess)
+    if level == "full" and preprocess.interpolation not in ("bilinear", "bicubic"):
+        raise ConfigError(f"--with-preprocess full resizes in the graph with bilinear or bicubic filters; this "
+                          f"head's preprocessing uses {preprocess.interpolation!r}: bundle it with normalize")
     _require_io(backbone, inputs=[FLOAT_INPUT], outputs=[FEATURES], what="backbone")
     _require_io(head, inputs=[FEATURES], outputs=[LOGITS], what="head")
     if not temperature > 0:
@@ -147,7 +172,12 @@ def compose(
             logits_out,
         ]
     )
-    if with_preprocess:
+    if level == "full":
+        from embedx.resize_graph import FULL_OPSET, prepend_full_preprocess
+
+        model = _at_least_opset(model, FULL_OPSET)
+        prepend_full_preprocess(model, preprocess, batch_dim=batch_dim)
+    elif level == "normalize":
         prepend_normalization(model, preprocess, batch_dim=batch_dim)
 
     values = dict(metadata or {})
@@ -158,7 +188,7 @@ def compose(
             "classes": list(classes),
             "preprocess": preprocess.to_dict(),
             "temperature": repr(float(temperature)),
-            "input_format": "uint8_nhwc" if with_preprocess else "float_nchw",
+            "input_format": INPUT_FORMATS[level],
         }
     )
     for stale in ("parity", "fingerprint"):  # they described the backbone export alone
@@ -218,6 +248,27 @@ def _same_versions(backbone: Any, head: Any) -> tuple[Any, Any]:
         if other is not None and other.version != entry.version:
             other.version = entry.version = max(other.version, entry.version)
     return backbone, head
+
+
+def _at_least_opset(model: Any, opset: int) -> Any:
+    """``model`` converted to the default-domain ``opset`` if it is older (onnx's version converter)."""
+    from onnx import version_converter
+
+    if _opset(model) >= opset:
+        return model
+    # merge_models can list a domain twice (one entry per input model); the converter reads the first
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        versions[domain] = max(versions.get(domain, 0), entry.version)
+    del model.opset_import[:]
+    for domain, version in versions.items():
+        model.opset_import.add(domain=domain, version=version)
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:  # the converter raises plain RuntimeError/ValueError
+        raise ExportError(f"the bundle (opset {_opset(model)}) cannot be converted to opset {opset}, which "
+                          f"resizing in the graph needs: {e}; bundle with --with-preprocess normalize") from e
 
 
 def _batch_dim(value_info: Any) -> Any:

@@ -33,10 +33,12 @@ PREFIX_VERSION = "1"
 
 
 def prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any = "N",
-                          float_input: str = FLOAT_INPUT) -> None:
+                          float_input: str = FLOAT_INPUT, pixels: str = PIXEL_INPUT) -> None:
     """Make ``model`` take uint8 NHWC ``"image"`` and feed ``float_input`` from it, in place.
 
     ``uint8 NHWC -> Cast -> Transpose -> x * 1/(255 std) + (-mean/std) -> float_input``.
+    ``pixels``: the uint8 NHWC tensor read (the graph input ``"image"``, declared here, unless
+    another name: ``resize_graph`` feeds the prefix from its crop).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,7 +53,7 @@ def prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any = 
     graph.initializer.extend([numpy_helper.from_array(scale, PREFIX + "scale"),
                               numpy_helper.from_array(bias, PREFIX + "bias")])
     nodes = [
-        helper.make_node("Cast", [PIXEL_INPUT], [PREFIX + "float"], to=TensorProto.FLOAT, name=PREFIX + "cast"),
+        helper.make_node("Cast", [pixels], [PREFIX + "float"], to=TensorProto.FLOAT, name=PREFIX + "cast"),
         helper.make_node("Transpose", [PREFIX + "float"], [PREFIX + "nchw"], perm=[0, 3, 1, 2],
                          name=PREFIX + "transpose"),
         helper.make_node("Mul", [PREFIX + "nchw", PREFIX + "scale"], [PREFIX + "scaled"], name=PREFIX + "mul"),
@@ -62,7 +64,9 @@ def prepend_normalization(model: Any, spec: PreprocessSpec, *, batch_dim: Any = 
     graph.node.extend(nodes + existing)
     kept = [value for value in graph.input if value.name != float_input]
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(PIXEL_INPUT, TensorProto.UINT8, [batch_dim, size, size, 3]))
+    if pixels == PIXEL_INPUT:
+        graph.input.append(helper.make_tensor_value_info(PIXEL_INPUT, TensorProto.UINT8,
+                                                         [batch_dim, size, size, 3]))
     graph.input.extend(kept)
 
 

@@ -30,7 +30,17 @@ from embedx.preprocess import ImageSource, PreprocessSpec, decode_reason
 
 logger = logging.getLogger(__name__)
 
-INPUT_FORMATS = ("float_nchw", "uint8_nhwc")
+INPUT_FORMATS = ("float_nchw", "uint8_nhwc", "uint8_nhwc_full")
+#: a bundle that resizes and crops itself: it takes decoded images of any size
+FULL_IMAGE = "uint8_nhwc_full"
+
+
+def stack_images(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One batch array of the prepared images, or the list itself when their shapes differ
+    (full images for a ``uint8_nhwc_full`` bundle, which runs them size by size)."""
+    if len({array.shape for array in arrays}) <= 1:
+        return np.stack(arrays)
+    return list(arrays)
 
 
 class _Classifier:
@@ -43,9 +53,12 @@ class _Classifier:
     def prepare(self, source: ImageSource) -> np.ndarray:
         """One image -> the model's input for it (no batch axis).
 
-        float32 CHW, normalized, for ``float_nchw``; uint8 HWC pixels for ``uint8_nhwc``.
+        float32 CHW, normalized, for ``float_nchw``; uint8 HWC pixels for ``uint8_nhwc``;
+        the decoded image, not resized, for ``uint8_nhwc_full``.
         Raises ``ImageDecodeError`` for anything that is not a readable image.
         """
+        if self.input_format == FULL_IMAGE:
+            return preprocess.decode_pixels(source, self.spec)
         if self.input_format == "uint8_nhwc":
             return preprocess.to_pixels(source, self.spec)
         return preprocess.load(source, self.spec)
@@ -55,6 +68,8 @@ class _Classifier:
 
     def warmup_input(self, batch_size: int = 1) -> np.ndarray:
         size = self.spec.input_size
+        if self.input_format == FULL_IMAGE:  # an image that the graph resizes
+            return np.zeros((batch_size, self.spec.resize_size, self.spec.resize_size, 3), dtype=np.uint8)
         if self.input_format == "uint8_nhwc":
             return np.zeros((batch_size, size, size, 3), dtype=np.uint8)
         return np.zeros((batch_size, 3, size, size), dtype=np.float32)
@@ -148,7 +163,13 @@ class OnnxClassifier(_Classifier):
                                  f"{temperature!r:.80}; {fix}")
         onnxmeta.read_json(self.meta, "head", where=where)
 
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+    def predict_proba(self, batch: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        if isinstance(batch, list):  # full images of several sizes: one run per size
+            out = np.empty((len(batch), len(self.classes)), dtype=np.float32)
+            for shape in {array.shape for array in batch}:
+                rows = [i for i, array in enumerate(batch) if array.shape == shape]
+                out[rows] = self.predict_proba(np.stack([batch[i] for i in rows]))
+            return out
         if self.fixed_batch is not None and len(batch) != self.fixed_batch:
             # a fixed-batch model (rare: most exports have a dynamic batch axis) runs chunk by chunk
             return np.concatenate([self.predict_proba(chunk) for chunk in self._fixed_chunks(batch)])[: len(batch)]
@@ -277,7 +298,7 @@ def predict_files(
             chunk = paths[start : start + batch_size]
             prepared = list(pool.map(prepare, chunk))
             good = [array for array in prepared if not isinstance(array, str)]
-            probabilities = classifier.predict_proba(np.stack(good)) if good else None
+            probabilities = classifier.predict_proba(stack_images(good)) if good else None
             row = 0
             for path, array in zip(chunk, prepared, strict=True):
                 if isinstance(array, str):

@@ -557,6 +557,16 @@ def _pixels_view(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.
     return _fast_resized_view(pixels, spec)
 
 
+def decode_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Decode only, as ``to_pixels`` decodes (the same decoder, JPEG draft scale, EXIF
+    rotation): uint8 HWC RGB at the decoded size, for a model that resizes and crops itself
+    (a bundle with ``--with-preprocess full``)."""
+    if isinstance(source, Image.Image):
+        return np.asarray(_to_rgb(source))
+    image = _decode(source, min_size=spec.resize_size, fast=spec.mode == "fast")
+    return np.ascontiguousarray(image if isinstance(image, np.ndarray) else np.asarray(image))
+
+
 def to_pixels(source: ImageSource | Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Decode (if needed), resize and crop: uint8 HWC RGB of ``input_size`` square."""
     return np.ascontiguousarray(_pixels_view(source, spec))

@@ -77,17 +77,17 @@ def tiny_head(*, feature_dim: int = 8, num_classes: int = len(CLASSES), seed: in
     return model, weight, bias
 
 
-def make_bundle(path: Path, *, with_preprocess: bool = False, temperature: float = 1.5,
-                batch: str | int = "batch", force: bool = False) -> Path:
+def make_bundle(path: Path, *, with_preprocess: bool | str = False, temperature: float = 1.5,
+                batch: str | int = "batch", force: bool = False, spec: PreprocessSpec = SPEC) -> Path:
     from embedx.bundle import compose, save
 
     head, _, _ = tiny_head()
     model = compose(
-        tiny_backbone(batch=batch),
+        tiny_backbone(batch=batch, spec=spec),
         head,
         classes=CLASSES,
         temperature=temperature,
-        preprocess=SPEC,
+        preprocess=spec,
         with_preprocess=with_preprocess,
         metadata={"backbone": "tiny", "weights": "none", "feature_layer": "pool", "feature_dim": "8"},
     )

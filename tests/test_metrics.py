@@ -17,6 +17,7 @@ from embedx.metrics import (
     reliability_bins,
     softmax,
     top_k_accuracy,
+    wilson_interval,
 )
 
 
@@ -123,3 +124,39 @@ def test_plots_are_png_files(case, tmp_path):
     for path in (cm, rel):
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize("correct,total", [(145, 153), (0, 10), (10, 10), (1, 1), (37, 80), (999, 1000)])
+def test_wilson_interval_matches_scipy(correct, total):
+    from scipy.stats import binomtest
+
+    expected = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(correct, total)
+    # scipy uses the exact normal quantile (1.95996...), embedx the usual 1.96.
+    assert low == pytest.approx(expected.low, abs=2e-4)
+    assert high == pytest.approx(expected.high, abs=2e-4)
+    assert 0.0 <= low <= correct / total <= high <= 1.0
+
+
+def test_wilson_interval_narrows_with_more_samples_and_wider_z():
+    small = wilson_interval(45, 50)
+    large = wilson_interval(4500, 5000)
+    assert large[1] - large[0] < small[1] - small[0]
+    wide = wilson_interval(45, 50, z=2.58)
+    assert wide[0] < small[0] and wide[1] > small[1]
+
+
+@pytest.mark.parametrize("correct,total", [(0, 0), (5, 4), (-1, 4)])
+def test_wilson_interval_refuses_impossible_counts(correct, total):
+    with pytest.raises(HeadError, match="Wilson"):
+        wilson_interval(correct, total)
+
+
+def test_metrics_carry_the_accuracy_interval(case):
+    y, logits = case
+    metrics = classification_metrics(y, logits, class_names=[str(i) for i in range(logits.shape[1])])
+    low, high = metrics["accuracy_ci"]
+    assert low < metrics["accuracy"] < high
+    assert (low, high) == wilson_interval(round(metrics["accuracy"] * len(y)), len(y))
+    top5_low, top5_high = metrics["top5_accuracy_ci"]  # 8 classes: top-5 is reported, with its interval
+    assert top5_low < metrics["top5_accuracy"] < top5_high and metrics["top5_accuracy"] >= metrics["accuracy"]

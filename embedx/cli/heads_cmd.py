@@ -26,12 +26,18 @@ def _chosen(params: dict[str, Any]) -> str:
 
 
 def _metric_line(name: str, metrics: dict[str, Any]) -> str:
+    from embedx.metrics import accuracy_interval
+
+    low, high = metrics.get("accuracy_ci") or accuracy_interval(metrics["accuracy"], metrics["n"])
     line = (
-        f"{name}: accuracy {_fmt(metrics['accuracy'])}, balanced {_fmt(metrics['balanced_accuracy'])}, "
-        f"macro-F1 {_fmt(metrics['macro_f1'])}, log-loss {_fmt(metrics['log_loss'])}"
+        f"{name}: accuracy {_fmt(metrics['accuracy'])} [95% CI {low:.3f}-{high:.3f}], "
+        f"balanced {_fmt(metrics['balanced_accuracy'])}, macro-F1 {_fmt(metrics['macro_f1'])}, "
+        f"log-loss {_fmt(metrics['log_loss'])}"
     )
     if "top5_accuracy" in metrics:
-        line += f", top-5 {_fmt(metrics['top5_accuracy'])}"
+        top5_low, top5_high = metrics.get("top5_accuracy_ci") or accuracy_interval(metrics["top5_accuracy"],
+                                                                                     metrics["n"])
+        line += f", top-5 {_fmt(metrics['top5_accuracy'])} [95% CI {top5_low:.3f}-{top5_high:.3f}]"
     line += (
         f"; ECE {_fmt(metrics['ece'])} -> {_fmt(metrics['ece_calibrated'])} "
         f"at T={metrics['temperature']:.3g} (n={metrics['n']})"
@@ -61,17 +67,21 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--views/--no-views", "views", default=True, show_default=True,
               help="Train on the cache's augmented views of train images too (`extract --views`); "
                    "val is always clean.")
+@click.option("--cv", "cv", type=click.IntRange(min=2), default=None,
+              help="Choose the regularization by stratified K-fold over train+val (for a small val set), report "
+                   "the folds' accuracy (mean +- sd) and out-of-fold metrics, and train the head on train+val. "
+                   "Costs about K sweeps and K+1 fits. Clean rows only; not with --adapt-to.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
                      seed: int, label_smoothing: float, adapt_to: Path | None, adapt: str | None, views: bool,
-                     as_json: bool) -> None:
+                     cv: int | None, as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
     from embedx.heads import fit_head
 
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
-                          seed=seed, label_smoothing=label_smoothing, progress=progress, adapt_to=adapt_to,
+                          seed=seed, label_smoothing=label_smoothing, cv=cv, progress=progress, adapt_to=adapt_to,
                           adapt=adapt, views=views)
     summary = result.to_dict()
     if as_json:
@@ -82,6 +92,12 @@ def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bo
     click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows{with_views} "
                f"({metrics['val_source']}: {metrics['n_val']} rows)")
     click.echo(f"chosen: {_chosen(summary['params'])}")
+    if "cv" in metrics:
+        folds = metrics["cv"]
+        click.echo(f"cv: {folds['folds']} folds over {folds['rows']} train+val rows chose "
+                   f"{folds['setting']}={folds['chosen']:.4g}; fold accuracy {folds['fold_accuracy_mean']:.4f} "
+                   f"+- {folds['fold_accuracy_sd']:.4f} (sd); out-of-fold on the {folds['val_rows']} val rows "
+                   f"{folds['val_rows_accuracy']:.4f}")
     click.echo(_metric_line("val", metrics["val"]))
     if "test" in metrics:
         click.echo(_metric_line("test", metrics["test"]))

@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from embedx import untrusted
 from embedx.errors import ConfigError, EmbedxError, ImageDecodeError
-from embedx.predict import load_model
+from embedx.predict import FULL_IMAGE, load_model
 from embedx.preprocess import decode_reason
 from embedx.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
 from embedx.serve.calibrate import (
@@ -175,7 +175,9 @@ class _Server:
         on_gpu = runs_on_gpu(model)
         # a model exported with a fixed batch size pads its own chunks: buckets would pad twice
         fixed = getattr(model, "fixed_batch", None) is not None
-        bucketed = (on_gpu if config.buckets is None else config.buckets) and not fixed
+        # a bundle taking full images sees every image size: padding batches to fixed shapes cannot help it
+        full = getattr(model, "input_format", "") == FULL_IMAGE
+        bucketed = (on_gpu if config.buckets is None else config.buckets) and not fixed and not full
         #: the batch sizes the model ever sees, all warmed before ready (None: any size)
         self.buckets: list[int] | None = batch_sizes(config.max_batch) if bucketed else None
         self.run_batch = Buckets(model.predict_proba, self.buckets) if bucketed else model.predict_proba

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedx.errors import ServeError
+from embedx.predict import stack_images
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class DynamicBatcher:
     async def _dispatch(self, loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
         start = time.perf_counter()
         try:
-            batch = np.stack([item.array for item in items])
+            batch = stack_images([item.array for item in items])
             rows = await loop.run_in_executor(self.executor, self.run_batch, batch)
             if len(rows) != len(items):
                 raise ServeError(f"the model returned {len(rows)} rows for {len(items)} images")
