@@ -158,7 +158,7 @@ def measure(domains: dict[str, Any], work: Path, methods: tuple[str, ...]) -> li
             start = time.perf_counter()
             result = fit_head(domains["source"], adapt_to=caches["train"], adapt=method, plots=False,
                               output=work / "heads" / f"{domain}-{method}")
-            scores = evaluate(result.output_dir, caches["val"])["all"]
+            (scores,) = [v for v in evaluate(result.output_dir, caches["val"]).values() if isinstance(v, dict)]
             n = int(scores["n"])
             correct = int(round(scores["accuracy"] * n))
             low, high = wilson(correct, n)
