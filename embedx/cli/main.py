@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "extract_cmd",  # extract, info
     "verify_cmd",  # verify
     "heads_cmd",  # fit-head, evaluate
+    "report_cmd",  # report
     "predict_cmd",  # predict, bundle
     "serve_cmd",  # serve-onnx
     "finetune_cmd",  # finetune
