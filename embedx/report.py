@@ -339,12 +339,21 @@ def _confusion_section(result: SplitResult, class_names: list[str]) -> str:
 
 
 def _reliability_section(result: SplitResult, temperature: float) -> str:
-    from embedx.metrics import plot_reliability
+    from embedx.metrics import plot_reliability, reliability_bins, softmax
 
     png = _plot_png(plot_reliability, result.y_true, result.logits, temperature=temperature)
     m = result.metrics
+    bins = reliability_bins(result.y_true, softmax(result.logits, temperature))
+    rows = "".join(
+        f"<tr><td>{bins['edges'][i]:.2f} &ndash; {bins['edges'][i + 1]:.2f}</td><td>{int(bins['counts'][i])}</td>"
+        f"<td>{_num(bins['confidence'][i])}</td><td>{_num(bins['accuracy'][i])}</td></tr>"
+        for i in np.flatnonzero(bins["counts"] > 0)
+    )
+    table = ("<table><tr><th>confidence</th><th>rows</th><th>mean confidence</th><th>accuracy</th></tr>"
+             f"{rows}</table>")
     return (f'<section id="reliability"><h2>Reliability ({_e(result.name)})</h2>'
-            f'<img alt="reliability diagram" src="{_png_uri(png)}">'
+            f'<div class=figs><img alt="reliability diagram" src="{_png_uri(png)}"><div>{table}'
+            '<p class=note>Bins of the calibrated probabilities: a bin of a few rows is noise.</p></div></div>'
             f'<p>ECE (15 bins): <b>{_num(m["ece"], 4)}</b> raw, <b>{_num(m["ece_calibrated"], 4)}</b> after '
             f'temperature scaling at T = {_num(temperature, 3)} (fitted on val).</p></section>')
 
@@ -483,7 +492,7 @@ def build_report(
     ``split``: the split the confusion matrix, reliability, per-class table, mistakes and
     map describe (default ``test``, else ``val``, else ``train``); ``data_root``: where the
     images are (default: the root the cache recorded). ``progress(done, total, info)`` counts
-    stages and, while thumbnails are made, images.
+    stages; ``info`` names the stage (and the thumbnails done, while they are made).
     """
     from embedx.cache import read_cache
     from embedx.heads.base import load_head
@@ -534,7 +543,7 @@ def build_report(
 
     def image_progress(done: int, total: int) -> None:
         if progress is not None:
-            progress(done, total, {"stage": "thumbnails"})
+            progress(3, stages, {"stage": "thumbnails", "images": f"{done}/{total}"})
 
     mistakes_html, shown, thumbnails, placeholders = _mistakes_section(
         chosen, data, class_names, temperature, root, limit=max_mistakes, thumb_size=thumb_size,
