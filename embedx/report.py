@@ -220,14 +220,18 @@ def _palette(n: int) -> list[str]:
 def _feature_map_png(coords: np.ndarray, labels: np.ndarray, mistakes: np.ndarray, colours: list[str],
                      explained: np.ndarray) -> bytes:
     """The PCA scatter (no text from files: the legend is HTML)."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     try:
         ax.scatter(coords[:, 0], coords[:, 1], c=[colours[i] for i in labels], s=14, alpha=0.75, linewidths=0)
         if mistakes.any():
-            ax.scatter(coords[mistakes, 0], coords[mistakes, 1], marker="x", c="black", s=40, linewidths=1.4,
-                       label="mistake")
-            ax.legend(loc="best")
+            ax.scatter(coords[mistakes, 0], coords[mistakes, 1], marker="o", s=60, linewidths=1.6,
+                       c=[colours[i] for i in labels[mistakes]], edgecolors="black")
+            ring = Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="black",
+                          markeredgewidth=1.6, markersize=8, label="mistake")
+            ax.legend(handles=[ring], loc="best")
         ax.set_xlabel(f"PC1 ({explained[0]:.0%} of the variance)")
         ax.set_ylabel(f"PC2 ({explained[1]:.0%} of the variance)")
         ax.set_title("features, PCA (colour: true class)")
@@ -438,7 +442,8 @@ def _map_section(result: SplitResult, data, class_names: list[str], *, max_point
     more = f" (legend: the first 40 of {len(class_names)} classes)" if len(class_names) > 40 else ""
     return (f'<section id="feature-map"><h2>Feature map ({_e(result.name)})</h2>'
             f'<img alt="PCA map of the features" src="{_png_uri(png)}"><div class=legend>{legend}</div>'
-            f'<p class=note>{len(chosen)} of {len(result.rows)} rows; &times; marks a mistake{more}.</p></section>')
+            f'<p class=note>{len(chosen)} of {len(result.rows)} rows; a black ring marks a mistake (its fill is the '
+            f'true class){more}.</p></section>')
 
 
 def _adaptation_section(record, results: dict[str, SplitResult], focus: str, same_cache: bool) -> str:

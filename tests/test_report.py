@@ -220,3 +220,21 @@ def test_hymenoptera_lite0_report(hymenoptera_lite0, tmp_path):
     assert result.focus_split == "val" and result.metrics["val"]["accuracy"] >= 0.94
     assert result.mistakes > 0 and result.thumbnails == result.mistakes and not result.placeholders
     assert result.size_bytes < 2_000_000
+
+
+def test_many_classes_with_mathtext_names(tmp_path):
+    """Above 40 classes the confusion matrix is a picture; names that matplotlib would parse as
+    mathtext ("$...") never reach it, so they neither break a plot nor get mangled."""
+    rng = np.random.default_rng(0)
+    n_classes, per_class = 42, 5
+    names = sorted(f"$c{i:02d}^{{" for i in range(n_classes))
+    y = np.repeat(np.arange(n_classes), per_class)
+    X = (rng.normal(size=(len(y), 6)) + 3 * rng.normal(size=(n_classes, 6))[y]).astype(np.float32)
+    splits = np.tile(["train", "train", "train", "val", "test"], n_classes)
+    cache = write_cache(tmp_path / "many.h5", X, y, splits, names)
+    fit_head(cache, output=tmp_path / "head", plots=False)
+    result = build_report(tmp_path / "head", output=tmp_path / "report.html")
+    page = result.output.read_text(encoding="utf-8")
+    assert 'alt="confusion matrix"' in page and "<table class=cm>" not in page
+    assert "the first 40 of 42 classes" in page
+    assert all(f"<td class=name>{name}</td>" in page for name in names)  # the per-class table, verbatim
