@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedx import paths
+from embedx.metrics import accuracy_interval, format_accuracy
 from embedx.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -124,9 +125,9 @@ class Demo:
 
         self.fitted = fit_head(Path(self.extracted.output), head="logreg",
                                output=self.workdir / "heads" / f"{self.data.name}-logreg")
-        val = self.fitted.metrics.get("val", {})
+        val = self.fitted.metrics["val"]
         return [
-            f"val accuracy {val.get('accuracy', float('nan')):.4f}, "
+            f"val accuracy {format_accuracy(val['accuracy'], val['n'])} (95% Wilson interval), "
             f"ECE {val.get('ece', float('nan')):.4f} -> {val.get('ece_calibrated', float('nan')):.4f} "
             f"after temperature scaling; plots in {self.fitted.output_dir}"
         ]
@@ -160,7 +161,8 @@ class Demo:
                 )
         self.held_out_accuracy = correct / total if total else float("nan")
         self.held_out_images = total
-        return [*examples.values(), f"held-out accuracy {self.held_out_accuracy:.4f} on {total} images"]
+        shown = format_accuracy(self.held_out_accuracy, total) if total else "n/a (no images)"
+        return [*examples.values(), f"held-out accuracy {shown} (95% Wilson interval)"]
 
     def summary(self) -> dict[str, Any]:
         """What the loop made and how well it did (after every step ran)."""
@@ -171,7 +173,10 @@ class Demo:
             "images": self.extracted.images,
             "extract_img_per_s": self.extracted.images_per_second,
             "val_accuracy": self.fitted.metrics.get("val", {}).get("accuracy"),
+            "val_accuracy_ci": self.fitted.metrics.get("val", {}).get("accuracy_ci"),
             "held_out_accuracy": self.held_out_accuracy,
+            "held_out_accuracy_ci": (list(accuracy_interval(self.held_out_accuracy, self.held_out_images))
+                                     if self.held_out_images else None),
             "held_out_images": self.held_out_images,
             "head": str(self.fitted.output_dir),
             "model": str(self.model),

@@ -129,9 +129,9 @@ def accuracy_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, 
 
 
 def format_accuracy(accuracy: float, n: int) -> str:
-    """``0.948 [0.900, 0.973] (n=153)``: an accuracy as every embedx command prints it."""
+    """``0.9477 [0.900-0.973] (n=153)``: an accuracy with its 95% Wilson interval, as embedx prints it."""
     low, high = accuracy_interval(accuracy, n)
-    return f"{accuracy:.3f} [{low:.3f}, {high:.3f}] (n={n})"
+    return f"{accuracy:.4f} [{low:.3f}-{high:.3f}] (n={n})"
 
 
 def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:

@@ -34,6 +34,9 @@ def test_fit_head_json_is_one_object_with_val_accuracy_and_fit_seconds(runner, c
     assert summary["head_type"] == "logreg" and summary["params"]["C"] > 0
     assert summary["metrics"]["val"]["accuracy"] == summary["val_accuracy"]
     assert summary["output_dir"] == str(tmp_path / "h") and (tmp_path / "h" / "head.json").is_file()
+    low, high = summary["val_accuracy_ci"]
+    assert low < summary["val_accuracy"] <= high and high - low > 0.05  # 50 val rows: a wide interval
+    assert summary["metrics"]["val"]["accuracy_ci"] == [low, high]
 
 
 def test_fit_head_human_summary(runner, cache_file, tmp_path):
@@ -42,6 +45,7 @@ def test_fit_head_human_summary(runner, cache_file, tmp_path):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "knn head fitted in" in out and "val: accuracy" in out and "ECE" in out and "k=20" in out
+    assert "[95% CI 0." in out
     assert str(tmp_path / "k" / "reliability.png") in out
 
 
@@ -76,7 +80,12 @@ def test_evaluate_json_and_mismatch(runner, cache_file, tmp_path):
     assert metrics["all"]["n"] == 200 and set(metrics) >= {"train", "val", "all"}
     result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file),
                                  "--split", "val"])
-    assert result.exit_code == 0 and "all: accuracy" in result.stdout
+    assert result.exit_code == 0 and "val: accuracy" in result.stdout and "all:" not in result.stdout
+    result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(cache_file),
+                                 "--split", "val", "--json"])
+    val_only = json.loads(result.stdout)
+    assert "all" not in val_only and val_only["val"]["n"] == 50 and val_only["val"] == metrics["val"]
+    assert val_only["val"]["accuracy_ci"][0] < val_only["val"]["accuracy"]
     other = write_cache(tmp_path / "other.h5", np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1]), ["val"] * 4,
                         ["ants", "bees"], backbone="resnet18")
     result = runner.invoke(cli, ["evaluate", "--head", str(tmp_path / "h"), "--cache", str(other)])

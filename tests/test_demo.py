@@ -29,6 +29,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["val_accuracy"] > 0.6
     assert summary["held_out_images"] == 120
     assert summary["held_out_accuracy"] > 0.6
+    low, high = summary["held_out_accuracy_ci"]
+    assert low < summary["held_out_accuracy"] <= high
+    assert summary["val_accuracy_ci"][0] < summary["val_accuracy"]
 
 
 def test_demo_cli_help_runs():

@@ -472,7 +472,7 @@ def test_evaluate_skips_classes_the_head_does_not_know(cache_file, tmp_path, dat
     X, y, _, _ = data
     path = write_cache(tmp_path / "more.h5", X, y, ["val"] * len(X), ["ants", "bees", "hornets"])
     metrics = evaluate(tmp_path / "h", path)
-    assert metrics["all"]["skipped_unknown_class"] == int(np.sum(y == 2))
+    assert metrics["val"]["skipped_unknown_class"] == int(np.sum(y == 2))
 
 
 # --------------------------------------------------------------------------- real data

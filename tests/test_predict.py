@@ -219,3 +219,37 @@ def test_cli_predict_reports_skipped_files_and_escapes_newlines(bundle_path, tmp
     (line,) = result.stdout.splitlines()
     assert line.startswith(f"{folder}/two\\nlines.png\t")
     assert f"skipped {folder / 'readme.md'}: not an image file extension" in result.stderr
+
+
+def test_cli_predict_csv_has_a_header_and_quotes_awkward_paths(bundle_path, tmp_path):
+    import csv
+    import io
+
+    folder = tmp_path / "imgs"
+    first, second = write_images(folder, 2, seed=5)
+    awkward = first.rename(folder / 'a, "quoted"\nname.png')
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    result = CliRunner().invoke(cli, ["predict", "--model", str(bundle_path), str(folder), "-k", "2",
+                                      "--format", "csv", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["path", "label_1", "probability_1", "label_2", "probability_2", "error"]
+    by_path = {row["path"]: row for row in rows}
+    assert set(by_path) == {str(awkward), str(second), str(folder / "broken.png")}
+    expected = reference(bundle_path, awkward)
+    row = by_path[str(awkward)]
+    assert row["label_1"] == CLASSES[int(np.argmax(expected))] and row["error"] == ""
+    assert float(row["probability_1"]) == pytest.approx(float(expected.max()), abs=1e-5)
+    assert float(row["probability_1"]) >= float(row["probability_2"])
+    broken = by_path[str(folder / "broken.png")]
+    assert broken["error"] and broken["label_1"] == "" and broken["probability_2"] == ""
+
+
+def test_cli_predict_format_jsonl_equals_json_and_text_is_the_default(bundle_path, images):
+    runner = CliRunner()
+    args = ["predict", "--model", str(bundle_path), str(images / "a"), "-k", "2", "--device", "cpu"]
+    jsonl = runner.invoke(cli, [*args, "--format", "jsonl"])
+    assert jsonl.exit_code == 0 and jsonl.stdout == runner.invoke(cli, [*args, "--json"]).stdout
+    assert len([json.loads(line) for line in jsonl.stdout.splitlines()]) == 3
+    assert runner.invoke(cli, args).stdout == runner.invoke(cli, [*args, "--format", "text"]).stdout
+    assert runner.invoke(cli, [*args, "--json", "--format", "csv"]).exit_code == 2

@@ -74,11 +74,17 @@ def finetune_command(head_dir, data, unfreeze, epochs, batch_size, lr, backbone_
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return
-    before = "n/a" if result.initial_val_accuracy is None else f"{result.initial_val_accuracy:.4f}"
+    from embedx.metrics import format_accuracy
+
+    def shown(accuracy: float | None) -> str:
+        if accuracy is None:
+            return "n/a"
+        return format_accuracy(accuracy, result.val_count) if result.val_count else f"{accuracy:.4f}"
+
     if result.resumed_from_epoch:
         click.echo(f"resumed after epoch {result.resumed_from_epoch}", err=True)
-    click.echo(f"val accuracy {before} -> {result.best_val_accuracy:.4f} (best epoch {result.best_epoch}), "
-               f"{result.seconds:.1f}s", err=True)
+    click.echo(f"val accuracy {shown(result.initial_val_accuracy)} -> {shown(result.best_val_accuracy)} "
+               f"(best epoch {result.best_epoch}; 95% Wilson intervals), {result.seconds:.1f}s", err=True)
     click.echo(str(result.output_dir))
 
 

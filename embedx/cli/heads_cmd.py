@@ -23,9 +23,13 @@ def _chosen(params: dict[str, Any]) -> str:
 
 
 def _metric_line(name: str, metrics: dict[str, Any]) -> str:
+    from embedx.metrics import accuracy_interval
+
+    low, high = metrics.get("accuracy_ci") or accuracy_interval(metrics["accuracy"], metrics["n"])
     line = (
-        f"{name}: accuracy {_fmt(metrics['accuracy'])}, balanced {_fmt(metrics['balanced_accuracy'])}, "
-        f"macro-F1 {_fmt(metrics['macro_f1'])}, log-loss {_fmt(metrics['log_loss'])}"
+        f"{name}: accuracy {_fmt(metrics['accuracy'])} [95% CI {low:.3f}-{high:.3f}], "
+        f"balanced {_fmt(metrics['balanced_accuracy'])}, macro-F1 {_fmt(metrics['macro_f1'])}, "
+        f"log-loss {_fmt(metrics['log_loss'])}"
     )
     if "top5_accuracy" in metrics:
         line += f", top-5 {_fmt(metrics['top5_accuracy'])}"
@@ -49,16 +53,19 @@ def _metric_line(name: str, metrics: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--label-smoothing", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="For the linear and mlp heads.")
+@click.option("--cv", "cv", type=click.IntRange(min=2), default=None,
+              help="Choose the regularization by stratified K-fold over train+val (for a small val set), report "
+                   "the folds' accuracy (mean +- sd) and out-of-fold metrics, and train the head on train+val.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (metrics, val_accuracy, fit_seconds).")
 def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bool, class_weight: str | None,
-                     seed: int, label_smoothing: float, as_json: bool) -> None:
+                     seed: int, label_smoothing: float, cv: int | None, as_json: bool) -> None:
     """Train a classifier head on cached features; regularization is chosen on val."""
     from embedx.cli.progressbar import progress_bar
     from embedx.heads import fit_head
 
     with progress_bar(f"fit-head {head_type}", unit="stage", enabled=not as_json) as progress:
         result = fit_head(cache, head=head_type, output=output, refit=refit, class_weight=class_weight,
-                          seed=seed, label_smoothing=label_smoothing, progress=progress)
+                          seed=seed, label_smoothing=label_smoothing, cv=cv, progress=progress)
     summary = result.to_dict()
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True, default=str))
@@ -67,6 +74,12 @@ def fit_head_command(cache: Path, head_type: str, output: Path | None, refit: bo
     click.echo(f"{head_type} head fitted in {result.fit_seconds:.2f} s on {metrics['n_train']} rows "
                f"({metrics['val_source']}: {metrics['n_val']} rows)")
     click.echo(f"chosen: {_chosen(summary['params'])}")
+    if "cv" in metrics:
+        folds = metrics["cv"]
+        click.echo(f"cv: {folds['folds']} folds over {folds['rows']} train+val rows chose "
+                   f"{folds['setting']}={folds['chosen']:.4g}; fold accuracy {folds['fold_accuracy_mean']:.4f} "
+                   f"+- {folds['fold_accuracy_sd']:.4f} (sd); out-of-fold on the {folds['val_rows']} val rows "
+                   f"{folds['val_rows_accuracy']:.4f}")
     click.echo(_metric_line("val", metrics["val"]))
     if "test" in metrics:
         click.echo(_metric_line("test", metrics["test"]))

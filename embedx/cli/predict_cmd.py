@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import functools
+import io
 import json
 from pathlib import Path
 
@@ -54,9 +57,12 @@ def bundle_command(head_dir: Path, output: Path, with_preprocess: bool, force: b
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+@click.option("--format", "output_format", type=click.Choice(["text", "jsonl", "csv"]), default=None,
+              help="text (default): path TAB ranked labels; jsonl: one JSON object per image; csv: a header, "
+                   "then path,label_1,probability_1,...,error per image.")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format jsonl.")
 def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Path, ...], top_k: int,
-                    batch_size: int, device: str, as_json: bool) -> None:
+                    batch_size: int, device: str, output_format: str | None, as_json: bool) -> None:
     """Classify IMAGES (files or folders) with a bundle or a head directory."""
     import sys
 
@@ -65,6 +71,11 @@ def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Pat
 
     if (model is None) == (head_dir is None):
         raise click.UsageError("pass exactly one of --model or --head")
+    if as_json and output_format not in (None, "jsonl"):
+        raise click.UsageError(f"--json means --format jsonl; it cannot go with --format {output_format}")
+    output_format = "jsonl" if as_json else output_format or "text"
+    echo_row = _csv_writer(top_k) if output_format == "csv" else functools.partial(_echo_row,
+                                                                                  as_json=output_format == "jsonl")
     errors = 0
     skipped: list[tuple[str, str]] = []
     paths = expand_sources(images, skipped=skipped)
@@ -74,11 +85,36 @@ def predict_command(model: Path | None, head_dir: Path | None, images: tuple[Pat
     with progress_bar("predict", enabled=show_bar) as progress:
         for done, row in enumerate(rows, start=1):
             progress(done, len(paths), {"errors": errors})
-            errors += _echo_row(row, as_json)
+            errors += echo_row(row)
     for name, reason in skipped:  # what the folder walk passed over, as extract records it
         click.echo(f"skipped {_escape(name)}: {reason}", err=True)
     if errors:
         click.echo(f"{errors} image(s) could not be read", err=True)
+
+
+def _csv_writer(top_k: int):
+    """A function printing one prediction as a CSV row (after the header, printed now); 1 if an error row.
+
+    The csv module quotes paths holding commas, quotes or newlines; a row has ``top_k``
+    label/probability pairs, left empty where the model has fewer classes or the image failed.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+
+    def emit(values: list) -> None:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(values)
+        click.echo(buffer.getvalue(), nl=False)
+
+    emit(["path", *[f"{name}_{rank}" for rank in range(1, top_k + 1) for name in ("label", "probability")], "error"])
+
+    def echo_row(row: dict) -> int:
+        ranked = [value for c in row.get("top_k", []) for value in (c["label"], f"{c['probability']:.6f}")]
+        emit([row["path"], *ranked, *[""] * (2 * top_k - len(ranked)), row.get("error", "")])
+        return int("error" in row)
+
+    return echo_row
 
 
 def _echo_row(row: dict, as_json: bool) -> int:

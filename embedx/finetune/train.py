@@ -100,12 +100,22 @@ class FinetuneResult:
     resumed_from_epoch: int = 0
     device: str = "cpu"
     parity: dict[str, Any] = field(default_factory=dict)
+    #: validation images the accuracies are measured on (their 95% intervals need it)
+    val_count: int = 0
+
+    def accuracy_ci(self, accuracy: float | None) -> list[float] | None:
+        """The 95% Wilson interval of an accuracy on the ``val_count`` validation images."""
+        from embedx.metrics import accuracy_interval
+
+        return None if accuracy is None or not self.val_count else list(accuracy_interval(accuracy, self.val_count))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("output_dir", "onnx_path", "backbone_weights"):
             data[key] = str(data[key]) if data[key] is not None else None
         data["history"] = list(self.history)
+        data["best_val_accuracy_ci"] = self.accuracy_ci(self.best_val_accuracy)
+        data["initial_val_accuracy_ci"] = self.accuracy_ci(self.initial_val_accuracy)
         return data
 
 
@@ -396,6 +406,7 @@ def _finish(start: _Start, training: _Training, state: _State, config: FinetuneC
         resumed_from_epoch=state.start_epoch,
         device=str(training.device),
         parity=parity,
+        val_count=int((initial or (state.history[-1] if state.history else {})).get("val_count", 0)),
     )
     _write_report(output_dir, record, result.to_dict())
     logger.info("fine-tuned head in %s: val accuracy %s -> %.4f (epoch %d), %.1f s", output_dir,

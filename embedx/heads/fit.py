@@ -48,6 +48,7 @@ class FitResult:
             "head_type": self.head.head_type,
             "output_dir": str(self.output_dir),
             "val_accuracy": val.get("accuracy"),
+            "val_accuracy_ci": val.get("accuracy_ci"),
             "val_source": self.metrics.get("val_source"),
             "fit_seconds": self.fit_seconds,
             "params": {**self.head.get_params(), **self.head.chosen_params_},
@@ -155,12 +156,18 @@ def fit_head(
     label_smoothing: float = 0.0,
     params: dict[str, Any] | None = None,
     plots: bool = True,
+    cv: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> FitResult:
     """Train a head on a cache (path or ``CacheData``) and write its directory.
 
     ``refit``: after choosing hyperparameters on val, train again on train+val with
     them (val metrics and the temperature stay those of the model before the refit).
+    ``cv=K``: choose them by stratified K-fold over train+val instead (``embedx.heads.cv``):
+    the head is trained on train+val, the ``val`` metrics are the out-of-fold predictions
+    over all train+val rows, ``metrics["cv"]`` holds the folds' accuracies (mean, sd).
+    Without it, a val set too small for the choice it drives is warned about
+    (``metrics["warnings"]``).
     """
     from embedx.metrics import plot_confusion_matrix, plot_reliability
 
@@ -169,7 +176,7 @@ def fit_head(
         raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
     if output is not None:
         check_head_output(output)  # before the work: a folder that is not a head is never replaced
-    steps_total = 4 + int(refit)
+    steps_total = 4 + int(refit and not cv)
 
     def report(done: int, stage: str) -> None:
         if progress is not None:
@@ -187,16 +194,26 @@ def fit_head(
     y_names = names[labels]
     train, val, test, val_source = _split_rows(data, seed)  # ascending rows, as read_feature_rows needs
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
-    model = make_head(head, **values)
     report(0, "fit")
-    X_val = _feature_rows(data, val)
-    model.fit(_feature_rows(data, train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+    if cv:
+        model, metrics, val_y, val_logits = _fit_cv(data, train, val, y_names, head=head, values=values, folds=cv,
+                                                    seed=seed)
+        val_source = metrics["val_source"]
+    else:
+        model = make_head(head, **values)
+        X_val = _feature_rows(data, val)
+        model.fit(_feature_rows(data, train), y_names[train], X_val=X_val, y_val=y_names[val], copy=False)
+        metrics = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
+        metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
+        del X_val
+        from embedx.heads.cv import small_val_warnings
+
+        metrics["warnings"] = small_val_warnings(model, len(val))
+        for warning in metrics["warnings"]:
+            logger.warning("%s", warning)
     report(1, "metrics")
-    metrics: dict[str, Any] = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val))}
-    metrics["val"], val_y, val_logits = head_metrics(model, X_val, y_names[val])
-    del X_val
     final = model
-    if refit:
+    if refit and not cv:
         report(2, "refit on train+val")
         rows = np.sort(np.concatenate([train, val]))
         final = make_head(head, **fixed_params(model)).fit(_feature_rows(data, rows), y_names[rows], copy=False)
@@ -227,6 +244,31 @@ def fit_head(
     logger.info("fitted %s head: val accuracy %.4f in %.2f s -> %s", head, metrics["val"]["accuracy"],
                 fit_seconds, output_dir)
     return FitResult(head=final, metrics=metrics, output_dir=output_dir, fit_seconds=fit_seconds)
+
+
+def _fit_cv(data, train: np.ndarray, val: np.ndarray, y_names: np.ndarray, *, head: str, values: dict[str, Any],
+            folds: int, seed: int) -> tuple[Head, dict[str, Any], np.ndarray, np.ndarray]:
+    """``fit_head(cv=K)``: (head trained on train+val, metrics, out-of-fold labels and logits)."""
+    from embedx.heads.cv import cross_validate
+    from embedx.metrics import classification_metrics, fit_temperature
+
+    rows = np.sort(np.concatenate([train, val]))
+    result = cross_validate(_feature_rows(data, rows), y_names[rows], head=head, params=values, folds=folds,
+                            seed=seed, make_head=make_head)
+    model = result.head
+    y_index = np.searchsorted(model.classes_, y_names[rows])
+    model.temperature_ = fit_temperature(result.oof_logits, y_index)
+    model.chosen_params_ = {**model.chosen_params_, "refit": "train+val", "cv_folds": folds}
+    model.sweep_ = result.summary["table"]
+    in_val = np.isin(rows, val)
+    summary = {**result.summary, "val_rows": int(in_val.sum()),
+               "val_rows_accuracy": float(np.mean(result.oof_logits[in_val].argmax(1) == y_index[in_val]))}
+    metrics = {"val_source": f"{folds}-fold cross-validation over train+val (out-of-fold predictions)",
+               "n_train": int(len(rows)), "n_val": int(len(rows)), "refit": True, "cv": summary,
+               "note": "val metrics are out-of-fold predictions over train+val; the head is trained on all of them",
+               "val": classification_metrics(y_index, result.oof_logits, class_names=[str(c) for c in model.classes_],
+                                             temperature=model.temperature_)}
+    return model, metrics, y_index, result.oof_logits
 
 
 def default_output(data, head: str) -> Path:
@@ -261,7 +303,11 @@ def check_compatible(record: HeadRecord, data, *, head_dir: Path) -> None:
 
 
 def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = None) -> dict[str, Any]:
-    """Metrics of a saved head on a cache made with the same backbone: per split and over all rows."""
+    """Metrics of a saved head on a cache made with the same backbone, keyed by split name.
+
+    One split evaluated (``splits=["val"]``, or a cache with rows in one split only): one key,
+    that split's name.  Several: one key per split plus ``"all"`` over their rows together.
+    """
     head_dir = Path(head_dir)
     model = load_head(head_dir)
     data = _read(cache, load_features=False)
@@ -282,10 +328,13 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
             f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
         )
     features, y_selected = _feature_rows(data, selected), y_names[selected]  # the wanted splits' rows only
-    result["all"], _, _ = head_metrics(model, features, y_selected)
-    if len(wanted) > 1:
-        for split in wanted:
+    present = [split for split in wanted if np.any(row_splits[selected] == split)]
+    if len(present) > 1:
+        result["all"], _, _ = head_metrics(model, features, y_selected)
+        for split in present:
             inside = row_splits[selected] == split
-            if inside.any() and np.isin(y_selected[inside], model.classes_).any():
+            if np.isin(y_selected[inside], model.classes_).any():
                 result[split], _, _ = head_metrics(model, features[inside], y_selected[inside])
+    else:
+        result[present[0]], _, _ = head_metrics(model, features, y_selected)
     return result
