@@ -292,7 +292,29 @@ def _meta_table(rows: list[tuple[str, Any]]) -> str:
     return f'<table class="meta">{body}</table>'
 
 
-def _metrics_section(results: dict[str, SplitResult], note: str) -> str:
+def _fit_notes(record) -> tuple[dict[str, str], list[str]]:
+    """The role of each split for this head and the notes head.json's metrics carry (refit,
+    cross-validation, small-val warnings), as plain text to escape."""
+    recorded = record.fields.get("metrics")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    roles = dict(_SPLIT_ROLES)
+    notes = []
+    if recorded.get("refit") is True:
+        roles["val"] = "the head was refitted on train+val: optimistic here"
+    cv = recorded.get("cv")
+    if isinstance(cv, dict) and untrusted.finite(cv.get("fold_accuracy_mean")) and untrusted.finite(
+            cv.get("fold_accuracy_sd")):
+        notes.append(f"cross-validation at fit-head: fold accuracy {cv['fold_accuracy_mean']:.4f} "
+                     f"± {cv['fold_accuracy_sd']:.4f} (sd)")
+    for key in ("note", "warnings"):
+        values = recorded.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value:
+                notes.append(f"fit-head: {value}")
+    return roles, notes
+
+
+def _metrics_section(results: dict[str, SplitResult], note: str, roles: dict[str, str], notes: list[str]) -> str:
     from embedx.metrics import accuracy_interval
 
     head = ("<tr><th class=name>split</th><th>n</th><th>accuracy</th><th>95% interval (Wilson)</th>"
@@ -302,7 +324,7 @@ def _metrics_section(results: dict[str, SplitResult], note: str) -> str:
     for name, result in results.items():
         m = result.metrics
         low, high = accuracy_interval(m["accuracy"], m["n"])
-        role = _SPLIT_ROLES.get(name, "")
+        role = roles.get(name, "")
         if m.get("skipped_unknown_class"):
             role += f" ({m['skipped_unknown_class']} rows of classes the head does not know skipped)"
         rows.append(
@@ -311,8 +333,9 @@ def _metrics_section(results: dict[str, SplitResult], note: str) -> str:
             f"<td>{_num(m['macro_f1'], 4)}</td><td>{_num(m['log_loss'])}</td>"
             f"<td>{_num(m['ece'])} &rarr; {_num(m['ece_calibrated'])}</td><td class=name>{_e(role)}</td></tr>"
         )
+    recorded = "".join(f"<li>{_e(text)}</li>" for text in notes)
     return (f'<section id="metrics"><h2>Metrics</h2><table>{head}{"".join(rows)}</table>'
-            f'<p class=note>{note}</p></section>')
+            f'<p class=note>{note}</p>{f"<ul class=note>{recorded}</ul>" if recorded else ""}</section>')
 
 
 def _confusion_section(result: SplitResult, class_names: list[str]) -> str:
@@ -539,7 +562,7 @@ def build_report(
     stage(2, "plots")
     sections = [
         _metrics_section(results, "Accuracy intervals are 95% Wilson score intervals on the rows of each split: "
-                         "how far another sample of the same size could move the figure."),
+                         "how far another sample of the same size could move the figure.", *_fit_notes(record)),
         _confusion_section(chosen, class_names),
         _reliability_section(chosen, temperature),
         _per_class_section(chosen, class_names),

@@ -238,3 +238,11 @@ def test_many_classes_with_mathtext_names(tmp_path):
     assert 'alt="confusion matrix"' in page and "<table class=cm>" not in page
     assert "the first 40 of 42 classes" in page
     assert all(f"<td class=name>{name}</td>" in page for name in names)  # the per-class table, verbatim
+
+
+def test_a_cross_validated_head_marks_val_as_trained_on_and_shows_the_folds(tmp_path, head):
+    _, cache = head
+    fit_head(cache, output=tmp_path / "cv", plots=False, cv=3)
+    page = build_report(tmp_path / "cv", output=tmp_path / "report.html").output.read_text(encoding="utf-8")
+    assert "the head was refitted on train+val: optimistic here" in page
+    assert "cross-validation at fit-head: fold accuracy" in page
