@@ -469,34 +469,49 @@ def _map_section(result: SplitResult, data, class_names: list[str], *, max_point
             f'true class){more}.</p></section>')
 
 
-def _adaptation_section(record, results: dict[str, SplitResult], focus: str, same_cache: bool) -> str:
-    """Source vs target for a head trained with domain adaptation (head.json ``adaptation``); "" otherwise."""
+def _accuracy_row(label: str, accuracy: Any, n: Any) -> str:
+    """One "domain, n, accuracy, interval" row; "" when head.json's numbers are not an accuracy of n rows."""
     from embedx.metrics import accuracy_interval
 
+    if not (untrusted.finite(accuracy) and 0 <= accuracy <= 1 and isinstance(n, int) and n > 0):
+        return ""
+    low, high = accuracy_interval(accuracy, n)
+    return (f"<tr><td class=name>{_e(label)}</td><td>{n}</td><td>{_num(accuracy, 4)}</td>"
+            f"<td>[{_num(low)}, {_num(high)}]</td></tr>")
+
+
+def _adaptation_section(record, results: dict[str, SplitResult], focus: str, same_cache: bool) -> str:
+    """Source vs target for a head trained with domain adaptation (head.json ``adaptation``:
+    ``method``, ``source_val_accuracy_before``/``_after``, the target, ``warning``, ...); "" otherwise.
+
+    Source numbers are head.json's (measured at fit-head on the source val rows); the target's
+    are this report's on the focus split, when the cache is not the head's own.
+    """
     adaptation = record.fields.get("adaptation")
     if not isinstance(adaptation, dict):
         return ""
     scalars = [(k, v) for k, v in adaptation.items() if isinstance(v, (str, int, float, bool)) or v is None]
-    source = (record.fields.get("metrics") or {}).get("val")
-    rows = []
-    if (isinstance(source, dict) and untrusted.finite(source.get("accuracy")) and 0 <= source["accuracy"] <= 1
-            and isinstance(source.get("n"), int) and source["n"] > 0):
-        low, high = accuracy_interval(source["accuracy"], source["n"])
-        rows.append(f"<tr><td class=name>source val (recorded at fit-head)</td><td>{source['n']}</td>"
-                    f"<td>{_num(source['accuracy'], 4)}</td><td>[{_num(low)}, {_num(high)}]</td></tr>")
+    recorded = record.fields.get("metrics") if isinstance(record.fields.get("metrics"), dict) else {}
+    source = recorded.get("val") if isinstance(recorded.get("val"), dict) else {}
+    n_source = source.get("n")
+    rows = [
+        _accuracy_row("source val, head without adaptation (the guard)",
+                      adaptation.get("source_val_accuracy_before"), n_source),
+        _accuracy_row("source val, adapted head", adaptation.get("source_val_accuracy_after",
+                                                                 source.get("accuracy")), n_source),
+    ]
     if same_cache:
-        target_note = ("<p class=note>This report reads the head's own training cache: pass the labeled target "
-                       "cache with <code>--cache</code> for the target column.</p>")
+        note = ("This report reads the head's own (source) cache, and the head applies the target's statistics "
+                "at prediction time, so the metrics above are not its source accuracy: the source rows here "
+                "are head.json's. Pass a labeled target cache with --cache for the target row.")
     else:
         m = results[focus].metrics
-        low, high = accuracy_interval(m["accuracy"], m["n"])
-        rows.append(f"<tr><td class=name>target {_e(focus)} (this cache)</td><td>{m['n']}</td>"
-                    f"<td>{_num(m['accuracy'], 4)}</td><td>[{_num(low)}, {_num(high)}]</td></tr>")
-        target_note = ""
-    table = ("<table><tr><th class=name>domain</th><th>n</th><th>accuracy</th><th>95% interval</th></tr>"
-             f'{"".join(rows)}</table>') if rows else ""
+        rows.append(_accuracy_row(f"target {focus} (this cache)", m["accuracy"], m["n"]))
+        note = "Source rows: measured by fit-head on the source val rows (head.json); target: this report."
+    table = ("<table><tr><th class=name>domain</th><th>n</th><th>accuracy</th><th>95% interval (Wilson)</th></tr>"
+             f'{"".join(rows)}</table>')
     return (f'<section id="adaptation"><h2>Domain adaptation: source vs target</h2>{_meta_table(scalars)}'
-            f'{table}{target_note}</section>')
+            f'{table}<p class=note>{_e(note)}</p></section>')
 
 
 # --------------------------------------------------------------------------- the report

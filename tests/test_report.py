@@ -17,6 +17,7 @@ from sklearn.datasets import make_classification
 from embedx.cli.main import cli
 from embedx.errors import HeadError
 from embedx.heads import HEAD_JSON, evaluate, fit_head, load_head
+from embedx.metrics import accuracy_interval
 from embedx.report import build_report, image_under_root, pca_2d, thumbnail_jpeg
 from tests.test_heads import write_cache
 
@@ -171,15 +172,23 @@ def test_a_cache_without_a_data_root_gives_placeholders(tmp_path, features, head
 def test_adaptation_section_appears_only_for_adapted_heads(head, tmp_path, features):
     head_dir, cache = head
     record = json.loads((head_dir / HEAD_JSON).read_text())
-    record["adaptation"] = {"method": "<b>coral</b>", "shrinkage": 0.1, "target_cache": "target.h5"}
+    n_val = record["metrics"]["val"]["n"]
+    # the shape heads/adapt.py writes: method, its settings, the guard's source-val accuracies
+    record["adaptation"] = {"method": "<b>coral</b>", "shrinkage": 0.1, "target_cache": "target.h5",
+                            "source_val_accuracy_before": 0.8, "source_val_accuracy_after": 0.6}
     (head_dir / HEAD_JSON).write_text(json.dumps(record))
     own = build_report(head_dir, None, output=tmp_path / "own.html").output.read_text(encoding="utf-8")
     assert '<section id="adaptation">' in own and "&lt;b&gt;coral&lt;/b&gt;" in own
-    assert "source val (recorded at fit-head)" in own and "target test" not in own
+    low, high = accuracy_interval(0.8, n_val)
+    assert (f"without adaptation (the guard)</td><td>{n_val}</td><td>0.8000</td><td>[{low:.3f}, {high:.3f}]</td>"
+            in own)
+    assert "adapted head</td>" in own and "target test" not in own and "not its source accuracy" in own
     X, y = features
     target = write_cache(tmp_path / "target.h5", X[::-1].copy(), y[::-1].copy(), SPLITS, CLASSES)
-    page = build_report(head_dir, target, output=tmp_path / "target.html").output.read_text(encoding="utf-8")
-    assert "source val (recorded at fit-head)" in page and "target test (this cache)" in page
+    result = build_report(head_dir, target, output=tmp_path / "target.html")
+    page = result.output.read_text(encoding="utf-8")
+    accuracy = result.metrics["test"]["accuracy"]
+    assert f"<td class=name>target test (this cache)</td><td>45</td><td>{accuracy:.4f}" in page
 
 
 def test_pca_2d_matches_scikit_learn(features):
