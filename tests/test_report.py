@@ -211,6 +211,11 @@ def test_cli_report_defaults_to_the_recorded_cache_and_errors_are_one_line(head,
     summary = json.loads(result.stdout)
     assert summary["output"] == str(output) and output.is_file() and summary["focus_split"] == "test"
     assert set(summary["accuracy"]) == {"train", "val", "test"}
+    result = runner.invoke(cli, ["report", "--head", str(head_dir), "-o", str(output), "--split", "val",
+                                 "--mistakes", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 mistakes shown (val), 2 thumbnails, 0 placeholders" in result.stdout
+    assert f"report: {output}" in result.stdout
     result = runner.invoke(cli, ["report", "--head", str(head_dir), "-o", str(output), "--split", "nope"])
     assert result.exit_code == 1 and "split 'nope'" in result.stderr
     record = json.loads((head_dir / HEAD_JSON).read_text())
