@@ -24,6 +24,8 @@ import base64
 import html
 import io
 import logging
+import os
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Longest side of a mistake's thumbnail, in pixels.
 THUMB_SIZE = 128
+#: Largest image file read for a thumbnail.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
 #: Most confident mistakes shown.
 MAX_MISTAKES = 24
 #: Most points drawn on the feature map (a seeded subsample beyond it; every mistake is kept).
@@ -131,11 +135,29 @@ def image_under_root(root: Path | None, relpath: str) -> tuple[Path | None, str]
     return resolved, ""
 
 
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, opened without following a last-component symlink and without
+    blocking on a FIFO, refused unless it is a regular file of at most MAX_IMAGE_BYTES: the
+    file checked by ``image_under_root`` may have been swapped since (ImageDecodeError)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from e
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageDecodeError(f"{path}: not a regular file")
+        if status.st_size > MAX_IMAGE_BYTES:
+            raise ImageDecodeError(f"{path}: {status.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} read")
+        return handle.read(MAX_IMAGE_BYTES + 1)
+
+
 def thumbnail_jpeg(path: Path, size: int = THUMB_SIZE) -> bytes:
     """A JPEG of ``path`` whose longest side is at most ``size`` (ImageDecodeError if it does not decode)."""
     from embedx.preprocess import decode
 
-    image = decode(path, min_size=size)
+    image = decode(_read_regular_file(path), min_size=size)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)

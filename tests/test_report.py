@@ -4,7 +4,9 @@ strings escaped and untrusted image paths kept inside the data root."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from PIL import Image
 from sklearn.datasets import make_classification
 
 from embedx.cli.main import cli
-from embedx.errors import HeadError
+from embedx.errors import HeadError, ImageDecodeError
 from embedx.heads import HEAD_JSON, evaluate, fit_head, load_head
 from embedx.metrics import accuracy_interval
 from embedx.report import build_report, image_under_root, pca_2d, thumbnail_jpeg
@@ -260,3 +262,14 @@ def test_a_cross_validated_head_marks_val_as_trained_on_and_shows_the_folds(tmp_
     page = build_report(tmp_path / "cv", output=tmp_path / "report.html").output.read_text(encoding="utf-8")
     assert "the head was refitted on train+val: optimistic here" in page
     assert "cross-validation at fit-head: fold accuracy" in page
+
+
+def test_thumbnails_refuse_a_swapped_symlink_and_a_fifo(tmp_path):
+    """A file checked by image_under_root and swapped before it is read: not followed, not waited on."""
+    inside = _image(tmp_path / "ok.png", (10, 20, 30), size=300)
+    assert Image.open(io.BytesIO(thumbnail_jpeg(inside, 64))).size == (64, 64)
+    (tmp_path / "link.png").symlink_to(inside)
+    os.mkfifo(tmp_path / "fifo.png")
+    for name in ("link.png", "fifo.png"):
+        with pytest.raises(ImageDecodeError):
+            thumbnail_jpeg(tmp_path / name)
