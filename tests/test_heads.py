@@ -344,8 +344,9 @@ def test_linear_and_mlp_report_early_stopping_and_label_smoothing(data):
 
 
 def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, backbone: str = "fakenet",
-                weights_tag: str = "none", dtype: str = "float32") -> Path:
-    """A real embedx cache file (through embedx.cache) holding the given features."""
+                weights_tag: str = "none", dtype: str = "float32", paths=None, attrs=None) -> Path:
+    """A real embedx cache file (through embedx.cache) holding the given features; ``paths``
+    (default ``<class>/<row>.png``) and ``attrs`` (the ``extra`` attribute) as given."""
     from embedx.cache import CacheMeta, CacheWriter
 
     meta = CacheMeta(backbone=backbone, weights_tag=weights_tag, weights_arg="none",
@@ -353,11 +354,11 @@ def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, ba
                      onnx_sha256="0" * 64, feature_layer="pool", feature_dim=X.shape[1],
                      preprocess={"input_size": 32}, dtype=dtype, precision="fp32")
     keys = [hashlib.sha256(f"{path.name}-{i}".encode()).hexdigest() for i in range(len(X))]
-    rel = [f"{classes[label]}/{i}.png" for i, label in enumerate(y)]
+    rel = list(paths) if paths is not None else [f"{classes[label]}/{i}.png" for i, label in enumerate(y)]
     with CacheWriter(path, meta, overwrite=True) as writer:
         writer.append(keys, X, paths=rel)
         writer.finalize(keys=keys, paths=rel, labels=[int(v) for v in y], splits=list(splits), classes=list(classes),
-                        errors=[])
+                        errors=[], attrs=attrs)
     return path
 
 

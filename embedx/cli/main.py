@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "merge_cmd",  # merge
     "verify_cmd",  # verify
     "heads_cmd",  # fit-head, evaluate
+    "report_cmd",  # report
     "predict_cmd",  # predict, bundle
     "serve_cmd",  # serve-onnx
     "finetune_cmd",  # finetune
