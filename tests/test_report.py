@@ -173,21 +173,20 @@ def test_a_cache_without_a_data_root_gives_placeholders(tmp_path, features, head
 
 def test_adaptation_section_appears_only_for_adapted_heads(head, tmp_path, features):
     head_dir, cache = head
-    record = json.loads((head_dir / HEAD_JSON).read_text())
-    n_val = record["metrics"]["val"]["n"]
-    # the shape heads/adapt.py writes: method, its settings, the guard's source-val accuracies
-    record["adaptation"] = {"method": "<b>coral</b>", "shrinkage": 0.1, "target_cache": "target.h5",
-                            "source_val_accuracy_before": 0.8, "source_val_accuracy_after": 0.6}
-    (head_dir / HEAD_JSON).write_text(json.dumps(record))
-    own = build_report(head_dir, None, output=tmp_path / "own.html").output.read_text(encoding="utf-8")
-    assert '<section id="adaptation">' in own and "&lt;b&gt;coral&lt;/b&gt;" in own
-    low, high = accuracy_interval(0.8, n_val)
-    assert (f"without adaptation (the guard)</td><td>{n_val}</td><td>0.8000</td><td>[{low:.3f}, {high:.3f}]</td>"
+    plain = build_report(head_dir, None, output=tmp_path / "plain.html").output.read_text(encoding="utf-8")
+    assert '<section id="adaptation">' not in plain
+    X, y = features
+    target = write_cache(tmp_path / "target.h5", (X * 1.5 + 2.0).astype(np.float32), y, SPLITS, CLASSES)
+    adapted = fit_head(cache, output=tmp_path / "adapted", plots=False, adapt_to=target, adapt="standardize")
+    info, n_val = adapted.metrics["adaptation"], adapted.metrics["val"]["n"]
+    before = info["source_val_accuracy_before"]
+    own = build_report(tmp_path / "adapted", None, output=tmp_path / "own.html").output.read_text(encoding="utf-8")
+    assert '<section id="adaptation">' in own and "standardize" in own
+    low, high = accuracy_interval(before, n_val)
+    assert (f"without adaptation (the guard)</td><td>{n_val}</td><td>{before:.4f}</td><td>[{low:.3f}, {high:.3f}]</td>"
             in own)
     assert "adapted head</td>" in own and "target test" not in own and "not its source accuracy" in own
-    X, y = features
-    target = write_cache(tmp_path / "target.h5", X[::-1].copy(), y[::-1].copy(), SPLITS, CLASSES)
-    result = build_report(head_dir, target, output=tmp_path / "target.html")
+    result = build_report(tmp_path / "adapted", target, output=tmp_path / "target.html")
     page = result.output.read_text(encoding="utf-8")
     accuracy = result.metrics["test"]["accuracy"]
     assert f"<td class=name>target test (this cache)</td><td>45</td><td>{accuracy:.4f}" in page
