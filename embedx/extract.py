@@ -78,6 +78,7 @@ class ExtractSummary:
     seconds: float  # the whole call, including backbone export
     images_per_second: float  # new / pipeline_seconds
     pipeline_seconds: float  # from opening the cache to the finished file: hash, session, decode, infer, write
+    # (less engine_start_seconds)
     setup_seconds: float  # discover the data, export/resolve the backbone (cached after the first run)
     hash_seconds: float
     session_seconds: float  # ORT session (and int8 calibration), overlapped with the first decodes
@@ -96,6 +97,9 @@ class ExtractSummary:
     error_list: list[tuple[str, str]] = field(default_factory=list)
     decode: str = "cpu"
     repaired: int = 0  # rows of the previous cache that failed their checksum or held NaN/inf: computed again
+    engine: str = "local"
+    actors: int = 0  # Ray inference actors (0 with the local engine)
+    engine_start_seconds: float = 0.0  # joining or starting the Ray cluster (not in pipeline_seconds' rate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -459,10 +463,14 @@ class _Run:
     new: int = 0
     workers: int = 0
     model: Any = None
+    actors: int = 0  # the Ray engine's inference actors, and what their sessions use
+    providers: list[str] = field(default_factory=list)
+    threads: int = 0
     calibration_keys: list[str] | None = None
     computed: set[str] = field(default_factory=set)  # keys computed in this run
     seconds: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("hash", "session", "decode", "wait", "inference", "write"), 0.0)
+        default_factory=lambda: dict.fromkeys(
+            ("hash", "session", "decode", "wait", "inference", "write", "engine_start"), 0.0)
     )
 
 
@@ -563,6 +571,32 @@ def _first_of_each_key(run: _Run, features: np.ndarray, rows: list[int]) -> tupl
     return features[keep], [rows[position] for position in keep]
 
 
+def _note_decoded(run: _Run, items: Sequence[Any], journal: _Journal, batch: Sequence[int],
+                  keys: Sequence[str], errors: Sequence[tuple[int, str]]) -> None:
+    """Record one decoded batch's keys (by position in ``batch``) and journal its decode errors."""
+    for position, key in enumerate(keys):
+        # the bytes read for decoding are what the features belong to; a file that could
+        # not be read now has no key, so its error is retried by the next run, not kept
+        run.keys[batch[position]] = key
+    for position, reason in errors:
+        index = batch[position]
+        run.decode_errors[index] = reason
+        journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
+
+
+def _journal_features(run: _Run, items: Sequence[Any], journal: _Journal, rows: list[int],
+                      features: np.ndarray | None) -> None:
+    """Journal the ``features`` of items ``rows`` (the first row of each key only), or a flush
+    when there are none (so the batch's errors reach the disk)."""
+    if rows:
+        features, rows = _first_of_each_key(run, features, rows)
+    if rows:
+        journal.submit("append", [run.keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
+    else:
+        journal.submit("flush")
+    run.new += len(rows)
+
+
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
              workers: int | None, decode: str) -> Any:
     """What yields decoded batches: the GPU decoder, or CPU decode workers (or inline)."""
@@ -624,14 +658,7 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
         for batch, result in zip(batches, decoder, strict=True):
             run.seconds["wait"] += time.perf_counter() - waited
             run.seconds["decode"] += result["seconds"]
-            for position, key in enumerate(result["keys"]):
-                # the bytes read for decoding are what the features belong to; a file that could
-                # not be read now has no key, so its error is retried by the next run, not kept
-                run.keys[batch[position]] = key
-            for position, reason in result["errors"]:
-                index = batch[position]
-                run.decode_errors[index] = reason
-                journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
+            _note_decoded(run, items, journal, batch, result["keys"], result["errors"])
             rows = [batch[position] for position in result["rows"]]
             tick = time.perf_counter()
             if rows:
@@ -641,14 +668,8 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
                 if not pixel_input:  # on a GPU the bound runner pads the batch to its fixed shape
                     pixels = _normalize_into(pixels, spec)
                 features = (runner or run.model).run(pixels)[: len(rows)]
-                features, rows = _first_of_each_key(run, features, rows)
             run.seconds["inference"] += time.perf_counter() - tick
-            if rows:
-                journal.submit("append", [run.keys[i] for i in rows], features,
-                               paths=[items[i].relpath for i in rows])
-            else:
-                journal.submit("flush")
-            run.new += len(rows)
+            _journal_features(run, items, journal, rows, features if rows else None)
             done += len(batch)
             if progress is not None:
                 progress(done, len(run.todo), {"errors": len(run.decode_errors)})
@@ -708,6 +729,10 @@ def extract(
     overwrite: bool = False,
     preprocess_mode: str | None = None,
     decode: str = "auto",
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
 ) -> ExtractSummary:
     """Fill (or update, or finish) the feature cache of ``data`` under ``backbone``.
@@ -724,6 +749,11 @@ def extract(
     other files fall back to the CPU decoder one by one), ``"cpu"`` uses decode workers,
     ``"auto"`` is ``gpu`` when the model runs on CUDA and torch has CUDA. The cache records
     it (features differ slightly: cosine ~0.99 to the CPU's) and refuses a run the other way.
+    ``engine``: ``"local"`` (this machine: decode processes and one ORT session) or ``"ray"``
+    (``embedx.ray_engine``: decode in Ray tasks, inference in ``actors`` Ray actors with
+    ``gpus_per_actor`` GPUs each, on the cluster at ``ray_address`` or ``RAY_ADDRESS``, else a
+    one-machine cluster started for the call; CPU decode, fp32/fp16). The cache, its journal and
+    resume are the same with either.
     ``progress(done, total, info)`` is called once per batch.
     """
     from embedx.cache import CacheMeta, CacheWriter
@@ -741,6 +771,19 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if preprocess_mode is not None and preprocess_mode not in preprocess.MODES:
         raise ConfigError(f"preprocess_mode must be one of {list(preprocess.MODES)}, got {preprocess_mode!r}")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine must be local or ray, got {engine!r}")
+    ray_options = None
+    if engine == "ray":
+        from embedx.ray_engine import RayOptions, import_ray
+
+        ray_options = RayOptions(address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
+        import_ray()  # missing Ray is one error before any work
+        if decode == "gpu":
+            raise ConfigError("--engine ray decodes in Ray tasks on CPUs: drop --decode gpu, or use --engine local")
+        decode = "cpu"
+    elif (ray_address, actors, gpus_per_actor) != (None, None, None):
+        raise ConfigError("--ray-address, --actors and --gpus-per-actor need --engine ray")
 
     started = time.perf_counter()
     from embedx.onnxgraph import is_onnx_path
@@ -765,7 +808,8 @@ def extract(
     from embedx.gpu import resolve_decode
     from embedx.providers import GPU_PROVIDERS, resolve_providers
 
-    decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
+    if decode != "cpu":  # (the Ray engine's driver may have no GPU: its actors pick their providers)
+        decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
 
@@ -780,7 +824,12 @@ def extract(
             if discarded:
                 run = _plan(dataset.items, writer, default_workers() if workers is None else workers)
             run.calibration_keys = calibration_keys
-        if run.todo:
+        if run.todo and ray_options is not None:
+            from embedx import ray_engine
+
+            ray_engine.compute(run, dataset.items, writer, exported, batch_size=batch_size, threads=threads,
+                               device=device, precision=precision, progress=progress, options=ray_options)
+        elif run.todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
                      threads=threads, device=device, precision=precision, decode=decode, progress=progress)
         rows, errors = _assemble(run, dataset, writer, val_fraction)
@@ -788,14 +837,15 @@ def extract(
         model = run.model
         int8_cosine = model.int8_cosine if model is not None else writer.base_extra.get("int8_cosine")
         extra = {"data": str(Path(data).resolve()), "layout": dataset.layout, "val_fraction": val_fraction,
-                 "providers": list(model.providers) if model else writer.base_extra.get("providers", []),
+                 "providers": list(model.providers) if model else (run.providers
+                                                                   or writer.base_extra.get("providers", [])),
                  "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
         writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
         run.seconds["write"] += time.perf_counter() - tick
         repaired = len(writer.damaged_rows)
 
     finished = time.perf_counter()
-    pipeline_seconds = finished - pipeline_start
+    pipeline_seconds = finished - pipeline_start - run.seconds["engine_start"]  # Ray's start-up is reported apart
     summary = ExtractSummary(
         output=str(output),
         images=len(rows["keys"]),
@@ -816,14 +866,17 @@ def extract(
         backbone=meta.backbone,
         precision=precision,
         dtype=dtype,
-        providers=list(model.providers) if model else [],
+        providers=list(model.providers) if model else run.providers,
         workers=run.workers,
-        threads=int(model.session.get_session_options().intra_op_num_threads) if model else 0,
+        threads=int(model.session.get_session_options().intra_op_num_threads) if model else run.threads,
         batch_size=batch_size,
         int8_cosine=int8_cosine,
         error_list=[(path, reason) for path, reason, _ in errors],
         decode=decode,
         repaired=repaired,
+        engine=engine,
+        actors=run.actors,
+        engine_start_seconds=run.seconds["engine_start"],
     )
     logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",

@@ -1,0 +1,203 @@
+"""``extract(..., engine="ray")`` on a local Ray cluster (2 CPUs, shared by the module's tests):
+the cache equals the local engine's, a killed Ray worker or driver costs no rows, and a
+missing Ray is one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embedx.cache import journal_dir, read_cache
+from embedx.errors import ConfigError
+from tests.corpus import make_corpus
+from tests.test_extract import _build_tiny_onnx, class_folders, cli_run, run, write_image
+
+#: The process title Ray gives the inference actors (``ray::MapWorker(MapBatches(_Embedder))``).
+ACTOR_TITLE = "MapWorker(MapBatches(_Embedder))"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster with 2 CPUs for this module (starting one costs seconds): its address."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'embedx[ray]'")
+    import ray
+
+    from embedx.ray_engine import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # the workers' environment is fixed when the cluster starts: their derived-model cache must
+    # outlive the per-test EMBEDX_CACHE_DIR that is current at this moment
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBEDX_CACHE_DIR", str(tmp_path_factory.mktemp("ray-workers-cache")))
+        patch.setenv("RAY_ADDRESS", "")
+        seconds, started = connect()
+    assert started and ray.is_initialized()
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    """test_extract's tiny ONNX backbone (3 layers, 8-d features)."""
+    return str(_build_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx"))
+
+
+def assert_same_cache(got: Path, expected: Path) -> None:
+    a, b = read_cache(got), read_cache(expected)
+    assert a.complete and not journal_dir(got).exists()
+    assert a.keys.tolist() == b.keys.tolist()
+    assert a.paths.tolist() == b.paths.tolist()
+    assert len(set(a.paths.tolist())) == len(a.paths)
+    assert a.labels.tolist() == b.labels.tolist()
+    assert a.splits.tolist() == b.splits.tolist()
+    assert a.classes == b.classes
+    assert sorted(a.errors) == sorted(b.errors)
+    assert a.features.dtype == b.features.dtype
+    assert a.features.tobytes() == b.features.tobytes()
+
+
+def actor_pids() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as handle:
+                    if ACTOR_TITLE.encode() in handle.read():
+                        found.add(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def test_ray_equals_local_with_bad_input_copies_and_increments(ray_cluster, tmp_path, backbone):
+    corpus = make_corpus(tmp_path / "data")
+    data = tmp_path / "data"
+    good = next(relpath for relpath, name in corpus["decode"].items() if name == "alpha")
+    shutil.copy(data / good, data / "beta" / "copy_of_an_alpha.jpg")  # one key under two names and labels
+    local = run(data, backbone, tmp_path / "local.h5", workers=2)
+    calls = []
+    ray_run = run(data, backbone, tmp_path / "ray.h5", engine="ray", actors=2,
+                  progress=lambda done, total, info: calls.append((done, total)))
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert read_cache(tmp_path / "ray.h5").errors, "the corpus has bad inputs"
+    assert (ray_run.images, ray_run.new, ray_run.reused, ray_run.errors) == \
+        (local.images, local.new, local.reused, local.errors)
+    assert ray_run.engine == "ray" and ray_run.actors == 2 and ray_run.providers == ["CPUExecutionProvider"]
+    assert ray_run.engine_start_seconds == 0.0  # joined the running cluster
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
+
+    # an increment: two images added, one removed; only the new ones are computed
+    (data / good).unlink()
+    for index in (90, 91):
+        write_image(data / "beta" / f"new_{index}.jpg", "beta", index)
+    local = run(data, backbone, tmp_path / "local.h5", workers=0)
+    ray_run = run(data, backbone, tmp_path / "ray.h5", engine="ray")
+    assert ray_run.new == local.new == 2 and ray_run.actors == 1
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    again = run(data, backbone, tmp_path / "ray.h5", engine="ray")
+    assert again.new == 0 and again.actors == 0  # nothing to do: no Ray job at all
+
+
+def test_an_inference_actor_killed_mid_run_costs_no_rows(ray_cluster, tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=120)
+    run(data, backbone, tmp_path / "local.h5", dtype="float32")
+    killed: list[tuple[int, int, int]] = []
+
+    def kill_an_actor(done: int, total: int, info: dict) -> None:
+        if killed or done == 0:
+            return
+        pids = actor_pids()
+        assert len(pids) == 2, pids
+        pid = min(pids)
+        os.kill(pid, signal.SIGKILL)
+        killed.append((pid, done, total))
+
+    summary = run(data, backbone, tmp_path / "ray.h5", dtype="float32", engine="ray", actors=2,
+                  progress=kill_an_actor)
+    pid, done, total = killed[0]
+    assert done < total, "the run should have had batches left when the actor was killed"
+    assert summary.new == summary.images == 240
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+
+
+def _extract_command(data: Path, backbone: str, output: Path, address: str) -> list[str]:
+    return [sys.executable, "-m", "embedx", "extract", "--backbone", backbone, str(data), "-o", str(output),
+            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", "--engine", "ray",
+            "--ray-address", address, "-q", "--json"]
+
+
+def test_a_killed_driver_resumes_with_the_same_command(ray_cluster, tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=150)
+    (data / "alpha" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    run(data, backbone, tmp_path / "local.h5", dtype="float32")
+    output = tmp_path / "ray.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    command = _extract_command(data, backbone, output, ray_cluster)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journaled = 0
+    try:
+        deadline = time.monotonic() + 90
+        while process.poll() is None and time.monotonic() < deadline:
+            journaled = len(list(journal_dir(output).glob("shard-*"))) if journal_dir(output).is_dir() else 0
+            if journaled >= 3:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr.decode()[-2000:]}"
+    assert journaled >= 3 and not output.exists()
+
+    finished = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    summary = json.loads(finished.stdout)
+    assert summary["engine"] == "ray" and 0 < summary["new"] < summary["images"] == 300
+    assert_same_cache(output, tmp_path / "local.h5")
+
+
+def test_without_ray_the_engine_is_one_clear_error(tmp_path, backbone, monkeypatch):
+    data = class_folders(tmp_path / "data", per_class=1)
+    for name in [name for name in sys.modules if name == "ray" or name.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is absent
+    result = cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--engine", "ray", "-q")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "pip install 'embedx[ray]'" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "f.h5").exists() and not journal_dir(tmp_path / "f.h5").exists()
+    # the local engine does not need it
+    assert cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--workers", 0,
+                   "--device", "cpu", "-q").exit_code == 0
+
+
+def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
+    data = class_folders(tmp_path / "data", per_class=2)
+    out = tmp_path / "f.h5"
+    with pytest.raises(ConfigError, match="need --engine ray"):
+        run(data, backbone, out, actors=2)
+    with pytest.raises(ConfigError, match="int8"):
+        run(data, backbone, out, engine="ray", precision="int8")
+    with pytest.raises(ConfigError, match="--decode gpu"):
+        run(data, backbone, out, engine="ray", decode="gpu")
+    with pytest.raises(ConfigError, match="GPUs"):
+        run(data, backbone, out, engine="ray", gpus_per_actor=1)
+    with pytest.raises(ConfigError, match="engine must be"):
+        run(data, backbone, out, engine="spark")
+    assert cli_run("extract", "--backbone", backbone, data, "--engine", "ray", "--actors", 0).exit_code == 2
+    result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--device", "cpu", "--engine", "ray",
+                     "--actors", 2, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    assert "ray: 2 inference actors" in result.stderr and result.stdout.strip() == str(out)
+    assert read_cache(out).keys.size == 4
