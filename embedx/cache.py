@@ -30,7 +30,7 @@ import time
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ class CacheMeta:
     precision: str = "fp32"
     #: who decoded and resized the images: "cpu" (``preprocess``) or "gpu" (nvJPEG, ``embedx.gpu``)
     decode: str = "cpu"
+    #: ``(index, count)`` of a cache holding one shard of a data set (``embedx.shards``), else None.
+    #: In the identity so that a cache of one shard is never reused by a run of another one
+    #: (or of the whole data set); ``embedx merge`` writes a cache without it.
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -104,6 +108,11 @@ class CacheMeta:
         if self.decode not in DECODES:
             raise CacheError(f"decode must be one of {DECODES}, got {self.decode!r}")
         object.__setattr__(self, "feature_dim", int(self.feature_dim))
+        if self.shard is not None:
+            index, count = (int(part) for part in self.shard)
+            if count < 1 or not 0 <= index < count:
+                raise CacheError(f"shard must be (index, count) with 0 <= index < count, got {self.shard!r}")
+            object.__setattr__(self, "shard", (index, count))
         # JSON round trip: tuples become lists, so a meta read back compares equal.
         object.__setattr__(self, "preprocess", json.loads(json.dumps(dict(self.preprocess))))
 
@@ -131,8 +140,8 @@ class CacheMeta:
     def identity(self) -> dict[str, Any]:
         """The fields the fingerprint covers (all but ``onnx_path``: a moved file is the same model).
 
-        ``decode`` only when it is "gpu": caches decoded on the CPU (all of them before GPU
-        decode existed) keep the fingerprint they always had."""
+        ``decode`` only when it is "gpu", ``shard`` only when set: caches decoded on the CPU (all
+        of them before GPU decode existed), of a whole data set, keep the fingerprint they always had."""
         data = self.to_dict()
         data.pop("onnx_path")
         if data["decode"] == "cpu":
@@ -145,12 +154,17 @@ class CacheMeta:
         return sha256_bytes(text.encode("utf-8"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["shard"] is None:
+            data.pop("shard")
+        else:
+            data["shard"] = list(data["shard"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheMeta:
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"dtype", "precision", "decode"}
+        missing = names - set(data) - {"dtype", "precision", "decode", "shard"}
         if missing:
             raise CacheError(f"cache metadata lacks {sorted(missing)}; rebuild it with `embedx extract --overwrite`")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -158,7 +172,9 @@ class CacheMeta:
     def differences(self, other: CacheMeta) -> list[str]:
         """Human-readable ``field: this != other`` for each identity field that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if k != "onnx_path" and mine[k] != theirs[k]]
+        names = [*mine, *(k for k in theirs if k not in mine)]
+        return [f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in names
+                if k != "onnx_path" and mine.get(k) != theirs.get(k)]
 
 
 @dataclass
@@ -176,6 +192,8 @@ class CacheData:
     complete: bool
     path: Path
     attrs: dict[str, Any] = field(default_factory=dict)
+    error_keys: list[str] = field(default_factory=list)  # the key of each error row ("" for a file never read)
+    stats: np.ndarray | None = None  # int64, N x 2: (size, mtime_ns) per row; None in caches without them
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -343,8 +361,13 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
         features = _read_features(handle, selected, path) if load_features else None
         labels = handle["labels"][()].astype(np.int64)
         paths, keys = _strings(handle["paths"]), _strings(handle["keys"])
+        stats = None
+        if "sizes" in handle and "mtimes" in handle:
+            stats = np.stack([handle["sizes"][()], handle["mtimes"][()]], axis=1).astype(np.int64)
         if selected is not None:
             labels, paths, keys, row_splits = labels[selected], paths[selected], keys[selected], row_splits[selected]
+            stats = stats[selected] if stats is not None else None
+        errors = _read_errors(handle)
         return CacheData(
             features=features,
             labels=labels,
@@ -353,10 +376,12 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
             paths=paths,
             keys=keys,
             meta=meta,
-            errors=[(p, r) for p, r, _ in _read_errors(handle)],
+            errors=[(p, r) for p, r, _ in errors],
             complete=bool(attrs.get("complete")),
             path=path,
             attrs=attrs,
+            error_keys=[k for _, _, k in errors],
+            stats=stats,
         )
 
 
@@ -384,6 +409,22 @@ def _feature_blocks(handle):
     step = max(step, 1024)
     for start in range(0, rows, step):
         yield start, dataset[start : min(start + step, rows)]
+
+
+def iter_features(path: str | Path) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, block)`` over a complete cache's features in their stored dtype, a few
+    HDF5 chunks at a time (memory for one block); each block is checked against its rows'
+    checksums first (``CacheChecksumError`` naming the bad rows of that block)."""
+    path = Path(path)
+    handle, _ = _open_checked(path)
+    with handle:
+        checksums = handle[CHECKSUMS][()] if CHECKSUMS in handle else None
+        for start, block in _feature_blocks(handle):
+            if checksums is not None:
+                bad = np.flatnonzero(row_checksums(block) != checksums[start : start + len(block)])
+                if len(bad):
+                    raise CacheChecksumError(path, (start + bad).tolist())
+            yield start, block
 
 
 def _read_features(handle, selected: np.ndarray | None, path: Path) -> np.ndarray:
@@ -478,6 +519,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "weights": meta.weights_tag,
             "feature_layer": meta.feature_layer,
             "precision": meta.precision,
+            "shard": list(meta.shard) if meta.shard else None,
             "fingerprint": meta.fingerprint,
             "onnx_sha256": meta.onnx_sha256,
             "preprocess": meta.preprocess,

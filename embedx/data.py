@@ -252,6 +252,11 @@ def _split_order(split: str) -> int:
     return SPLITS.index(split) if split in SPLITS else len(SPLITS)
 
 
+def item_order(split: str, label: int, relpath: str) -> tuple[int, int, str]:
+    """The sort key of a data set's items (their order in ``ImageDataset.items`` and in a cache)."""
+    return _split_order(split), label, relpath
+
+
 def _from_folders(root: Path) -> ImageDataset:
     walker = _Walker(root)
     top = walker.entries(str(root))
@@ -300,7 +305,7 @@ def _from_folders(root: Path) -> ImageDataset:
     for split, entry in groups:
         for path in walker.images(entry.path, top_real):
             items.append(ImageItem(Path(path), walker.rel(path), label_of[entry.name], split))
-    items.sort(key=lambda it: (_split_order(it.split), it.label, it.relpath))
+    items.sort(key=lambda it: item_order(it.split, it.label, it.relpath))
     if not items:
         raise DataError(
             f"data folder {root} has {len(classes)} class folder(s) but no image files "
@@ -388,7 +393,7 @@ def _from_manifest(manifest: Path, *, root: Path, allow_outside: bool = False) -
             skipped.append((relpath, reason))
         else:
             items.append(ImageItem(path, relpath, label_of[label], split))
-    items.sort(key=lambda it: (_split_order(it.split), it.label, it.relpath))
+    items.sort(key=lambda it: item_order(it.split, it.label, it.relpath))
     if not items:
         raise DataError(f"manifest {manifest}: none of its {len(parsed)} paths is an existing file")
     dataset = ImageDataset(root, classes, tuple(items), "manifest", tuple(skipped))

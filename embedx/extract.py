@@ -336,8 +336,10 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> Path:
-    """``cache_dir()/<data name>-<backbone>.h5`` (``-int8``/``-fp16`` added for those)."""
+def default_output(data: str | Path, backbone: str, precision: str = "fp32",
+                   shard: tuple[int, int] | None = None) -> Path:
+    """``cache_dir()/<data name>-<backbone>.h5`` (``-int8``/``-fp16`` added for those,
+    ``-shard<I>of<N>`` for a shard)."""
     from embedx import paths
     from embedx.onnxgraph import is_onnx_path
 
@@ -345,6 +347,8 @@ def default_output(data: str | Path, backbone: str, precision: str = "fp32") -> 
     data_name = data_path.stem if data_path.suffix.lower() == ".csv" else data_path.name
     backbone_name = Path(backbone).stem if is_onnx_path(backbone) else str(backbone)
     suffix = "" if precision == "fp32" else f"-{precision}"
+    if shard is not None:
+        suffix += f"-shard{shard[0]}of{shard[1]}"
     return paths.cache_dir() / f"{data_name}-{backbone_name}{suffix}.h5"
 
 
@@ -468,6 +472,7 @@ class _Run:
     threads: int = 0
     calibration_keys: list[str] | None = None
     computed: set[str] = field(default_factory=set)  # keys computed in this run
+    members: set[int] | None = None  # with a shard: the items in it, fixed when planned
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
             ("hash", "session", "decode", "wait", "inference", "write", "engine_start"), 0.0)
@@ -684,15 +689,21 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
             decoder.close()
 
 
-def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None):
-    """The cache's rows (every item whose key has features, in data set order) and errors."""
+def _assemble(run: _Run, dataset: Any, writer: Any, val_fraction: float | None,
+              shard: tuple[int, int] | None = None):
+    """The cache's rows (every item whose key has features, in data set order) and errors;
+    with ``shard``, only the items in ``run.members`` and the skipped entries of that shard."""
     from embedx.data import split_for_key
+    from embedx.shards import shard_of_path
 
     known_errors = writer.known_errors
-    errors: list[tuple[str, str, str]] = [(relpath, reason, "") for relpath, reason in dataset.skipped]
+    errors: list[tuple[str, str, str]] = [(relpath, reason, "") for relpath, reason in dataset.skipped
+                                          if shard is None or shard_of_path(relpath, shard[1]) == shard[0]]
     rows: dict[str, list] = {"keys": [], "paths": [], "labels": [], "splits": [], "stats": []}
     for index, item in enumerate(dataset.items):
         key = run.keys[index]
+        if run.members is not None and index not in run.members:
+            continue
         if not key:
             errors.append((item.relpath, run.read_errors.get(index) or run.decode_errors[index], ""))
         elif index in run.decode_errors:
@@ -734,6 +745,7 @@ def extract(
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ExtractSummary:
     """Fill (or update, or finish) the feature cache of ``data`` under ``backbone``.
 
@@ -755,6 +767,9 @@ def extract(
     one-machine cluster started for the call; CPU decode, fp32/fp16). The cache, its journal and
     resume are the same with either.
     ``progress(done, total, info)`` is called once per batch.
+    ``shard=(index, count)``: only the images of that shard (``embedx.shards``: by content key;
+    every file is hashed first), with the whole data set's classes and splits; the cache
+    records the shard and refuses a run of another one. ``embedx.merge`` joins the shards.
     """
     from embedx.cache import CacheMeta, CacheWriter
     from embedx.data import discover
@@ -784,6 +799,9 @@ def extract(
         decode = "cpu"
     elif (ray_address, actors, gpus_per_actor) != (None, None, None):
         raise ConfigError("--ray-address, --actors and --gpus-per-actor need --engine ray")
+    from embedx.shards import check_shard, error_order, members
+
+    shard = check_shard(shard)
 
     started = time.perf_counter()
     from embedx.onnxgraph import is_onnx_path
@@ -810,20 +828,25 @@ def extract(
 
     if decode != "cpu":  # (the Ray engine's driver may have no GPU: its actors pick their providers)
         decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
-    meta = CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode)
-    output = Path(output) if output is not None else default_output(manifest or data, backbone, precision)
+    meta = dataclasses.replace(CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode),
+                               shard=shard)
+    output = Path(output) if output is not None else default_output(manifest or data, backbone, precision, shard)
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
         # int8 picks its calibration images by key: it needs every key before it starts
+        # a shard is chosen by key: it needs every key before it starts, as int8 does
         run = _plan(dataset.items, writer, default_workers() if workers is None else workers,
-                    lazy=precision != "int8")
+                    lazy=precision != "int8" and shard is None)
         if precision == "int8":
             # an int8 model depends on its calibration images: keep the earlier run's
             calibration_keys, discarded = _recorded_calibration(run, writer)
             if discarded:
                 run = _plan(dataset.items, writer, default_workers() if workers is None else workers)
             run.calibration_keys = calibration_keys
+        if shard is not None:
+            run.members = members(dataset.items, run.keys, shard)
+            run.todo = [index for index in run.todo if index in run.members]
         if run.todo and ray_options is not None:
             from embedx import ray_engine
 
@@ -832,7 +855,7 @@ def extract(
         elif run.todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
                      threads=threads, device=device, precision=precision, decode=decode, progress=progress)
-        rows, errors = _assemble(run, dataset, writer, val_fraction)
+        rows, errors = _assemble(run, dataset, writer, val_fraction, shard)
         tick = time.perf_counter()
         model = run.model
         int8_cosine = model.int8_cosine if model is not None else writer.base_extra.get("int8_cosine")
@@ -840,6 +863,8 @@ def extract(
                  "providers": list(model.providers) if model else (run.providers
                                                                    or writer.base_extra.get("providers", [])),
                  "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
+        if shard is not None:  # where each error stands in a whole run's table, for merge
+            extra["error_order"] = error_order(dataset.skipped, dataset.items, errors)
         writer.finalize(**rows, classes=list(dataset.classes), errors=errors, attrs=extra)
         run.seconds["write"] += time.perf_counter() - tick
         repaired = len(writer.damaged_rows)

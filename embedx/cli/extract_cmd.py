@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from embedx.cli.types import FiniteFloatRange
+from embedx.cli.types import FiniteFloatRange, ShardType
 
 
 def _summary_lines(summary: dict) -> list[str]:
@@ -78,12 +78,15 @@ def _summary_lines(summary: dict) -> list[str]:
               help="With --engine ray: inference actors (default: one per GPU of the cluster, else 1).")
 @click.option("--gpus-per-actor", type=FiniteFloatRange(0.0, None), default=None,
               help="With --engine ray: GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0).")
+@click.option("--shard", type=ShardType(), default=None, metavar="I/N",
+              help="Only shard I of N (0 <= I < N, by content hash: stable on every machine); "
+                   "join the N caches with `embedx merge`.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings, start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
                     dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, engine, ray_address,
-                    actors, gpus_per_actor, overwrite, as_json, quiet) -> None:
+                    actors, gpus_per_actor, shard, overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
@@ -116,7 +119,7 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
             decode=decode, progress=progress, allow_outside=allow_outside, engine=engine, ray_address=ray_address,
-            actors=actors, gpus_per_actor=gpus_per_actor,
+            actors=actors, gpus_per_actor=gpus_per_actor, shard=shard,
         )
     result = summary.to_dict()
     if as_json:
@@ -144,6 +147,12 @@ def _info_lines(info: dict) -> list[str]:
         f"classes ({len(info['classes'])}): {', '.join(info['classes'])}",
     ]
     extra = info.get("extra") or {}
+    if info.get("shard"):
+        lines.append(f"shard {info['shard'][0]}/{info['shard'][1]} of the data set (join the shards with "
+                     "`embedx merge`)")
+    if extra.get("merged_from"):
+        lines.append(f"merged from {len(extra['merged_from'])} shards: "
+                     + ", ".join(part["shard"] for part in extra["merged_from"]))
     if extra.get("int8_cosine") is not None:
         lines.append(f"int8: mean cosine {extra['int8_cosine']:.4f} to fp32 on "
                      f"{len(extra.get('int8_calibration_keys') or [])} calibration images")

@@ -20,6 +20,7 @@ from embedx.errors import EmbedxError
 COMMAND_MODULES = (
     "backbones_cmd",  # backbones, export
     "extract_cmd",  # extract, info
+    "merge_cmd",  # merge
     "verify_cmd",  # verify
     "heads_cmd",  # fit-head, evaluate
     "predict_cmd",  # predict, bundle

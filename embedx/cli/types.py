@@ -19,3 +19,20 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(converted):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return converted
+
+
+class ShardType(click.ParamType):
+    """``I/N`` -> ``(I, N)`` with ``0 <= I < N`` (``embedx.shards.parse_shard``)."""
+
+    name = "I/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from embedx.errors import ConfigError
+        from embedx.shards import parse_shard
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shard(value)
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
