@@ -49,10 +49,11 @@ INSTALL_HINT = "pip install 'embedx[ray]'"
 #: and the stream flowing), each a whole number of batches, at most ``MAX_BATCHES_PER_BLOCK``.
 BLOCKS_PER_CPU = 4
 MAX_BATCHES_PER_BLOCK = 16
-#: Logical CPUs an inference actor reserves when it runs on the CPU: a placement weight that
-#: leaves the cluster's CPUs to the decode tasks (ORT and the decoders share the cores, as in
-#: the local engine); an actor with a GPU reserves one CPU, the thread that feeds it.
-CPU_ACTOR_CPUS = 0.5
+#: Logical CPUs an inference actor reserves when it runs on the CPU: none, so that the decode
+#: tasks get one per core and share the cores with the actors' ORT threads, as the local
+#: engine's decode workers share them with its session; an actor with a GPU reserves one CPU,
+#: the thread that feeds it.
+CPU_ACTOR_CPUS = 0.0
 
 
 @dataclass(frozen=True)
