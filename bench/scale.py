@@ -15,7 +15,8 @@ engine's default decode workers = the Ray cluster's CPUs = this machine's cores)
 Each figure is the wall time of the library call into a fresh cache (export and ORT caches
 warm: a warm-up run of each mode on the first data set is not counted), median over ``--repeats``, the modes
 interleaved so the shared machine's load spreads over all. Every cache is checked against
-the local one (keys, paths, labels, splits, errors, feature bytes).
+the local one (keys, paths, labels, splits, errors, feature bytes). Writes
+bench/results/scale.json and scale.png.
 
     python bench/scale.py [--backbone efficientnet_lite0] [--generated 2000] [--repeats 2] [--shards 3]
 """
@@ -190,7 +191,9 @@ def main() -> None:
                                       "ray_startup_seconds": startup, "ray_cluster_cpus": cpus,
                                       "local_default_workers": default_workers(), "rows": rows,
                                       "results": results, "load_average_after": list(os.getloadavg())}, args.out)
-        print(f"wrote {path}", file=sys.stderr)
+        from bench.plots import plot_scale
+
+        print(f"wrote {path} and {', '.join(map(str, plot_scale(path.parent)))}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -90,8 +90,9 @@ def import_ray() -> Any:
 
 
 def connect(address: str | None = None) -> tuple[float, bool]:
-    """Join or start a Ray cluster unless this process is connected already:
-    ``(seconds it took, whether this call started it)``."""
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a one-machine cluster, unless this process
+    is connected already: ``(seconds it took, whether this call connected)``; ``ray.shutdown()``
+    then stops the cluster it started, or leaves the one it joined."""
     ray = import_ray()
     if ray.is_initialized():
         return 0.0, False
@@ -105,7 +106,7 @@ def connect(address: str | None = None) -> tuple[float, bool]:
         from embedx.extract import default_workers
 
         ray.init(num_cpus=default_workers(), **quiet)
-    return time.perf_counter() - tick, not address
+    return time.perf_counter() - tick, True
 
 
 def _quiet_ray_data() -> None:
@@ -239,7 +240,7 @@ def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch
     if precision == "int8":
         raise ConfigError("--engine ray runs fp32 and fp16; int8 calibrates on the driver: use --engine local")
     ray = import_ray()
-    run.seconds["engine_start"], started = connect(options.address)
+    run.seconds["engine_start"], connected = connect(options.address)
     journal = None
     try:
         tick = time.perf_counter()
@@ -289,7 +290,7 @@ def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch
                     journal.close()
                 run.seconds["write"] += journal.seconds
         finally:
-            if started:
+            if connected:  # this call's cluster is stopped, a joined one left as it was
                 ray.shutdown()
 
 

@@ -19,6 +19,7 @@ from embedx.cache import journal_dir, read_cache
 from embedx.errors import ConfigError
 from tests.corpus import make_corpus
 from tests.test_extract import _build_tiny_onnx, class_folders, cli_run, run, write_image
+from tests.test_extract_resume import alive, children
 
 #: The process title Ray gives the inference actors (``ray::MapWorker(MapBatches(_Embedder))``).
 ACTOR_TITLE = "MapWorker(MapBatches(_Embedder))"
@@ -132,39 +133,47 @@ def test_an_inference_actor_killed_mid_run_costs_no_rows(ray_cluster, tmp_path, 
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
 
 
-def _extract_command(data: Path, backbone: str, output: Path, address: str) -> list[str]:
+def _extract_command(data: Path, backbone: str, output: Path) -> list[str]:
     return [sys.executable, "-m", "embedx", "extract", "--backbone", backbone, str(data), "-o", str(output),
-            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", "--engine", "ray",
-            "--ray-address", address, "-q", "--json"]
+            "--batch-size", "4", "--dtype", "float32", "--device", "cpu", "--engine", "ray", "-q", "--json"]
 
 
-def test_a_killed_driver_resumes_with_the_same_command(ray_cluster, tmp_path, backbone):
+@pytest.mark.timeout(240)
+def test_a_killed_driver_resumes_with_the_same_command(tmp_path, backbone):
+    """The CLI as users run it: no --ray-address, so it starts its own cluster, which dies with it."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'embedx[ray]'")
     data = class_folders(tmp_path / "data", per_class=150)
     (data / "alpha" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     run(data, backbone, tmp_path / "local.h5", dtype="float32")
     output = tmp_path / "ray.h5"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")]))
-    command = _extract_command(data, backbone, output, ray_cluster)
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    command = _extract_command(data, backbone, output)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    journaled = 0
+    journaled, cluster = 0, set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline:
             journaled = len(list(journal_dir(output).glob("shard-*"))) if journal_dir(output).is_dir() else 0
             if journaled >= 3:
+                cluster = children(process.pid)  # the cluster it started: GCS, raylet, ...
                 process.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.005)
     finally:
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr.decode()[-2000:]}"
-    assert journaled >= 3 and not output.exists()
+    assert journaled >= 3 and not output.exists() and cluster
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in cluster if alive(pid)], "the killed driver's Ray cluster outlived it"
 
-    finished = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    finished = subprocess.run(command, env=env, capture_output=True, timeout=150)
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
     summary = json.loads(finished.stdout)
     assert summary["engine"] == "ray" and 0 < summary["new"] < summary["images"] == 300
+    assert summary["engine_start_seconds"] > 0  # its own cluster, started and stopped
     assert_same_cache(output, tmp_path / "local.h5")
 
 
