@@ -834,8 +834,7 @@ def extract(
 
     with CacheWriter(output, meta, overwrite=overwrite) as writer:
         pipeline_start = time.perf_counter()
-        # int8 picks its calibration images by key: it needs every key before it starts
-        # a shard is chosen by key: it needs every key before it starts, as int8 does
+        # int8 picks its calibration images by key, a shard its images: both need every key first
         run = _plan(dataset.items, writer, default_workers() if workers is None else workers,
                     lazy=precision != "int8" and shard is None)
         if precision == "int8":

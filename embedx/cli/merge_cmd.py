@@ -47,12 +47,11 @@ def merge_command(parts, output, allow_partial, overwrite, as_json, quiet) -> No
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    # the warnings (missing shards, ...) were logged as they were found
     click.echo(f"{result['output']}: {result['images']} rows, {result['errors']} errors from "
                f"{len(result['parts'])} shards ({', '.join(result['shards'])}); {result['copied']} copied, "
                f"{result['reused']} already there, {result['duplicates']} duplicate rows dropped, "
                f"{result['seconds']:.1f} s", err=True)
-    for warning in result["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
     click.echo(result["output"])
 
 
