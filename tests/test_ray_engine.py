@@ -211,3 +211,17 @@ def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
     assert result.exit_code == 0, result.output
     assert "ray: 2 inference actors" in result.stderr and result.stdout.strip() == str(out)
     assert read_cache(out).keys.size == 4
+
+
+def test_ray_shards_merge_into_the_local_cache(ray_cluster, tmp_path, backbone):
+    from embedx.merge import merge
+
+    data = class_folders(tmp_path / "data", per_class=8)
+    (data / "beta" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    run(data, backbone, tmp_path / "local.h5")
+    parts = [tmp_path / f"part-{index}.h5" for index in range(2)]
+    for index, part in enumerate(parts):
+        summary = run(data, backbone, part, engine="ray", shard=(index, 2))
+        assert 0 < summary.new < 16
+    merge(parts, output=tmp_path / "all.h5")
+    assert_same_cache(tmp_path / "all.h5", tmp_path / "local.h5")
