@@ -112,10 +112,14 @@ def connect(address: str | None = None) -> tuple[float, bool]:
 def _quiet_ray_data() -> None:
     from ray.data import DataContext
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines per run; errors are raised
+    # its INFO lines per run, and errors it logs before they are raised here (Ray's own logs: /tmp/ray)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # extract's progress callback reports instead
     context.print_on_execution_start = False
+    # an error in a task or actor reaches the driver as itself (in a RayTaskError), not as
+    # Ray Data's UserCodeException, which carries only its text: embedx's errors stay one line
+    context.raise_original_map_exception = True
 
 
 # --------------------------------------------------------------------------- in Ray workers
@@ -141,14 +145,23 @@ def _decode(batch: dict[str, np.ndarray], spec_json: str, input_size: int) -> di
 
 class _Embedder:
     """Ray actor: one ORT session of the pixel-input model, loaded once; decoded batches
-    in, feature rows out (zeros where decoding failed; the driver drops those rows)."""
+    in, feature rows out (zeros where decoding failed; the driver drops those rows).
+
+    An ``EmbedxError`` while loading (``--device cuda`` on a node without a GPU, say) is
+    raised at the first batch instead: an actor whose constructor fails dies, and Ray
+    reports that as its death, without the error itself."""
 
     def __init__(self, model_path: str, feature_dim: int, device: str, precision: str, threads: int | None,
                  batch_size: int) -> None:
         from embedx.runtime import OrtModel
 
         tick = time.perf_counter()
-        self.model = OrtModel(model_path, device=device, precision=precision, threads=threads, spinning=False)
+        self.failure: EmbedxError | None = None
+        try:
+            self.model = OrtModel(model_path, device=device, precision=precision, threads=threads, spinning=False)
+        except EmbedxError as e:
+            self.failure = e
+            return
         self.runner = self.model.bound(batch_size) if self.model.on_gpu else None
         self.feature_dim = feature_dim
         self.providers = ",".join(self.model.providers)
@@ -156,6 +169,8 @@ class _Embedder:
         self.session_seconds = time.perf_counter() - tick
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failure is not None:
+            raise self.failure
         tick = time.perf_counter()
         ok = np.asarray(batch["ok"], dtype=bool)
         count = len(ok)
@@ -277,7 +292,8 @@ def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch
             waited = time.perf_counter()
         journal.close()  # a failed journal write is raised here
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, EmbedxError):  # embedx's own error in a task or actor: its one line
+        if isinstance(e.cause, EmbedxError):  # embedx's own error in a task or actor: its one line,
+            e.cause.args = (str(e.cause).splitlines()[0],)  # less the retry advice Ray Data appends
             raise e.cause from None
         raise
     except ray.exceptions.RayError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from embedx.cache import journal_dir, read_cache
-from embedx.errors import ConfigError
+from embedx.errors import BackendError, ConfigError
 from tests.corpus import make_corpus
 from tests.test_extract import _build_tiny_onnx, class_folders, cli_run, run, write_image
 from tests.test_extract_resume import alive, children
@@ -206,6 +206,13 @@ def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
     with pytest.raises(ConfigError, match="engine must be"):
         run(data, backbone, out, engine="spark")
     assert cli_run("extract", "--backbone", backbone, data, "--engine", "ray", "--actors", 0).exit_code == 2
+    from embedx.extract import extract
+    from embedx.providers import gpu_available
+
+    if not gpu_available():  # an embedx error raised in an actor reaches the caller as itself, one line
+        with pytest.raises(BackendError, match="needs an NVIDIA GPU") as raised:
+            extract(data, backbone=backbone, output=out, engine="ray", device="cuda")
+        assert "\n" not in str(raised.value)
     result = cli_run("extract", "--backbone", backbone, data, "-o", out, "--device", "cpu", "--engine", "ray",
                      "--actors", 2, "--batch-size", 2)
     assert result.exit_code == 0, result.output
