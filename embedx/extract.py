@@ -796,6 +796,9 @@ def extract(
         import_ray()  # missing Ray is one error before any work
         if decode == "gpu":
             raise ConfigError("--engine ray decodes in Ray tasks on CPUs: drop --decode gpu, or use --engine local")
+        if workers is not None:
+            raise ConfigError("--workers sets the local engine's decode processes; --engine ray decodes in Ray "
+                              "tasks, one per free CPU of the cluster: drop --workers")
         decode = "cpu"
     elif (ray_address, actors, gpus_per_actor) != (None, None, None):
         raise ConfigError("--ray-address, --actors and --gpus-per-actor need --engine ray")

@@ -54,6 +54,14 @@ def backbone(tmp_path_factory) -> str:
     return str(_build_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx"))
 
 
+def ray_run(data, backbone, output, **options):
+    """test_extract.run's extraction on the Ray engine (which refuses ``workers``)."""
+    from embedx.extract import extract
+
+    options.setdefault("batch_size", 4)
+    return extract(data, backbone=backbone, output=output, device="cpu", engine="ray", **options)
+
+
 def assert_same_cache(got: Path, expected: Path) -> None:
     a, b = read_cache(got), read_cache(expected)
     assert a.complete and not journal_dir(got).exists()
@@ -88,14 +96,14 @@ def test_ray_equals_local_with_bad_input_copies_and_increments(ray_cluster, tmp_
     shutil.copy(data / good, data / "beta" / "copy_of_an_alpha.jpg")  # one key under two names and labels
     local = run(data, backbone, tmp_path / "local.h5", workers=2)
     calls = []
-    ray_run = run(data, backbone, tmp_path / "ray.h5", engine="ray", actors=2,
+    on_ray = ray_run(data, backbone, tmp_path / "ray.h5", actors=2,
                   progress=lambda done, total, info: calls.append((done, total)))
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
     assert read_cache(tmp_path / "ray.h5").errors, "the corpus has bad inputs"
-    assert (ray_run.images, ray_run.new, ray_run.reused, ray_run.errors) == \
+    assert (on_ray.images, on_ray.new, on_ray.reused, on_ray.errors) == \
         (local.images, local.new, local.reused, local.errors)
-    assert ray_run.engine == "ray" and ray_run.actors == 2 and ray_run.providers == ["CPUExecutionProvider"]
-    assert ray_run.engine_start_seconds == 0.0  # joined the running cluster
+    assert on_ray.engine == "ray" and on_ray.actors == 2 and on_ray.providers == ["CPUExecutionProvider"]
+    assert on_ray.engine_start_seconds == 0.0  # joined the running cluster
     assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0
 
     # an increment: two images added, one removed; only the new ones are computed
@@ -103,10 +111,10 @@ def test_ray_equals_local_with_bad_input_copies_and_increments(ray_cluster, tmp_
     for index in (90, 91):
         write_image(data / "beta" / f"new_{index}.jpg", "beta", index)
     local = run(data, backbone, tmp_path / "local.h5", workers=0)
-    ray_run = run(data, backbone, tmp_path / "ray.h5", engine="ray")
-    assert ray_run.new == local.new == 2 and ray_run.actors == 1
+    on_ray = ray_run(data, backbone, tmp_path / "ray.h5")
+    assert on_ray.new == local.new == 2 and on_ray.actors == 1
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
-    again = run(data, backbone, tmp_path / "ray.h5", engine="ray")
+    again = ray_run(data, backbone, tmp_path / "ray.h5")
     assert again.new == 0 and again.actors == 0  # nothing to do: no Ray job at all
 
 
@@ -125,7 +133,7 @@ def test_an_inference_actor_killed_mid_run_costs_no_rows(ray_cluster, tmp_path, 
         os.kill(pid, signal.SIGKILL)
         killed.append((pid, done, total))
 
-    summary = run(data, backbone, tmp_path / "ray.h5", dtype="float32", engine="ray", actors=2,
+    summary = ray_run(data, backbone, tmp_path / "ray.h5", dtype="float32", actors=2,
                   progress=kill_an_actor)
     pid, done, total = killed[0]
     assert done < total, "the run should have had batches left when the actor was killed"
@@ -198,11 +206,13 @@ def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
     with pytest.raises(ConfigError, match="need --engine ray"):
         run(data, backbone, out, actors=2)
     with pytest.raises(ConfigError, match="int8"):
-        run(data, backbone, out, engine="ray", precision="int8")
+        ray_run(data, backbone, out, precision="int8")
     with pytest.raises(ConfigError, match="--decode gpu"):
-        run(data, backbone, out, engine="ray", decode="gpu")
+        ray_run(data, backbone, out, decode="gpu")
     with pytest.raises(ConfigError, match="GPUs"):
-        run(data, backbone, out, engine="ray", gpus_per_actor=1)
+        ray_run(data, backbone, out, gpus_per_actor=1)
+    with pytest.raises(ConfigError, match="drop --workers"):
+        ray_run(data, backbone, out, workers=2)
     with pytest.raises(ConfigError, match="engine must be"):
         run(data, backbone, out, engine="spark")
     assert cli_run("extract", "--backbone", backbone, data, "--engine", "ray", "--actors", 0).exit_code == 2
@@ -228,7 +238,7 @@ def test_ray_shards_merge_into_the_local_cache(ray_cluster, tmp_path, backbone):
     run(data, backbone, tmp_path / "local.h5")
     parts = [tmp_path / f"part-{index}.h5" for index in range(2)]
     for index, part in enumerate(parts):
-        summary = run(data, backbone, part, engine="ray", shard=(index, 2))
+        summary = ray_run(data, backbone, part, shard=(index, 2))
         assert 0 < summary.new < 16
     merge(parts, output=tmp_path / "all.h5")
     assert_same_cache(tmp_path / "all.h5", tmp_path / "local.h5")
