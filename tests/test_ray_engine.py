@@ -242,3 +242,27 @@ def test_ray_shards_merge_into_the_local_cache(ray_cluster, tmp_path, backbone):
         assert 0 < summary.new < 16
     merge(parts, output=tmp_path / "all.h5")
     assert_same_cache(tmp_path / "all.h5", tmp_path / "local.h5")
+
+
+def test_joins_a_running_cluster_by_address_or_ray_address(ray_cluster, tmp_path, backbone):
+    import ray
+
+    data = class_folders(tmp_path / "data", per_class=3)
+    run(data, backbone, tmp_path / "local.h5")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    for how, output in (("flag", tmp_path / "flag.h5"), ("environment", tmp_path / "env.h5")):
+        command = [sys.executable, "-m", "embedx", "extract", "--backbone", backbone, str(data), "-o", str(output),
+                   "--batch-size", "4", "--device", "cpu", "--engine", "ray", "-q", "--json"]
+        if how == "flag":
+            command += ["--ray-address", ray_cluster]
+        process = subprocess.Popen(command, env=dict(env, RAY_ADDRESS=ray_cluster) if how == "environment" else env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        assert json.loads(stdout)["new"] == 6
+        assert_same_cache(output, tmp_path / "local.h5")
+        # it ran as a driver of this cluster (Ray logs each driver in the cluster's session folder)
+        assert list(logs.glob(f"python-core-driver-*_{process.pid}.log")), f"{how}: did not join {ray_cluster}"
+    assert ray.cluster_resources().get("CPU") == 2  # the joined cluster outlives the runs that joined it
