@@ -185,19 +185,40 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path, backbone):
     assert_same_cache(output, tmp_path / "local.h5")
 
 
-def test_without_ray_the_engine_is_one_clear_error(tmp_path, backbone, monkeypatch):
+#: Runs the embedx CLI in a Python where `import ray` fails as it does when Ray is not installed.
+WITHOUT_RAY = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NoRay(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoRay())
+from embedx.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_without_ray_the_engine_is_one_clear_error(tmp_path, backbone):
     data = class_folders(tmp_path / "data", per_class=1)
-    for name in [name for name in sys.modules if name == "ray" or name.startswith("ray.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is absent
-    result = cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--engine", "ray", "-q")
-    assert result.exit_code == 1, result.output
-    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert "pip install 'embedx[ray]'" in result.stderr and "Traceback" not in result.output
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+
+    def without_ray(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", WITHOUT_RAY, "extract", "--backbone", backbone, str(data),
+                               "-o", str(tmp_path / "f.h5"), "--device", "cpu", "-q", *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    result = without_ray("--engine", "ray")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "pip install 'embedx[ray]'" in result.stderr and "No module named 'ray'" in result.stderr
     assert not (tmp_path / "f.h5").exists() and not journal_dir(tmp_path / "f.h5").exists()
     # the local engine does not need it
-    assert cli_run("extract", "--backbone", backbone, data, "-o", tmp_path / "f.h5", "--workers", 0,
-                   "--device", "cpu", "-q").exit_code == 0
+    assert without_ray("--workers", "0").returncode == 0
 
 
 def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
