@@ -117,6 +117,12 @@ def test_ray_equals_local_with_bad_input_copies_and_increments(ray_cluster, tmp_
     again = ray_run(data, backbone, tmp_path / "ray.h5")
     assert again.new == 0 and again.actors == 0  # nothing to do: no Ray job at all
 
+    # the engine is not part of the cache's identity: each updates the other's cache
+    write_image(data / "alpha" / "new_92.jpg", "alpha", 92)
+    assert ray_run(data, backbone, tmp_path / "local.h5").new == 1
+    assert run(data, backbone, tmp_path / "ray.h5").new == 1
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+
 
 def test_an_inference_actor_killed_mid_run_costs_no_rows(ray_cluster, tmp_path, backbone):
     data = class_folders(tmp_path / "data", per_class=120)
