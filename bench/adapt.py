@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import math
 import sys
 import tempfile
 import time
@@ -137,18 +136,9 @@ def prepare(work: Path, data: Path) -> dict[str, dict[str, Path]]:
     return domains
 
 
-def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95% interval of a proportion ``correct / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def measure(domains: dict[str, Any], work: Path, methods: tuple[str, ...]) -> list[dict[str, Any]]:
     from embedx.heads import evaluate, fit_head
+    from embedx.metrics import wilson_interval
 
     rows = []
     for domain, caches in domains.items():
@@ -161,7 +151,7 @@ def measure(domains: dict[str, Any], work: Path, methods: tuple[str, ...]) -> li
             (scores,) = [v for v in evaluate(result.output_dir, caches["val"]).values() if isinstance(v, dict)]
             n = int(scores["n"])
             correct = int(round(scores["accuracy"] * n))
-            low, high = wilson(correct, n)
+            low, high = wilson_interval(correct, n)
             guard = result.metrics.get("adaptation", {})
             rows.append({
                 "domain": domain, "method": method, "accuracy": correct / n, "n": n,
@@ -241,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_result("adapt", {
         "backbone": BACKBONE, "head": "logreg", "corruptions": list(CORRUPTIONS), "methods": list(METHODS),
         "default_method": DEFAULT_METHOD, "prepare_seconds": prepare_seconds, "rows": rows,
-        "summary": summary, "plot": str(png),
+        "summary": summary, "plot": png.name,
     }, args.out)
     print(markdown_table(rows, ["domain", "method", "accuracy", "ci95_low", "ci95_high", "source_val_before",
                                 "source_val_after"]))

@@ -87,28 +87,42 @@ def plot_serve(results: Path) -> list[Path]:
     return [_save(fig, results / "serve_throughput.png")]
 
 
+def _grouped_bars(rows: list[dict], *, group: str, value: str, title: str, path: Path) -> Path:
+    """One bar per ``mode`` in each ``group`` (x axis), height ``value``."""
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, ax = plt.subplots(figsize=(1.8 * len(groups) + 3, 3.8))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        values = [next((r[value] for r in rows if r[group] == g and r["mode"] == mode), 0) for g in groups]
+        ax.bar([x + i * width for x in range(len(groups))], values, width=width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(groups))], groups)
+    ax.set_ylabel("images / s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_extract(results: Path) -> list[Path]:
     data = _load(results, "extract")
     rows = (data or {}).get("rows") or []
     if not rows or "images_per_second" not in rows[0]:
         return []
-    backbones = sorted({r["backbone"] for r in rows})
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.8 * len(backbones) + 3, 3.8))
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        values = [next((r["images_per_second"] for r in rows if r["backbone"] == b and r["mode"] == mode), 0)
-                  for b in backbones]
-        ax.bar([x + i * width for x in range(len(backbones))], values, width=width, label=mode)
-    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(backbones))], backbones)
-    ax.set_ylabel("images / s")
-    ax.set_title("feature extraction throughput")
-    ax.legend(fontsize=8)
-    return [_save(fig, results / "extract_throughput.png")]
+    rows = sorted(rows, key=lambda r: r["backbone"])
+    return [_grouped_bars(rows, group="backbone", value="images_per_second",
+                          title="feature extraction throughput", path=results / "extract_throughput.png")]
+
+
+def plot_scale(results: Path) -> list[Path]:
+    rows = (_load(results, "scale") or {}).get("rows") or []
+    if not rows:
+        return []
+    return [_grouped_bars(rows, group="data", value="img/s", title="local vs Ray vs shards + merge (2 cores)",
+                          path=results / "scale.png")]
 
 
 def draw_all(results: Path) -> list[Path]:
     out: list[Path] = []
-    for plot in (plot_headline, plot_extract, plot_scaling, plot_serve):
+    for plot in (plot_headline, plot_extract, plot_scaling, plot_serve, plot_scale):
         out += plot(results)
     return out

@@ -79,6 +79,7 @@ class ExtractSummary:
     seconds: float  # the whole call, including backbone export
     images_per_second: float  # (new + new_views) / pipeline_seconds: forward passes per second
     pipeline_seconds: float  # from opening the cache to the finished file: hash, session, decode, infer, write
+    # (less engine_start_seconds)
     setup_seconds: float  # discover the data, export/resolve the backbone (cached after the first run)
     hash_seconds: float
     session_seconds: float  # ORT session (and int8 calibration), overlapped with the first decodes
@@ -100,6 +101,9 @@ class ExtractSummary:
     views: int = 0  # view rows in the finished cache (augmented views of train images)
     new_views: int = 0  # view rows computed by this run (one forward pass each)
     view_plan: dict[str, Any] = field(default_factory=dict)  # ``ViewPlan.to_dict()``, {} without views
+    engine: str = "local"
+    actors: int = 0  # Ray inference actors (0 with the local engine)
+    engine_start_seconds: float = 0.0  # joining or starting the Ray cluster (not in pipeline_seconds' rate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -477,13 +481,17 @@ class _Run:
     new: int = 0
     workers: int = 0
     model: Any = None
+    actors: int = 0  # the Ray engine's inference actors, and what their sessions use
+    providers: list[str] = field(default_factory=list)
+    threads: int = 0
     calibration_keys: list[str] | None = None
     computed: set[str] = field(default_factory=set)  # keys computed in this run
     members: set[int] | None = None  # with a shard: the items in it, fixed when planned
     view_todo: list[tuple[int, str]] = field(default_factory=list)  # (item index, view name) to compute
     new_views: int = 0
     seconds: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("hash", "session", "decode", "wait", "inference", "write"), 0.0)
+        default_factory=lambda: dict.fromkeys(
+            ("hash", "session", "decode", "wait", "inference", "write", "engine_start"), 0.0)
     )
 
 
@@ -629,6 +637,33 @@ def _resolve_views(writer: Any, views: int | None, augment: Any) -> Any:
         augment = AugmentSpec.parse(augment)
     return ViewPlan(count=previous.count if views is None else int(views),
                     augment=previous.augment if augment is None else augment)
+
+
+def _note_decoded(run: _Run, items: Sequence[Any], journal: _Journal, batch: Sequence[int],
+                  keys: Sequence[str], errors: Sequence[tuple[int, str]]) -> None:
+    """Record one decoded batch's keys (by position in ``batch``: item indices, clean rows
+    only: the Ray engine's) and journal its decode errors."""
+    for position, key in enumerate(keys):
+        # the bytes read for decoding are what the features belong to; a file that could
+        # not be read now has no key, so its error is retried by the next run, not kept
+        run.keys[batch[position]] = key
+    for position, reason in errors:
+        index = batch[position]
+        run.decode_errors[index] = reason
+        journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
+
+
+def _journal_features(run: _Run, items: Sequence[Any], journal: _Journal, rows: list[int],
+                      features: np.ndarray | None) -> None:
+    """Journal the ``features`` of items ``rows`` (the first row of each key only), or a flush
+    when there are none (so the batch's errors reach the disk)."""
+    if rows:
+        features, rows = _first_of_each_key(run, features, rows, [run.keys[i] for i in rows])
+    if rows:
+        journal.submit("append", [run.keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
+    else:
+        journal.submit("flush")
+    run.new += len(rows)
 
 
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
@@ -820,6 +855,10 @@ def extract(
     decode: str = "auto",
     views: int | None = None,
     augment: Any = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
     progress: Callable[[int, int | None, dict[str, Any]], None] | None = None,
     shard: tuple[int, int] | None = None,
 ) -> ExtractSummary:
@@ -844,6 +883,11 @@ def extract(
     the augmentation's parameters); views resume and follow increments like rows. Options not
     given keep the previous cache's views; ``views=0`` drops the augmented ones; other
     augmentation parameters replace them (new keys). Views are decoded on the CPU.
+    ``engine``: ``"local"`` (this machine: decode processes and one ORT session) or ``"ray"``
+    (``embedx.ray_engine``: decode in Ray tasks, inference in ``actors`` Ray actors with
+    ``gpus_per_actor`` GPUs each, on the cluster at ``ray_address`` or ``RAY_ADDRESS``, else a
+    one-machine cluster started for the call; CPU decode, fp32/fp16). The cache, its journal and
+    resume are the same with either.
     ``progress(done, total, info)`` is called once per batch.
     ``shard=(index, count)``: only the images of that shard (``embedx.shards``: by content key;
     every file is hashed first), with the whole data set's classes and splits; the cache
@@ -864,6 +908,22 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if preprocess_mode is not None and preprocess_mode not in preprocess.MODES:
         raise ConfigError(f"preprocess_mode must be one of {list(preprocess.MODES)}, got {preprocess_mode!r}")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine must be local or ray, got {engine!r}")
+    ray_options = None
+    if engine == "ray":
+        from embedx.ray_engine import RayOptions, import_ray
+
+        ray_options = RayOptions(address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
+        import_ray()  # missing Ray is one error before any work
+        if decode == "gpu":
+            raise ConfigError("--engine ray decodes in Ray tasks on CPUs: drop --decode gpu, or use --engine local")
+        if workers is not None:
+            raise ConfigError("--workers sets the local engine's decode processes; --engine ray decodes in Ray "
+                              "tasks, one per free CPU of the cluster: drop --workers")
+        decode = "cpu"
+    elif (ray_address, actors, gpus_per_actor) != (None, None, None):
+        raise ConfigError("--ray-address, --actors and --gpus-per-actor need --engine ray")
     from embedx.shards import check_shard, error_order, members
 
     shard = check_shard(shard)
@@ -895,8 +955,10 @@ def extract(
     if wants_views and decode == "gpu":
         raise ConfigError("views are decoded on the CPU (augmentation runs in the decode workers); "
                           "use --decode cpu (or auto) with --views")
-    decode = resolve_decode("cpu" if wants_views and decode == "auto" else decode,
-                            resolve_providers(device)[0] in GPU_PROVIDERS)
+    if wants_views and decode == "auto":
+        decode = "cpu"
+    if decode != "cpu":  # (the Ray engine's driver may have no GPU: its actors pick their providers)
+        decode = resolve_decode(decode, resolve_providers(device)[0] in GPU_PROVIDERS)
     meta = dataclasses.replace(CacheMeta.from_export(exported, dtype=dtype, precision=precision, decode=decode),
                                shard=shard)
     output = Path(output) if output is not None else default_output(manifest or data, backbone, precision, shard)
@@ -920,7 +982,15 @@ def extract(
             run.members = members(dataset.items, run.keys, shard)
             run.todo = [index for index in run.todo if index in run.members]
         _plan_views(run, dataset.items, writer, plan, val_fraction, lazy=lazy and not any(run.keys))
-        if run.todo or run.view_todo:
+        if run.view_todo and ray_options is not None:
+            raise ConfigError(f"--engine ray does not compute augmented views yet ({len(run.view_todo)} to compute "
+                              f"for {output}); run this extraction with --engine local (the cache is the same)")
+        if run.todo and ray_options is not None:
+            from embedx import ray_engine
+
+            ray_engine.compute(run, dataset.items, writer, exported, batch_size=batch_size, threads=threads,
+                               device=device, precision=precision, progress=progress, options=ray_options)
+        elif run.todo or run.view_todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
                      threads=threads, device=device, precision=precision, decode=decode, progress=progress,
                      plan=plan)
@@ -930,7 +1000,8 @@ def extract(
         model = run.model
         int8_cosine = model.int8_cosine if model is not None else writer.base_extra.get("int8_cosine")
         extra = {"data": str(Path(data).resolve()), "layout": dataset.layout, "val_fraction": val_fraction,
-                 "providers": list(model.providers) if model else writer.base_extra.get("providers", []),
+                 "providers": list(model.providers) if model else (run.providers
+                                                                   or writer.base_extra.get("providers", [])),
                  "int8_cosine": int8_cosine, "int8_calibration_keys": run.calibration_keys}
         if shard is not None:  # where each error stands in a whole run's table, for merge
             extra["error_order"] = error_order(dataset.skipped, dataset.items, errors)
@@ -939,7 +1010,7 @@ def extract(
         repaired = len(writer.damaged_rows) + len(writer.damaged_views)
 
     finished = time.perf_counter()
-    pipeline_seconds = finished - pipeline_start
+    pipeline_seconds = finished - pipeline_start - run.seconds["engine_start"]  # Ray's start-up is reported apart
     summary = ExtractSummary(
         output=str(output),
         images=len(rows["keys"]),
@@ -960,9 +1031,9 @@ def extract(
         backbone=meta.backbone,
         precision=precision,
         dtype=dtype,
-        providers=list(model.providers) if model else [],
+        providers=list(model.providers) if model else run.providers,
         workers=run.workers,
-        threads=int(model.session.get_session_options().intra_op_num_threads) if model else 0,
+        threads=int(model.session.get_session_options().intra_op_num_threads) if model else run.threads,
         batch_size=batch_size,
         int8_cosine=int8_cosine,
         error_list=[(path, reason) for path, reason, _ in errors],
@@ -971,6 +1042,9 @@ def extract(
         views=len(view_rows["keys"]) if view_rows else 0,
         new_views=run.new_views,
         view_plan=plan.to_dict() if plan else {},
+        engine=engine,
+        actors=run.actors,
+        engine_start_seconds=run.seconds["engine_start"],
     )
     logger.info(
         "extracted %d new, reused %d, %d errors in %.1f s (%.1f img/s)",

@@ -25,6 +25,9 @@ def _summary_lines(summary: dict) -> list[str]:
         f"decode {summary['decode_seconds']:.1f} CPU-s (waited {summary['decode_wait_seconds']:.1f} s), "
         f"inference {summary['inference_seconds']:.1f} s, write {summary['write_seconds']:.2f} s",
     ]
+    if summary.get("engine") == "ray":
+        lines.append(f"ray: {summary['actors']} inference actors, {summary['workers']} decode slots; "
+                     f"cluster start-up {summary['engine_start_seconds']:.1f} s (not in the img/s)")
     if summary.get("repaired"):
         lines.append(f"recomputed {summary['repaired']} rows of the previous cache that failed their checksum "
                      "or held NaN/inf")
@@ -67,6 +70,16 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Who decodes and resizes: gpu (nvJPEG + resize on the device; other files fall back to "
                    "the CPU one by one), cpu (decode workers), auto (gpu when the model runs on CUDA).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine (decode processes + one ONNX Runtime session). ray: Ray Data, on one "
+                   "machine or a cluster (decode in Ray tasks, inference in an actor pool; "
+                   "pip install 'embedx[ray]'; docs/scale-out.md).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --engine ray: the cluster to join (default: $RAY_ADDRESS, else a one-machine cluster).")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --engine ray: inference actors (default: one per GPU of the cluster, else 1).")
+@click.option("--gpus-per-actor", type=FiniteFloatRange(0.0, None), default=None,
+              help="With --engine ray: GPUs each actor reserves (default: 1 when the cluster has GPUs, else 0).")
 @click.option("--shard", type=ShardType(), default=None, metavar="I/N",
               help="Only shard I of N (0 <= I < N, by content hash: stable on every machine); "
                    "join the N caches with `embedx merge`.")
@@ -81,14 +94,20 @@ def _summary_lines(summary: dict) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract_command(data, backbone, output, weights, layer, batch_size, workers, threads, device, precision,
-                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, shard, views, augment,
-                    overwrite, as_json, quiet) -> None:
+                    dtype, val_fraction, manifest, allow_outside, preprocess_mode, decode, engine, ray_address,
+                    actors, gpus_per_actor, shard, views, augment, overwrite, as_json, quiet) -> None:
     """Run BACKBONE once over every image under DATA and keep the features.
 
     \b
     DATA is DATA/<class>/<image>, DATA/{train,val,test}/<class>/<image>, or a CSV.
     Rerun the same command to resume a killed run, or after adding or removing
     images: only new images are computed.
+
+    \b
+    Two engines write the same cache:
+      embedx extract DATA -b B                  this machine
+      embedx extract DATA -b B --engine ray     Ray Data: this machine, or the
+        cluster at --ray-address/$RAY_ADDRESS (one actor per GPU by default)
     """
     from contextlib import ExitStack
 
@@ -108,7 +127,8 @@ def extract_command(data, backbone, output, weights, layer, batch_size, workers,
             data, backbone=backbone, weights=weights, layer=layer, output=output, batch_size=batch_size,
             workers=workers, threads=threads, device=device, precision=precision, dtype=dtype,
             val_fraction=val_fraction, manifest=manifest, overwrite=overwrite, preprocess_mode=preprocess_mode,
-            decode=decode, progress=progress, allow_outside=allow_outside, shard=shard, views=views, augment=augment,
+            decode=decode, progress=progress, allow_outside=allow_outside, engine=engine, ray_address=ray_address,
+            actors=actors, gpus_per_actor=gpus_per_actor, shard=shard, views=views, augment=augment,
         )
     result = summary.to_dict()
     if as_json:
