@@ -12,13 +12,11 @@
   match Pillow's to a few thousandths of a grey level on average;
 * ``mode="fast"``: what ``preprocess._fast_resized_view`` does with OpenCV, in OpenCV's own
   fixed-point arithmetic: the separable Gaussian blur of variance ``(s^2 - 1) / 6`` per axis
-  (radius ``ceil(2 sigma)``, reflect-101 borders, integer weights summing to 256, rounded
-  ``(v + 2^15) >> 16``), then for bilinear ``cv::resize``'s 11-bit weights and vectorized
-  rounding on the cropped pixels only (bicubic: a plain ``Resize``, a = -0.75, rounded).  On
-  hymenoptera's 153 val images 143 come out pixel for pixel equal to ``to_pixels``; in the other
-  10 OpenCV 5's kernel differs (when rounding leaves its centre weight more than one unit off, it
-  moves units between the centre and a pair of side taps; the graph does not), and a few per cent
-  of their pixels by one grey level.
+  (radius ``ceil(2 sigma)``, reflect-101 borders, integer weights summing to 256 made by
+  OpenCV's error diffusion, rounded ``(v + 2^15) >> 16``), then for bilinear ``cv::resize``'s
+  11-bit weights and vectorized rounding on the cropped pixels only (bicubic: a plain
+  ``Resize``, a = -0.75, rounded).  On hymenoptera's 153 val images all 153 come out pixel for
+  pixel equal to ``to_pixels`` (143 before the kernel's error diffusion was reproduced).
 
 ``Resize``'s ``antialias`` needs opset 18 (``FULL_OPSET``); the model must be there already.
 Torch-free; needs ``onnx``.
@@ -150,8 +148,9 @@ def _blur(b: _Builder, x: str, length: str, new_length: str, *, axis: int) -> st
     """``preprocess._fast_resized_view``'s Gaussian blur along one axis of NCHW float ``x``, unscaled:
     sigma ``sqrt(max(s^2 - 1, 0) / 6)`` for the shrink factor ``s`` (in doubles, as Python computes
     it), radius ``max(1, ceil(2 sigma))``, reflect-101 borders (OpenCV's default, ONNX ``Pad`` mode
-    reflect), a depthwise ``Conv`` with OpenCV's bit-exact kernel: the side weights
-    ``round(256 k)``, the centre what makes them sum to 256.  Integer sums, exact in float32."""
+    reflect), a depthwise ``Conv`` with OpenCV's bit-exact kernel: the side weights ``256 k`` rounded
+    with error diffusion from the outermost tap inwards (``getGaussianKernelFixedPoint_ED``), the
+    centre what makes them sum to 256.  Integer sums, exact in float32."""
     from onnx import TensorProto
 
     p = f"blur{axis}_"
@@ -178,10 +177,22 @@ def _blur(b: _Builder, x: str, length: str, new_length: str, *, axis: int) -> st
     weights = b.node("Exp", [b.node("Div", [b.node("Mul", [offsets, offsets], p + "offsets2"), denominator],
                                     p + "exponent")], p + "weights")
     weights = b.node("Div", [weights, b.node("ReduceSum", [weights], p + "weight_sum", keepdims=1)], p + "normalized")
-    weights = b.node("Round", [b.node("Mul", [weights, doubles("fixed", _BLUR_SCALE)], p + "fixed_point")],
-                     p + "rounded")
-    centre = b.node("Equal", [offsets, b.const(p + "zero_offset", 0.0, np.float64)], p + "is_centre")
-    sides = b.node("Where", [centre, doubles("no_weight", 0.0), weights], p + "sides")
+    # OpenCV's getGaussianKernelFixedPoint_ED: the side taps from the outermost inwards, each
+    # rounded with the error of the ones before carried into it (error diffusion), which is
+    # round(running sum) - round(previous running sum); the right side mirrors the left
+    fixed = b.node("Mul", [weights, doubles("fixed", _BLUR_SCALE)], p + "fixed_point")
+    zero_offset = b.const(p + "zero_offset", 0.0, np.float64)
+    left = b.node("Where", [b.node("Less", [offsets, zero_offset], p + "is_left"), fixed,
+                            doubles("no_weight", 0.0)], p + "left")
+    running = b.node("Round", [b.node("CumSum", [left, b.const(p + "axis0", 0)], p + "cumsum")], p + "running")
+    before = b.node("Concat", [doubles("start", 0.0),
+                               b.node("Slice", [running, b.const(p + "from0", [0]), b.const(p + "to_last", [-1])],
+                                      p + "running_head")], p + "before", axis=0)
+    left_taps = b.node("Sub", [running, before], p + "left_taps")
+    right_taps = b.node("Slice", [left_taps, b.const(p + "rev_start", [-1]), b.const(p + "rev_end", [-(2**62)]),
+                                  b.const(p + "rev_axes", [0]), b.const(p + "rev_step", [-1])], p + "right_taps")
+    sides = b.node("Add", [left_taps, right_taps], p + "sides")
+    centre = b.node("Equal", [offsets, zero_offset], p + "is_centre")
     rest = b.node("Sub", [doubles("total", _BLUR_SCALE), b.node("ReduceSum", [sides], p + "side_sum", keepdims=1)],
                   p + "rest")
     weights = b.node("Cast", [b.node("Where", [centre, rest, sides], p + "kernel_d")], p + "kernel_f",
