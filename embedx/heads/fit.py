@@ -19,6 +19,7 @@ import numpy as np
 
 from embedx import paths
 from embedx.errors import ConfigError, FeatureMismatchError, HeadError
+from embedx.fsio import writer_lock
 from embedx.heads.base import HEAD_TYPES, Head, check_head_output, head_dir_writer, load_head
 from embedx.heads.linear import fixed_params, holdout_split
 from embedx.heads.record import HeadRecord, head_record
@@ -212,6 +213,9 @@ def fit_head(
         raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
     if output is not None:
         check_head_output(output)  # before the work: a folder that is not a head is never replaced
+        if Path(output).parent.is_dir():  # another fit writing it is refused now, not after this one's work
+            with writer_lock(output, what="head directory", error=HeadError):
+                pass  # (the write takes the lock again)
     steps_total = 4 + int(refit and not cv)
 
     def report(done: int, stage: str) -> None:
