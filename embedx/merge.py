@@ -222,8 +222,10 @@ def _copy_views(parts: Sequence[_Part], views: Sequence[Any], rows: Sequence[tup
                 writer.append([str(block.keys[i]) for i in fresh], block.features[fresh])
                 copied += len(fresh)
     entries.sort(key=lambda entry: entry[:2])
-    seen: set[str] = set()
-    unique = [entry for entry in entries if not (entry[2] in seen or seen.add(entry[2]))]
+    # A view belongs to a merged row: byte-identical images share view keys (and feature rows) but
+    # each keeps its own entries, as in one extraction.
+    seen: set[tuple[int, str]] = set()
+    unique = [entry for entry in entries if not ((entry[0], entry[2]) in seen or seen.add((entry[0], entry[2])))]
     return {"keys": [entry[2] for entry in unique], "source": [entry[0] for entry in unique],
             "names": [entry[3] for entry in unique], "plan": views[0].plan}, copied
 

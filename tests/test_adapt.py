@@ -180,6 +180,35 @@ def test_selftrain_adds_confident_target_rows_with_their_pseudo_labels(domains, 
                            load_head(standardize.output_dir).predict_proba(Xe), atol=1e-4)
 
 
+def test_selftrain_refit_on_train_val_keeps_the_pseudo_labeled_target_rows(domains, tmp_path):
+    """--refit trains the final head on train+val plus the same confident target rows as the
+    selftrain fit, as its head.json says (not on the source rows alone)."""
+    fits = {method: fit_head(domains["source"], adapt_to=domains["target"], adapt=method, refit=True,
+                             output=tmp_path / method, plots=False) for method in ("standardize", "selftrain")}
+    pseudo = fits["selftrain"].metrics["adaptation"]["self_training"]["pseudo_labeled"]
+    assert pseudo > 0 and fits["selftrain"].head.chosen_params_["refit"] == "train+val"
+    assert fits["selftrain"].head.n_train_ == fits["standardize"].head.n_train_ + pseudo == 300 + pseudo
+
+
+def test_guard_compares_with_a_plain_head_trained_on_the_same_views(tmp_path):
+    """The guard's "before" is the head fit-head makes without adaptation: with a cache's views,
+    one trained on clean rows + views, as the adapted head is."""
+    X, y = samples(300, seed=0)
+    rng = np.random.default_rng(3)
+    source_rows = np.repeat(np.arange(220), 2)  # two noisy views of every train row
+    noisy = X[source_rows] + rng.normal(scale=2.5, size=(len(source_rows), DIM)).astype(np.float32)
+    source = write_cache(tmp_path / "views.h5", X, y, ["train"] * 220 + ["val"] * 80, CLASSES,
+                         views=(noisy, source_rows))
+    Xt, yt = samples(200, seed=1)
+    target = write_cache(tmp_path / "target.h5", shifted(Xt), yt, ["train"] * 200, CLASSES)
+    plain = fit_head(source, output=tmp_path / "plain", plots=False)
+    clean = fit_head(source, views=False, output=tmp_path / "clean", plots=False)
+    assert plain.metrics["n_train_views"] == 440
+    assert plain.metrics["val"]["accuracy"] != clean.metrics["val"]["accuracy"]  # the views matter here
+    adapted = fit_head(source, adapt_to=target, adapt="coral", output=tmp_path / "coral", plots=False)
+    assert adapted.metrics["adaptation"]["source_val_accuracy_before"] == plain.metrics["val"]["accuracy"]
+
+
 def test_a_target_cache_of_another_model_is_refused_naming_the_difference(domains, tmp_path):
     X, y = samples(50, seed=4)
     other = write_cache(tmp_path / "other.h5", X, y, ["train"] * 50, CLASSES, backbone="othernet")

@@ -344,9 +344,10 @@ def test_linear_and_mlp_report_early_stopping_and_label_smoothing(data):
 
 
 def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, backbone: str = "fakenet",
-                weights_tag: str = "none", dtype: str = "float32", paths=None, attrs=None) -> Path:
+                weights_tag: str = "none", dtype: str = "float32", paths=None, attrs=None, views=None) -> Path:
     """A real embedx cache file (through embedx.cache) holding the given features; ``paths``
-    (default ``<class>/<row>.png``) and ``attrs`` (the ``extra`` attribute) as given."""
+    (default ``<class>/<row>.png``), ``attrs`` (the ``extra`` attribute) and ``views`` (features,
+    clean row of each) as given."""
     from embedx.cache import CacheMeta, CacheWriter
 
     meta = CacheMeta(backbone=backbone, weights_tag=weights_tag, weights_arg="none",
@@ -355,10 +356,18 @@ def write_cache(path: Path, X: np.ndarray, y: np.ndarray, splits, classes, *, ba
                      preprocess={"input_size": 32}, dtype=dtype, precision="fp32")
     keys = [hashlib.sha256(f"{path.name}-{i}".encode()).hexdigest() for i in range(len(X))]
     rel = list(paths) if paths is not None else [f"{classes[label]}/{i}.png" for i, label in enumerate(y)]
+    stored_views = None
     with CacheWriter(path, meta, overwrite=True) as writer:
         writer.append(keys, X, paths=rel)
+        if views is not None:
+            view_features, source = views
+            view_keys = [hashlib.sha256(f"{path.name}-view-{i}".encode()).hexdigest() for i in range(len(source))]
+            writer.append(view_keys, np.asarray(view_features, dtype=np.float32))
+            stored_views = {"keys": view_keys, "source": [int(s) for s in source],
+                            "names": [f"augment/{i}" for i in range(len(source))],
+                            "plan": {"views": 1, "augment": {}, "seed": 0}}
         writer.finalize(keys=keys, paths=rel, labels=[int(v) for v in y], splits=list(splits), classes=list(classes),
-                        errors=[], attrs=attrs)
+                        errors=[], attrs=attrs, views=stored_views)
     return path
 
 
@@ -455,6 +464,10 @@ def test_evaluate_on_same_backbone_and_refuses_another(cache_file, tmp_path, dat
     metrics = evaluate(tmp_path / "h", cache_file)
     assert metrics["val"]["accuracy"] == pytest.approx(result.metrics["val"]["accuracy"])
     assert metrics["all"]["n"] == 240
+    once = evaluate(tmp_path / "h", cache_file, splits=["val", "val"])  # a repeated --split counts once
+    assert set(once) - {"head", "cache", "head_type"} == {"val"} and once["val"] == metrics["val"]
+    with pytest.raises(HeadError, match=r"has no rows in splits \['test'\]; it has \['train', 'val'\]$"):
+        evaluate(tmp_path / "h", cache_file, splits=["test"])
     X, y, _, _ = data
     other = write_cache(tmp_path / "resnet.h5", np.hstack([X, X]), y, ["val"] * len(X), ["ants", "bees", "wasps"],
                         backbone="resnet18")
@@ -473,6 +486,9 @@ def test_evaluate_skips_classes_the_head_does_not_know(cache_file, tmp_path, dat
     path = write_cache(tmp_path / "more.h5", X, y, ["val"] * len(X), ["ants", "bees", "hornets"])
     metrics = evaluate(tmp_path / "h", path)
     assert metrics["val"]["skipped_unknown_class"] == int(np.sum(y == 2))
+    strangers = write_cache(tmp_path / "strangers.h5", X, y, ["val"] * len(X), ["owls", "moths", "hornets"])
+    with pytest.raises(HeadError, match=r"none of the cache's classes \['hornets', 'moths', 'owls'\] is one"):
+        evaluate(tmp_path / "h", strangers)
 
 
 # --------------------------------------------------------------------------- real data

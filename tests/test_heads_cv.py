@@ -58,8 +58,9 @@ def test_cv_needs_enough_rows_of_every_class(tmp_path):
     X = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
     y = np.array([0] * 9 + [1] * 3)
     path = write_cache(tmp_path / "few.h5", X, y, ["train"] * 8 + ["val"] * 4, ["a", "b"])
-    with pytest.raises(HeadError, match="--cv 5 needs at least 5 train\\+val rows of every class"):
+    with pytest.raises(HeadError, match="--cv 5 needs at least 5 train\\+val rows of every class") as error:
         fit_head(path, cv=5, output=tmp_path / "h", plots=False)
+    assert "class 'b' has 3;" in str(error.value)  # the class as the user wrote it, not np.str_('b')
 
 
 def test_a_small_val_set_is_warned_about_and_a_large_one_is_not(tmp_path):

@@ -289,6 +289,8 @@ def test_shards_with_views_merged_equal_one_extraction(tmp_path, backbone):  # n
     for i in range(10):
         name = ("alpha", "beta")[i % 2]
         write_image(data / ("train", "train", "val")[i % 3] / name / f"img_{i:02d}.jpg", name, i)
+    copy = data / "train" / "alpha" / "copy_of_00.jpg"  # byte-identical: its views share keys with img_00's
+    copy.write_bytes((data / "train" / "alpha" / "img_00.jpg").read_bytes())
     single = tmp_path / "single.h5"
     run(data, backbone, single, views=2)
     parts = [tmp_path / f"part-{i}.h5" for i in range(2)]

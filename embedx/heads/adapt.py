@@ -187,21 +187,23 @@ def fit_adapter(source: np.ndarray, target: np.ndarray, *, method: str, shrinkag
 
 
 def self_train(adapter: Adapter, head: Any, new_head: Any, X_train: np.ndarray, y_train: np.ndarray,
-               X_val: np.ndarray, y_val: np.ndarray) -> tuple[Any, dict[str, Any]]:
+               X_val: np.ndarray, y_val: np.ndarray) -> tuple[Any, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """``selftrain``'s second fit: ``new_head()`` on the source rows plus the confidently
-    pseudo-labeled target rows of ``head``; returns it and what it did."""
+    pseudo-labeled target rows of ``head``; returns it, what it did, and those target rows with
+    their pseudo-labels (a refit on train+val adds them again)."""
     probabilities = head.predict_proba(adapter.target_rows)
     confident = probabilities.max(axis=1) >= PSEUDO_LABEL_THRESHOLD
     pseudo = head.classes_[probabilities.argmax(axis=1)][confident]
     info = {"threshold": PSEUDO_LABEL_THRESHOLD, "pseudo_labeled": int(confident.sum()),
             "of": int(len(confident)), "per_class": {str(c): int((pseudo == c).sum()) for c in head.classes_}}
+    pseudo_rows = (adapter.target_rows[confident], pseudo)
     if not confident.any():
         logger.warning("selftrain: no target row reached probability %.2f; the head is standardize's",
                        PSEUDO_LABEL_THRESHOLD)
-        return head, info
-    X = np.concatenate([X_train, adapter.target_rows[confident]])
+        return head, info, pseudo_rows
+    X = np.concatenate([X_train, pseudo_rows[0]])
     y = np.concatenate([np.asarray(y_train), pseudo])
-    return new_head().fit(X, y, X_val=X_val, y_val=y_val, copy=False), info
+    return new_head().fit(X, y, X_val=X_val, y_val=y_val, copy=False), info, pseudo_rows
 
 
 def read_target(path: str | Path, source_meta: Any) -> tuple[np.ndarray, dict[str, Any]]:

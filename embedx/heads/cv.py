@@ -79,7 +79,7 @@ def cross_validate(
     classes, counts = np.unique(y, return_counts=True)
     if folds < 2 or counts.min() < folds:
         raise HeadError(f"--cv {folds} needs at least {max(folds, 2)} train+val rows of every class and folds >= 2; "
-                        f"class {classes[counts.argmin()]!r} has {counts.min()}; use fewer folds")
+                        f"class {str(classes[counts.argmin()])!r} has {counts.min()}; use fewer folds")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     splits = list(splitter.split(np.zeros(len(y)), y))
     name = SETTING[head]

@@ -252,6 +252,7 @@ def fit_head(
         return (X if adapter is None else adapter.source(X)), y, n_views
 
     report(0, "fit")
+    pseudo_rows = None  # selftrain's pseudo-labeled target rows: the refit on train+val trains on them too
     if cv:
         model, metrics, val_y, val_logits = _fit_cv(data, train, val, y_names, head=head, values=values, folds=cv,
                                                     seed=seed)
@@ -269,8 +270,8 @@ def fit_head(
         if adapter is not None and adapter.target_rows is not None:
             from embedx.heads.adapt import self_train
 
-            model, adapter.info["self_training"] = self_train(adapter, model, lambda: make_head(head, **values),
-                                                              X_train, y_train, X_val, y_names[val])
+            model, adapter.info["self_training"], pseudo_rows = self_train(
+                adapter, model, lambda: make_head(head, **values), X_train, y_train, X_val, y_names[val])
         del X_train, y_train
         metrics = {"val_source": val_source, "n_train": int(len(train)), "n_val": int(len(val)),
                    "n_train_views": int(n_views)}
@@ -287,6 +288,8 @@ def fit_head(
         report(2, "refit on train+val")
         rows = np.sort(np.concatenate([train, val]))
         X_rows, y_rows, _ = train_set(rows)
+        if pseudo_rows is not None and len(pseudo_rows[1]):
+            X_rows, y_rows = np.concatenate([X_rows, pseudo_rows[0]]), np.concatenate([y_rows, pseudo_rows[1]])
         final = make_head(head, **fixed_params(model)).fit(X_rows, y_rows, copy=False)
         del X_rows, y_rows
         final.temperature_ = model.temperature_
@@ -300,8 +303,10 @@ def fit_head(
     if adapter is not None:
         before = metrics["val"]["accuracy"]
         if adapter.method != "none":  # the guard: the same head without adaptation, on the raw source rows
-            plain = make_head(head, **values).fit(_feature_rows(data, train), y_names[train],
-                                                  X_val=_feature_rows(data, val), y_val=y_names[val], copy=False)
+            X_plain, y_plain, _ = _with_views(data, train, y_names) if views else (
+                _feature_rows(data, train), y_names[train], 0)  # trained as the adapted head was
+            plain = make_head(head, **values).fit(X_plain, y_plain, X_val=_feature_rows(data, val),
+                                                  y_val=y_names[val], copy=False)
             before = head_metrics(plain, _feature_rows(data, val), y_names[val])[0]["accuracy"]
         metrics["adaptation"] = extra["adaptation"] = adapter.record(before, metrics["val"]["accuracy"])
         final.adaptation_ = adapter.transform  # from here on the head sees target-domain rows
@@ -396,16 +401,17 @@ def evaluate(head_dir: str | Path, cache: Any, *, splits: list[str] | None = Non
     names = np.asarray(data.classes, dtype=str)
     y_names = names[np.asarray(data.labels, dtype=np.int64)]
     row_splits = np.asarray(data.splits).astype(str)
-    wanted = splits or sorted(set(row_splits.tolist()))
+    wanted = list(dict.fromkeys(splits)) if splits else sorted(set(row_splits.tolist()))
     result: dict[str, Any] = {"head": str(head_dir), "cache": str(getattr(data, "path", "")),
                               "head_type": model.head_type}
     selected = np.flatnonzero(np.isin(row_splits, wanted))
     if len(selected) == 0:
-        raise HeadError(f"cache {result['cache']} has no rows in splits {wanted}; it has {sorted(set(row_splits))}")
+        raise HeadError(f"cache {result['cache']} has no rows in splits {wanted}; "
+                        f"it has {sorted(set(row_splits.tolist()))}")
     known = np.isin(y_names[selected], model.classes_)
     if not known.any():
         raise HeadError(
-            f"none of the cache's classes {sorted(set(y_names[selected]))[:10]} is one the head knows "
+            f"none of the cache's classes {sorted(set(y_names[selected].tolist()))[:10]} is one the head knows "
             f"({[str(c) for c in model.classes_][:10]}); evaluate on a data set with the same class names"
         )
     features, y_selected = _feature_rows(data, selected), y_names[selected]  # the wanted splits' rows only
