@@ -22,13 +22,16 @@ Needs ``onnx`` (not torch) to build; the bundle runs with onnxruntime alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 from embedx import __version__, onnxmeta
 from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
-from embedx.fsio import atomic_path, make_parent, remove_stale_temporaries, writer_lock
+from embedx.fsio import atomic_path, fsync_path, make_parent, remove_stale_temporaries, writer_lock
 from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
@@ -340,13 +343,33 @@ def _save(model: Any, output: Path, *, force: bool) -> Path:
     removed = remove_stale_temporaries(output.parent, output.name)
     if removed:
         logger.info("removed %d temporary file(s) a killed earlier run left beside %s", removed, output)
-    with atomic_path(output) as tmp:
-        if model.ByteSize() < _PROTO_LIMIT:
-            onnx.save(model, str(tmp))
-        else:
-            onnx.save(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=output.name + ".data",
-            )
+    data = None  # a bundle over protobuf's 2 GB limit keeps its tensors in <output>.data-<token>
+    if model.ByteSize() >= _PROTO_LIMIT:
+        data = output.with_name(f"{output.name}.data-{secrets.token_hex(8)}")
+    try:
+        with atomic_path(output) as tmp:
+            if data is None:
+                onnx.save(model, str(tmp))
+            else:  # a new data file beside the old pair: a kill before the rename leaves that pair whole
+                onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                          location=data.name)
+                fsync_path(data)
+    except BaseException:
+        if data is not None:
+            data.unlink(missing_ok=True)
+        raise
+    for old in _data_files(output):  # the replaced bundle's data, or a killed run's
+        if old != data:
+            old.unlink(missing_ok=True)
     logger.info("wrote bundle %s (%.1f MB)", output, output.stat().st_size / 1e6)
     return output
+
+
+def _data_files(output: Path) -> list[Path]:
+    """The external-data files a bundle saved as ``output`` may have: ``<name>.data`` (older
+    embedx) and ``<name>.data-<16 hex digits>``."""
+    pattern = re.compile(re.escape(output.name) + r"\.data(-[0-9a-f]{16})?")
+    with contextlib.suppress(FileNotFoundError):
+        return [entry for entry in output.parent.iterdir() if pattern.fullmatch(entry.name) and entry.is_file()]
+    return []
+

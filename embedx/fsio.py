@@ -90,7 +90,8 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush ``path``'s bytes to the disk (before a rename makes them the real file)."""
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
@@ -107,7 +108,7 @@ def atomic_path(target: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if fsync and tmp.exists():
-            _fsync_path(tmp)
+            fsync_path(tmp)
         os.replace(tmp, target)
         if fsync:
             _fsync_dir(target.parent)
@@ -148,7 +149,7 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
         yield work
         for root, _dirs, files in os.walk(work):
             for name in files:
-                _fsync_path(Path(root) / name)
+                fsync_path(Path(root) / name)
         if target.exists() or target.is_symlink():
             if not replace:
                 raise FileExistsError(f"{target} exists")

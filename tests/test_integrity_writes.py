@@ -235,3 +235,68 @@ def test_a_second_bundle_writer_is_refused_naming_the_first(heads, tmp_path):
     assert second.returncode == 1, second.stderr
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert "another process is writing the bundle" in second.stderr and f"pid {holder.pid}" in second.stderr
+
+
+# -- a bundle over protobuf's 2 GB limit (external data) is replaced as a pair -----------------
+
+#: Run in a child: save a 16-d tiny bundle (seed argv[3], temperature argv[4]) to argv[1] with a
+#: proto limit of 0, so that its tensors go to an external data file as a > 2 GB bundle's do.
+SAVE_EXTERNAL_BUNDLE = """
+    import embedx.bundle
+    from embedx.bundle import compose, save
+    from tests.bundle_fixtures import CLASSES, SPEC, tiny_backbone, tiny_head
+    embedx.bundle._PROTO_LIMIT = 0
+    seed, temperature = int(sys.argv[3]), float(sys.argv[4])
+    model = compose(tiny_backbone(feature_dim=16, seed=seed), tiny_head(feature_dim=16, seed=seed)[0],
+                    classes=CLASSES, temperature=temperature, preprocess=SPEC,
+                    metadata={"backbone": "tiny", "weights": "none", "feature_layer": "pool", "feature_dim": "16"})
+    save(model, sys.argv[1])
+"""
+
+
+def _bundle_probabilities(path: Path) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name, size) = session.get_inputs()[0].name, session.get_inputs()[0].shape[-1]
+    pixels = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    return session.run(None, {name: pixels})[0]
+
+
+def test_a_killed_save_of_an_external_data_bundle_leaves_the_old_pair_whole(tmp_path):
+    """The new tensors go to a data file of their own: a SIGKILL before the rename leaves the old
+    .onnx with its own data, and the next save removes what the kill left and keeps one data file
+    of one bundle's size (before, every save appended to one `<name>.data`, which only grew)."""
+    out = tmp_path / "model.onnx"
+
+    def save(seed: int, temperature: float, *, kill: bool = False) -> subprocess.CompletedProcess:
+        code = textwrap.dedent(KILL_AT_RENAME if kill else "import sys") + textwrap.dedent(SAVE_EXTERNAL_BUNDLE)
+        child = _python(code, str(out), "1", str(seed), str(temperature), cwd=REPO)
+        stdout, stderr = child.communicate(timeout=120)
+        return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+    assert save(0, 1.5).returncode == 0
+    (data,) = [p for p in tmp_path.iterdir() if ".data" in p.name]
+    old, size = _bundle_probabilities(out), data.stat().st_size
+    assert onnx_external_location(out) == data.name
+
+    killed = save(1, 3.0, kill=True)
+    assert killed.returncode == -9, killed.stderr
+    np.testing.assert_array_equal(_bundle_probabilities(out), old)  # the old bundle, whole
+    assert len([p for p in tmp_path.iterdir() if ".data" in p.name]) == 2  # the killed run's new data
+
+    assert save(1, 3.0).returncode == 0
+    (data,) = [p for p in tmp_path.iterdir() if ".data" in p.name]
+    assert onnx_external_location(out) == data.name and not list(tmp_path.glob(".model.onnx*"))
+    assert data.stat().st_size == size  # the same shapes: the new tensors only
+    assert not np.allclose(_bundle_probabilities(out), old, atol=1e-3)
+
+
+def onnx_external_location(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    (location,) = locations
+    return location
