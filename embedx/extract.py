@@ -639,31 +639,43 @@ def _resolve_views(writer: Any, views: int | None, augment: Any) -> Any:
                     augment=previous.augment if augment is None else augment)
 
 
-def _note_decoded(run: _Run, items: Sequence[Any], journal: _Journal, batch: Sequence[int],
+def _note_decoded(run: _Run, items: Sequence[Any], journal: _Journal, tasks: Sequence[tuple[int, str | None]],
                   keys: Sequence[str], errors: Sequence[tuple[int, str]]) -> None:
-    """Record one decoded batch's keys (by position in ``batch``: item indices, clean rows
-    only: the Ray engine's) and journal its decode errors."""
+    """Record one decoded batch's keys and journal its decode errors (both engines).
+
+    ``tasks`` are the batch's ``(item index, view name or None)``; ``keys`` and ``errors`` are
+    by position in it. A clean row's key is the key of the bytes read for decoding (a file that
+    could not be read now has none, so its error is retried by the next run, not kept); a
+    view's error is logged, not stored (the clean row records the file's error), and the next
+    run tries that view again."""
     for position, key in enumerate(keys):
-        # the bytes read for decoding are what the features belong to; a file that could
-        # not be read now has no key, so its error is retried by the next run, not kept
-        run.keys[batch[position]] = key
+        index, view = tasks[position]
+        if view is None:
+            run.keys[index] = key
     for position, reason in errors:
-        index = batch[position]
+        index, view = tasks[position]
+        if view is not None:
+            logger.warning("view %s of %s not stored: %s", view, items[index].relpath, reason)
+            continue
         run.decode_errors[index] = reason
         journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
 
 
-def _journal_features(run: _Run, items: Sequence[Any], journal: _Journal, rows: list[int],
-                      features: np.ndarray | None) -> None:
-    """Journal the ``features`` of items ``rows`` (the first row of each key only), or a flush
-    when there are none (so the batch's errors reach the disk)."""
-    if rows:
-        features, rows = _first_of_each_key(run, features, rows, [run.keys[i] for i in rows])
-    if rows:
-        journal.submit("append", [run.keys[i] for i in rows], features, paths=[items[i].relpath for i in rows])
+def _journal_features(run: _Run, items: Sequence[Any], journal: _Journal, tasks: Sequence[tuple[int, str | None]],
+                      keys: Sequence[str], positions: list[int], features: np.ndarray | None) -> None:
+    """Journal the ``features`` of the batch's decoded ``positions`` (the first row of each key
+    only: copies of one image under several names are computed once), or a flush when there
+    are none (so the batch's errors reach the disk); counts new rows and views."""
+    if positions:
+        features, positions = _first_of_each_key(run, features, positions, [keys[p] for p in positions])
+    if positions:
+        journal.submit("append", [keys[p] for p in positions], features,
+                       paths=[items[tasks[p][0]].relpath for p in positions])
     else:
         journal.submit("flush")
-    run.new += len(rows)
+    views = sum(tasks[p][1] is not None for p in positions)
+    run.new += len(positions) - views
+    run.new_views += views
 
 
 def _decoder(run: _Run, spec: preprocess.PreprocessSpec, path_batches: list[list[str]], *,
@@ -734,20 +746,9 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
         for batch, result in zip(batches, decoder, strict=True):
             run.seconds["wait"] += time.perf_counter() - waited
             run.seconds["decode"] += result["seconds"]
-            for position, key in enumerate(result["keys"]):
-                # the bytes read for decoding are what the features belong to; a file that could
-                # not be read now has no key, so its error is retried by the next run, not kept
-                index, view = batch[position]
-                if view is None:
-                    run.keys[index] = key
-            for position, reason in result["errors"]:
-                index, view = batch[position]
-                if view is not None:  # the clean row records the file's error; a view is retried next run
-                    logger.warning("view %s of %s not stored: %s", view, items[index].relpath, reason)
-                    continue
-                run.decode_errors[index] = reason
-                journal.submit("record_error", items[index].relpath, reason, key=run.keys[index])
+            _note_decoded(run, items, journal, batch, result["keys"], result["errors"])
             rows = list(result["rows"])  # positions in the batch
+            features = None
             tick = time.perf_counter()
             if rows:
                 pixels = result["pixels"]
@@ -756,16 +757,8 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
                 if not pixel_input:  # on a GPU the bound runner pads the batch to its fixed shape
                     pixels = _normalize_into(pixels, spec)
                 features = (runner or run.model).run(pixels)[: len(rows)]
-                features, rows = _first_of_each_key(run, features, rows, [result["keys"][p] for p in rows])
             run.seconds["inference"] += time.perf_counter() - tick
-            if rows:
-                journal.submit("append", [result["keys"][p] for p in rows], features,
-                               paths=[items[batch[p][0]].relpath for p in rows])
-            else:
-                journal.submit("flush")
-            views = sum(batch[p][1] is not None for p in rows)
-            run.new += len(rows) - views
-            run.new_views += views
+            _journal_features(run, items, journal, batch, result["keys"], rows, features)
             done += len(batch)
             if progress is not None:
                 progress(done, len(tasks), {"errors": len(run.decode_errors)})
@@ -982,14 +975,12 @@ def extract(
             run.members = members(dataset.items, run.keys, shard)
             run.todo = [index for index in run.todo if index in run.members]
         _plan_views(run, dataset.items, writer, plan, val_fraction, lazy=lazy and not any(run.keys))
-        if run.view_todo and ray_options is not None:
-            raise ConfigError(f"--engine ray does not compute augmented views yet ({len(run.view_todo)} to compute "
-                              f"for {output}); run this extraction with --engine local (the cache is the same)")
-        if run.todo and ray_options is not None:
+        if (run.todo or run.view_todo) and ray_options is not None:
             from embedx import ray_engine
 
             ray_engine.compute(run, dataset.items, writer, exported, batch_size=batch_size, threads=threads,
-                               device=device, precision=precision, progress=progress, options=ray_options)
+                               device=device, precision=precision, progress=progress, options=ray_options,
+                               plan=plan)
         elif run.todo or run.view_todo:
             _compute(run, dataset.items, writer, exported, batch_size=batch_size, workers=workers,
                      threads=threads, device=device, precision=precision, decode=decode, progress=progress,

@@ -126,12 +126,15 @@ def _quiet_ray_data() -> None:
 
 
 def _decode(batch: dict[str, np.ndarray], spec_json: str, input_size: int) -> dict[str, np.ndarray]:
-    """Ray task: read, key and decode a batch of paths (``extract._decode_batch``) into
-    columns; rows that failed carry their reason in ``error`` and zero pixels."""
+    """Ray task: read, key and decode a batch of paths, or augmented views of them (a ``view``
+    name and its ``parameters``), with ``extract._decode_batch``, into columns; rows that
+    failed carry their reason in ``error`` and zero pixels."""
     from embedx.extract import _decode_batch
 
     count = len(batch["path"])
-    result = _decode_batch(spec_json, [str(path) for path in batch["path"]])
+    tasks = [str(path) if not view else (str(path), str(view), str(parameters))
+             for path, view, parameters in zip(batch["path"], batch["view"], batch["parameters"], strict=True)]
+    result = _decode_batch(spec_json, tasks)
     pixels = np.zeros((count, input_size, input_size, 3), dtype=np.uint8)
     pixels[result["rows"]] = result["pixels"]
     ok = np.zeros(count, dtype=bool)
@@ -139,8 +142,8 @@ def _decode(batch: dict[str, np.ndarray], spec_json: str, input_size: int) -> di
     error = np.full(count, "", dtype=object)
     for position, reason in result["errors"]:
         error[position] = reason
-    return {"index": batch["index"], "key": np.array(result["keys"], dtype=object), "ok": ok, "error": error,
-            "pixels": pixels, "decode_seconds": np.full(count, result["seconds"] / max(count, 1))}
+    return {"index": batch["index"], "view": batch["view"], "key": np.array(result["keys"], dtype=object), "ok": ok,
+            "error": error, "pixels": pixels, "decode_seconds": np.full(count, result["seconds"] / max(count, 1))}
 
 
 class _Embedder:
@@ -179,7 +182,7 @@ class _Embedder:
             features[ok] = (self.runner or self.model).run(np.ascontiguousarray(batch["pixels"][ok]))[: int(ok.sum())]
         seconds = time.perf_counter() - tick
         session, self.session_seconds = self.session_seconds, 0.0  # counted once per actor
-        return {"index": batch["index"], "key": batch["key"], "ok": ok, "error": batch["error"],
+        return {"index": batch["index"], "view": batch["view"], "key": batch["key"], "ok": ok, "error": batch["error"],
                 "features": features, "decode_seconds": batch["decode_seconds"],
                 "inference_seconds": np.full(count, seconds / count),
                 "session_seconds": np.full(count, session / count),
@@ -224,15 +227,19 @@ def _layout(ray: Any, options: RayOptions, todo: int, batch_size: int, threads: 
                  rows_per_block=per_block * batch_size, threads=threads)
 
 
-def _dataset(ray: Any, run: Any, items: Sequence[Any], plan: _Plan, *, spec: Any, model_path: str,
-             feature_dim: int, batch_size: int, device: str, precision: str) -> Any:
+def _dataset(ray: Any, tasks: Sequence[tuple[int, str | None]], items: Sequence[Any], plan: _Plan, *,
+             spec: Any, views: Any, model_path: str, feature_dim: int, batch_size: int, device: str,
+             precision: str) -> Any:
+    """The streaming dataset of ``tasks`` (``(item index, view name or None)``, ``extract._compute``'s)."""
     import pyarrow as pa
 
-    indices = np.asarray(run.todo, dtype=np.int64)
-    paths = [str(items[i].path) for i in run.todo]
-    blocks = [pa.table({"index": indices[start: start + plan.rows_per_block],
-                        "path": pa.array(paths[start: start + plan.rows_per_block], type=pa.string())})
-              for start in range(0, len(indices), plan.rows_per_block)]
+    columns = {"index": pa.array([index for index, _ in tasks], type=pa.int64()),
+               "path": pa.array([str(items[index].path) for index, _ in tasks], type=pa.string()),
+               "view": pa.array([view or "" for _, view in tasks], type=pa.string()),
+               "parameters": pa.array([views.parameters(view) if view else "" for _, view in tasks],
+                                      type=pa.string())}
+    blocks = [pa.table({name: column.slice(start, plan.rows_per_block) for name, column in columns.items()})
+              for start in range(0, len(tasks), plan.rows_per_block)]
     from ray.data import ActorPoolStrategy
 
     decoded = ray.data.from_arrow(blocks).map_batches(
@@ -246,9 +253,10 @@ def _dataset(ray: Any, run: Any, items: Sequence[Any], plan: _Plan, *, spec: Any
 
 
 def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch_size: int, threads: int | None,
-            device: str, precision: str, progress: Any, options: RayOptions) -> None:
-    """Decode, infer and journal every item in ``run.todo`` on Ray (``extract._compute``'s
-    contract: fills ``run.keys``, ``run.decode_errors``, ``run.new``, ``run.seconds``)."""
+            device: str, precision: str, progress: Any, options: RayOptions, plan: Any = None) -> None:
+    """Decode, infer and journal every item in ``run.todo``, then every view in ``run.view_todo``
+    (of ``plan``, an ``augment.ViewPlan``) on Ray (``extract._compute``'s contract: fills
+    ``run.keys``, ``run.decode_errors``, ``run.new``, ``run.new_views``, ``run.seconds``)."""
     from embedx.extract import _Journal, _journal_features, _note_decoded
     from embedx.pixel_input import pixel_model
 
@@ -261,34 +269,37 @@ def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch
         tick = time.perf_counter()
         spec = exported.preprocess
         model_path = pixel_model(exported.path, spec, source_sha256=exported.sha256 or None)
-        plan = _layout(ray, options, len(run.todo), batch_size, threads)
-        run.workers, run.actors = plan.decode_slots, plan.actors
-        dataset = _dataset(ray, run, items, plan, spec=spec, model_path=str(model_path.resolve()),
+        tasks: list[tuple[int, str | None]] = [(index, None) for index in run.todo] + list(run.view_todo)
+        layout = _layout(ray, options, len(tasks), batch_size, threads)
+        run.workers, run.actors = layout.decode_slots, layout.actors
+        dataset = _dataset(ray, tasks, items, layout, spec=spec, views=plan, model_path=str(model_path.resolve()),
                            feature_dim=exported.feature_dim, batch_size=batch_size, device=device,
                            precision=precision)
         run.seconds["session"] = time.perf_counter() - tick
         journal = _Journal(writer)
         if progress is not None:
-            progress(0, len(run.todo), {})
+            progress(0, len(tasks), {})
         done = 0
         waited = time.perf_counter()
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             run.seconds["wait"] += time.perf_counter() - waited
-            indices = [int(i) for i in batch["index"]]
+            batch_tasks = [(int(index), str(view) or None) for index, view in zip(batch["index"], batch["view"],
+                                                                                 strict=True)]
+            keys = [str(key) for key in batch["key"]]
             errors = [(position, str(reason)) for position, reason in enumerate(batch["error"]) if reason]
-            _note_decoded(run, items, journal, indices, [str(key) for key in batch["key"]], errors)
+            _note_decoded(run, items, journal, batch_tasks, keys, errors)
             ok = np.asarray(batch["ok"], dtype=bool)
-            rows = [index for index, good in zip(indices, ok, strict=True) if good]
-            _journal_features(run, items, journal, rows, batch["features"][ok] if rows else None)
+            _journal_features(run, items, journal, batch_tasks, keys, np.flatnonzero(ok).tolist(),
+                              batch["features"][ok] if ok.any() else None)
             run.seconds["decode"] += float(np.sum(batch["decode_seconds"]))
             run.seconds["inference"] += float(np.sum(batch["inference_seconds"]))
             run.seconds["session"] += float(np.sum(batch["session_seconds"]))  # the actors' model loads
-            if not run.providers and len(indices):
+            if not run.providers and batch_tasks:
                 run.providers = str(batch["providers"][0]).split(",")
                 run.threads = int(batch["threads"][0])
-            done += len(indices)
+            done += len(batch_tasks)
             if progress is not None:
-                progress(done, len(run.todo), {"errors": len(run.decode_errors)})
+                progress(done, len(tasks), {"errors": len(run.decode_errors)})
             waited = time.perf_counter()
         journal.close()  # a failed journal write is raised here
     except ray.exceptions.RayTaskError as e:

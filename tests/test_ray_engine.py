@@ -242,8 +242,6 @@ def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
         ray_run(data, backbone, out, workers=2)
     with pytest.raises(ConfigError, match="engine must be"):
         run(data, backbone, out, engine="spark")
-    with pytest.raises(ConfigError, match="does not compute augmented views yet"):
-        ray_run(data, backbone, out, views=2)
     assert cli_run("extract", "--backbone", backbone, data, "--engine", "ray", "--actors", 0).exit_code == 2
     from embedx.extract import extract
     from embedx.providers import gpu_available
@@ -257,6 +255,42 @@ def test_ray_options_are_checked(ray_cluster, tmp_path, backbone):
     assert result.exit_code == 0, result.output
     assert "ray: 2 inference actors" in result.stderr and result.stdout.strip() == str(out)
     assert read_cache(out).keys.size == 4
+
+
+def assert_same_views(got: Path, expected: Path) -> None:
+    from embedx.cache import read_views
+
+    a, b = read_views(got), read_views(expected)
+    for name in ("source", "names", "keys"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+    assert a.plan == b.plan and a.features.tobytes() == b.features.tobytes()
+
+
+def test_ray_computes_views_as_the_local_engine_does(ray_cluster, tmp_path, backbone):
+    """`--views K` on Ray: the same view rows (keys, clean rows, names, plan, feature bytes) as
+    the local engine, on a fresh cache (every view listed before keys are known, a byte copy
+    among them) and on an increment (only the new image's views computed)."""
+    from tests.test_views import split_data
+
+    data = split_data(tmp_path / "data", train=5, val=2)
+    original = data / "train" / "alpha" / "alpha_0.jpg"
+    (data / "train" / "beta" / "copy_of_alpha_0.jpg").write_bytes(original.read_bytes())
+    (data / "train" / "alpha" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    local = run(data, backbone, tmp_path / "local.h5", views=2, augment="flip,crop,color,rotate")
+    calls = []
+    on_ray = ray_run(data, backbone, tmp_path / "ray.h5", views=2, augment="flip,crop,color,rotate", actors=2,
+                     progress=lambda done, total, info: calls.append((done, total)))
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert_same_views(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert (on_ray.new, on_ray.views, on_ray.new_views) == (local.new, local.views, local.new_views)
+    assert on_ray.views == 2 * 11 and calls[-1][0] == calls[-1][1]  # 11 decodable train images, the copy too
+
+    write_image(data / "train" / "alpha" / "alpha_new.jpg", "alpha", 77)
+    local = run(data, backbone, tmp_path / "local.h5")  # a plain rerun keeps the cache's views
+    on_ray = ray_run(data, backbone, tmp_path / "ray.h5")
+    assert (on_ray.new, on_ray.new_views) == (local.new, local.new_views) == (1, 2)
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert_same_views(tmp_path / "ray.h5", tmp_path / "local.h5")
 
 
 def test_ray_shards_merge_into_the_local_cache(ray_cluster, tmp_path, backbone):
