@@ -494,6 +494,11 @@ class _Run:
             ("hash", "session", "decode", "wait", "inference", "write", "engine_start"), 0.0)
     )
 
+    def tasks(self) -> list[tuple[int, str | None]]:
+        """What to compute, in order: ``(item index, None)`` for each clean row, then
+        ``(item index, view name)`` for each view."""
+        return [(index, None) for index in self.todo] + list(self.view_todo)
+
 
 def _stat(path: Path) -> tuple[int, int] | None:
     try:
@@ -708,7 +713,7 @@ def _compute(run: _Run, items: Sequence[Any], writer: Any, exported: Any, *, bat
     cuDNN searches once, and GPU-decoded batches never leave the device.
     """
     spec = exported.preprocess
-    tasks: list[tuple[int, str | None]] = [(i, None) for i in run.todo] + list(run.view_todo)
+    tasks = run.tasks()
     batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
 
     def source(index: int, name: str | None) -> str | tuple[str, str, str]:

@@ -269,7 +269,7 @@ def compute(run: Any, items: Sequence[Any], writer: Any, exported: Any, *, batch
         tick = time.perf_counter()
         spec = exported.preprocess
         model_path = pixel_model(exported.path, spec, source_sha256=exported.sha256 or None)
-        tasks: list[tuple[int, str | None]] = [(index, None) for index in run.todo] + list(run.view_todo)
+        tasks = run.tasks()
         layout = _layout(ray, options, len(tasks), batch_size, threads)
         run.workers, run.actors = layout.decode_slots, layout.actors
         dataset = _dataset(ray, tasks, items, layout, spec=spec, views=plan, model_path=str(model_path.resolve()),
