@@ -134,6 +134,45 @@ def format_accuracy(accuracy: float, n: int) -> str:
     return f"{accuracy:.4f} [{low:.3f}-{high:.3f}] (n={n})"
 
 
+#: Resamples of :func:`bootstrap_intervals` (a fixed seed: the same data give the same interval).
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_intervals(y_true: np.ndarray, predicted: np.ndarray, n_classes: int, *,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals of balanced accuracy and macro-F1 (the rows resampled
+    with replacement), as ``{"balanced_accuracy_ci": [low, high], "macro_f1_ci": [low, high]}``.
+
+    Resampling rows is drawing the confusion matrix's cells from a multinomial with the
+    observed cell frequencies, so the cost depends on the non-empty cells, not on the rows.
+    Definitions follow scikit-learn's: balanced accuracy averages the recall of the classes
+    present in the resample; macro-F1 averages F1 over all ``n_classes`` (0 where undefined).
+    """
+    from scipy import sparse
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    cells, counts = np.unique(y_true * n_classes + predicted, return_counts=True)
+    truth, guess = cells // n_classes, cells % n_classes
+    draws = np.random.default_rng(seed).multinomial(len(y_true), counts / counts.sum(), size=resamples)
+    columns = np.arange(len(cells))
+
+    def per_class(classes: np.ndarray, weights: np.ndarray) -> np.ndarray:  # (resamples, n_classes) sums
+        spread = sparse.csr_matrix((weights, (classes, columns)), shape=(n_classes, len(cells)), dtype=np.int64)
+        return np.asarray(spread @ draws.T).T
+
+    ones = np.ones(len(cells), dtype=np.int64)
+    support, said, correct = per_class(truth, ones), per_class(guess, ones), per_class(truth, (truth == guess) * 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, correct / support, np.nan)
+        balanced = np.nanmean(recall, axis=1)
+        denominator = support + said  # 2 tp + fp + fn
+        f1 = np.where(denominator > 0, 2 * correct / denominator, 0.0)
+    macro_f1 = f1.mean(axis=1)
+    return {name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+            for name, values in (("balanced_accuracy_ci", balanced), ("macro_f1_ci", macro_f1))}
+
+
 def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
     proba = np.asarray(proba)
     k = min(k, proba.shape[1])
@@ -181,6 +220,7 @@ def classification_metrics(
         "accuracy_ci": list(wilson_interval(int(np.sum(predicted == y_true)), len(y_true))),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, predicted)),
         "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
+        **bootstrap_intervals(y_true, predicted, n_classes),
         "log_loss": log_loss(y_true, proba),
         "ece": expected_calibration_error(y_true, proba),
         "temperature": temperature,

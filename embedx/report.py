@@ -336,11 +336,17 @@ def _fit_notes(record) -> tuple[dict[str, str], list[str]]:
     return roles, notes
 
 
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    interval = metrics.get(key)
+    return f" <small>[{_num(interval[0])}, {_num(interval[1])}]</small>" if interval else ""
+
+
 def _metrics_section(results: dict[str, SplitResult], note: str, roles: dict[str, str], notes: list[str]) -> str:
     from embedx.metrics import accuracy_interval
 
     head = ("<tr><th class=name>split</th><th>n</th><th>accuracy</th><th>95% interval (Wilson)</th>"
-            "<th>balanced accuracy</th><th>macro-F1</th><th>log-loss</th><th>ECE raw &rarr; calibrated</th>"
+            "<th>balanced accuracy [95% bootstrap]</th><th>macro-F1 [95% bootstrap]</th><th>log-loss</th>"
+            "<th>ECE raw &rarr; calibrated</th>"
             "<th class=name>role</th></tr>")
     rows = []
     for name, result in results.items():
@@ -351,8 +357,9 @@ def _metrics_section(results: dict[str, SplitResult], note: str, roles: dict[str
             role += f" ({m['skipped_unknown_class']} rows of classes the head does not know skipped)"
         rows.append(
             f"<tr><td class=name>{_e(name)}</td><td>{m['n']}</td><td>{_num(m['accuracy'], 4)}</td>"
-            f"<td>[{_num(low)}, {_num(high)}]</td><td>{_num(m['balanced_accuracy'], 4)}</td>"
-            f"<td>{_num(m['macro_f1'], 4)}</td><td>{_num(m['log_loss'])}</td>"
+            f"<td>[{_num(low)}, {_num(high)}]</td>"
+            f"<td>{_num(m['balanced_accuracy'], 4)}{_interval(m, 'balanced_accuracy_ci')}</td>"
+            f"<td>{_num(m['macro_f1'], 4)}{_interval(m, 'macro_f1_ci')}</td><td>{_num(m['log_loss'])}</td>"
             f"<td>{_num(m['ece'])} &rarr; {_num(m['ece_calibrated'])}</td><td class=name>{_e(role)}</td></tr>"
         )
     recorded = "".join(f"<li>{_e(text)}</li>" for text in notes)

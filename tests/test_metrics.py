@@ -8,6 +8,7 @@ from sklearn import metrics as skm
 
 from embedx.errors import HeadError
 from embedx.metrics import (
+    bootstrap_intervals,
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
@@ -160,3 +161,29 @@ def test_metrics_carry_the_accuracy_interval(case):
     assert (low, high) == wilson_interval(round(metrics["accuracy"] * len(y)), len(y))
     top5_low, top5_high = metrics["top5_accuracy_ci"]  # 8 classes: top-5 is reported, with its interval
     assert top5_low < metrics["top5_accuracy"] < top5_high and metrics["top5_accuracy"] >= metrics["accuracy"]
+    for name in ("balanced_accuracy", "macro_f1"):  # bootstrap intervals around the point estimates
+        low, high = metrics[f"{name}_ci"]
+        assert low < metrics[name] < high < 1.0
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize("n_classes, absent", [(2, 0), (3, 0), (5, 1)])
+def test_bootstrap_intervals_equal_resampling_the_rows(n_classes, absent):
+    """The multinomial-over-cells shortcut gives the intervals of resampling rows and scoring
+    each resample with scikit-learn (a class the labels never name counts as F1 0, as there)."""
+    rng = np.random.default_rng(n_classes)
+    seen = n_classes - absent
+    y = rng.integers(0, seen, 200)
+    predicted = np.where(rng.random(200) < 0.8, y, rng.integers(0, n_classes, 200))
+    got = bootstrap_intervals(y, predicted, n_classes)
+    balanced, macro = [], []
+    for _ in range(2000):
+        rows = rng.integers(0, len(y), len(y))
+        balanced.append(skm.balanced_accuracy_score(y[rows], predicted[rows]))
+        macro.append(skm.f1_score(y[rows], predicted[rows], labels=np.arange(n_classes), average="macro",
+                                  zero_division=0))
+    for key, values in (("balanced_accuracy_ci", balanced), ("macro_f1_ci", macro)):
+        np.testing.assert_allclose(got[key], np.percentile(values, [2.5, 97.5]), atol=0.015, err_msg=key)
+    assert got == bootstrap_intervals(y, predicted, n_classes)  # a fixed seed: the same interval every time
+    perfect = bootstrap_intervals(y, y, n_classes)
+    assert perfect["balanced_accuracy_ci"] == [1.0, 1.0]

@@ -25,13 +25,20 @@ def _chosen(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items() if k in keys)
 
 
+def _ci(metrics: dict[str, Any], key: str) -> str:
+    """`` [0.912-0.981]``, the interval ``metrics[key]``, or nothing (metrics of older heads)."""
+    interval = metrics.get(key)
+    return f" [{interval[0]:.3f}-{interval[1]:.3f}]" if interval else ""
+
+
 def _metric_line(name: str, metrics: dict[str, Any]) -> str:
     from embedx.metrics import accuracy_interval
 
     low, high = metrics.get("accuracy_ci") or accuracy_interval(metrics["accuracy"], metrics["n"])
     line = (
         f"{name}: accuracy {_fmt(metrics['accuracy'])} [95% CI {low:.3f}-{high:.3f}], "
-        f"balanced {_fmt(metrics['balanced_accuracy'])}, macro-F1 {_fmt(metrics['macro_f1'])}, "
+        f"balanced {_fmt(metrics['balanced_accuracy'])}{_ci(metrics, 'balanced_accuracy_ci')}, "
+        f"macro-F1 {_fmt(metrics['macro_f1'])}{_ci(metrics, 'macro_f1_ci')}, "
         f"log-loss {_fmt(metrics['log_loss'])}"
     )
     if "top5_accuracy" in metrics:
