@@ -306,6 +306,7 @@ display:flex;align-items:center;justify-content:center;text-align:center;color:#
 .legend span{display:inline-block;margin-right:14px}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:6px;margin-right:4px;vertical-align:middle}
 .figs{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.wide{overflow-x:auto}.role{min-width:180px}
 """
 
 
@@ -336,6 +337,25 @@ def _fit_notes(record) -> tuple[dict[str, str], list[str]]:
     return roles, notes
 
 
+def _same_file(a: str | Path | None, b: Path) -> bool:
+    try:
+        return bool(a) and Path(a).resolve() == b.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _foreign_roles(record, cache: Path, present: list[str]) -> dict[str, str]:
+    """Roles of the splits of a cache the head was not fitted on: its adaptation target (rows seen
+    without labels), or any other cache (rows the head never saw)."""
+    adaptation = record.fields.get("adaptation")
+    target = adaptation.get("target_cache") if isinstance(adaptation, dict) else None
+    if isinstance(target, str) and _same_file(target, cache):
+        role = "the adaptation's target: seen at fit without labels (statistics, pseudo-labels)"
+    else:
+        role = "another cache than the head's: not seen at fit"
+    return dict.fromkeys(present, role)
+
+
 def _interval(metrics: dict[str, Any], key: str) -> str:
     interval = metrics.get(key)
     return f" <small>[{_num(interval[0])}, {_num(interval[1])}]</small>" if interval else ""
@@ -344,10 +364,11 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
 def _metrics_section(results: dict[str, SplitResult], note: str, roles: dict[str, str], notes: list[str]) -> str:
     from embedx.metrics import accuracy_interval
 
-    head = ("<tr><th class=name>split</th><th>n</th><th>accuracy</th><th>95% interval (Wilson)</th>"
-            "<th>balanced accuracy [95% bootstrap]</th><th>macro-F1 [95% bootstrap]</th><th>log-loss</th>"
-            "<th>ECE raw &rarr; calibrated</th>"
-            "<th class=name>role</th></tr>")
+    head = ("<tr><th class=name>split</th><th>n</th><th>accuracy</th><th>95% interval<br><small>Wilson</small></th>"
+            "<th>balanced accuracy<br><small>[95% bootstrap]</small></th>"
+            "<th>macro-F1<br><small>[95% bootstrap]</small></th><th>log-loss</th>"
+            "<th>ECE<br><small>raw &rarr; calibrated</small></th>"
+            "<th class='name role'>role</th></tr>")
     rows = []
     for name, result in results.items():
         m = result.metrics
@@ -360,10 +381,10 @@ def _metrics_section(results: dict[str, SplitResult], note: str, roles: dict[str
             f"<td>[{_num(low)}, {_num(high)}]</td>"
             f"<td>{_num(m['balanced_accuracy'], 4)}{_interval(m, 'balanced_accuracy_ci')}</td>"
             f"<td>{_num(m['macro_f1'], 4)}{_interval(m, 'macro_f1_ci')}</td><td>{_num(m['log_loss'])}</td>"
-            f"<td>{_num(m['ece'])} &rarr; {_num(m['ece_calibrated'])}</td><td class=name>{_e(role)}</td></tr>"
+            f"<td>{_num(m['ece'])} &rarr; {_num(m['ece_calibrated'])}</td><td class='name role'>{_e(role)}</td></tr>"
         )
     recorded = "".join(f"<li>{_e(text)}</li>" for text in notes)
-    return (f'<section id="metrics"><h2>Metrics</h2><table>{head}{"".join(rows)}</table>'
+    return (f'<section id="metrics"><h2>Metrics</h2><div class=wide><table>{head}{"".join(rows)}</table></div>'
             f'<p class=note>{note}</p>{f"<ul class=note>{recorded}</ul>" if recorded else ""}</section>')
 
 
@@ -519,7 +540,8 @@ def _adaptation_section(record, results: dict[str, SplitResult], focus: str, sam
     adaptation = record.fields.get("adaptation")
     if not isinstance(adaptation, dict):
         return ""
-    scalars = [(k, v) for k, v in adaptation.items() if isinstance(v, (str, int, float, bool)) or v is None]
+    scalars = [(k, _num(v, 4) if isinstance(v, float) else v) for k, v in adaptation.items()
+               if isinstance(v, (str, int, float, bool)) or v is None]
     recorded = record.fields.get("metrics") if isinstance(record.fields.get("metrics"), dict) else {}
     source = recorded.get("val") if isinstance(recorded.get("val"), dict) else {}
     n_source = source.get("n")
@@ -604,9 +626,13 @@ def build_report(
     root = Path(data_root) if data_root is not None else data_root_of(data.attrs, str(cache))
 
     stage(2, "plots")
+    same_cache = _same_file(recorded_cache, cache)
+    roles, notes = _fit_notes(record)
+    if not same_cache:
+        roles = _foreign_roles(record, cache, list(results))
     sections = [
         _metrics_section(results, "Accuracy intervals are 95% Wilson score intervals on the rows of each split: "
-                         "how far another sample of the same size could move the figure.", *_fit_notes(record)),
+                         "how far another sample of the same size could move the figure.", roles, notes),
         _confusion_section(chosen, class_names),
         _reliability_section(chosen, temperature),
         _per_class_section(chosen, class_names),
@@ -623,7 +649,6 @@ def build_report(
     sections.append(mistakes_html)
     stage(4, "feature map")
     sections.append(_map_section(chosen, data, class_names, max_points=map_points))
-    same_cache = bool(recorded_cache) and Path(recorded_cache).resolve() == cache.resolve()
     sections.append(_adaptation_section(record, results, focus, same_cache))
 
     stage(5, "write")

@@ -190,6 +190,21 @@ def test_adaptation_section_appears_only_for_adapted_heads(head, tmp_path, featu
     page = result.output.read_text(encoding="utf-8")
     accuracy = result.metrics["test"]["accuracy"]
     assert f"<td class=name>target test (this cache)</td><td>45</td><td>{accuracy:.4f}" in page
+    # the target's rows did not choose anything and were not trained on with labels
+    assert "chose the regularization" not in page and "fitted on these rows" not in page
+    assert page.count("the adaptation&#x27;s target: seen at fit without labels") == 3  # train, val, test
+    assert f"<th>source_val_accuracy_before</th><td>{before:.4f}</td>" in page  # not repr(float)
+
+
+def test_splits_of_another_cache_are_not_given_the_roles_they_had_at_fit(head, tmp_path, features):
+    head_dir, cache = head
+    own = build_report(head_dir, None, output=tmp_path / "own.html").output.read_text(encoding="utf-8")
+    assert "chose the regularization and the temperature" in own and "not seen at fit" not in own
+    X, y = features
+    other = write_cache(tmp_path / "other.h5", X, y, SPLITS, CLASSES)
+    page = build_report(head_dir, other, output=tmp_path / "other.html").output.read_text(encoding="utf-8")
+    assert "chose the regularization" not in page and "fitted on these rows" not in page
+    assert page.count("another cache than the head&#x27;s: not seen at fit") == 3
 
 
 def test_pca_2d_matches_scikit_learn(features):
