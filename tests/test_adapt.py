@@ -367,3 +367,31 @@ def test_hymenoptera_blur_selftrain_beats_no_adaptation(hymenoptera, hymenoptera
         head = fit_head(source, adapt_to=caches["train"], adapt=method, output=tmp_path / method, plots=False)
         accuracy[method] = only_split(evaluate(head.output_dir, caches["val"]))["accuracy"]
     assert accuracy["selftrain"] > accuracy["none"] + 0.1  # bench/adapt.py measured 0.739 -> 0.908
+
+
+def test_selftrain_refits_on_the_source_rows_as_mapped_not_as_the_first_fit_left_them(tmp_path, monkeypatch):
+    # The first fit standardizes its training rows in place; self-training fitted again on that
+    # array (train + views mapped by the adapter), so its source rows were standardized twice.
+    import embedx.heads.adapt as adapt_module
+    from embedx.cache import read_cache, read_views
+
+    X, y = samples(300, seed=0)
+    rng = np.random.default_rng(3)
+    source_rows = np.repeat(np.arange(220), 2)
+    views = X[source_rows] * 1.5 + 1.0 + rng.normal(scale=0.3, size=(len(source_rows), DIM)).astype(np.float32)
+    source = write_cache(tmp_path / "views.h5", X, y, ["train"] * 220 + ["val"] * 80, CLASSES,
+                         views=(views, source_rows))
+    Xt, yt = samples(200, seed=1)
+    target = write_cache(tmp_path / "target.h5", shifted(Xt), yt, ["train"] * 200, CLASSES)
+    seen = {}
+    original = adapt_module.self_train
+
+    def spy(adapter, head, new_head, X_train, y_train, X_val, y_val):
+        seen["rows"], seen["adapter"] = X_train.copy(), adapter
+        return original(adapter, head, new_head, X_train, y_train, X_val, y_val)
+
+    monkeypatch.setattr(adapt_module, "self_train", spy)
+    fit_head(source, adapt_to=target, adapt="selftrain", output=tmp_path / "h", plots=False)
+    clean = read_cache(source).features[:220]
+    expected = seen["adapter"].source(np.concatenate([clean, read_views(source, sources=np.arange(220)).features]))
+    np.testing.assert_allclose(seen["rows"], expected, atol=1e-5)

@@ -584,3 +584,33 @@ def test_lpft_on_hymenoptera_with_efficientnet_lite0(hymenoptera, hymenoptera_li
     metrics = evaluate(result.output_dir, tmp_path / "ft.h5", splits=["val"])
     assert set(metrics) >= {"val"} and "all" not in metrics
     assert metrics["val"]["accuracy"] == pytest.approx(result.best_val_accuracy, abs=1.5 / val_count)
+
+
+def test_an_adapted_head_is_refused_before_the_backbone_is_built(start, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from embedx.errors import HeadError
+
+    data, head_dir = start
+    adapted = tmp_path / "adapted"
+    shutil.copytree(head_dir, adapted)
+    record = json.loads((adapted / "head.json").read_text())
+    dim = record["feature_dim"]
+    record["adaptation"] = {"method": "standardize", "file": "adaptation.safetensors",
+                            "target_cache": "/data/target.h5"}
+    (adapted / "head.json").write_text(json.dumps(record))
+    save_file({"mean": np.zeros(dim, np.float32), "scale": np.ones(dim, np.float32)},
+              str(adapted / "adaptation.safetensors"))
+    from embedx.heads import load_head
+
+    assert load_head(adapted).adaptation_ is not None  # a valid adapted head
+
+    def not_built(*args, **kwargs):
+        raise AssertionError("the backbone was built before the refusal")
+
+    monkeypatch.setattr("embedx.backbones.build_feature_extractor", not_built)
+    with pytest.raises(HeadError, match="adapted to a target domain .standardize to /data/target.h5"):
+        ft.finetune(adapted, data, epochs=1, **FAST)

@@ -265,7 +265,8 @@ def test_head_record_builds_the_cache_fields_from_the_cache_meta(fitted):
                      onnx_sha256="0" * 64, feature_layer="pool", feature_dim=12, preprocess={"input_size": 32})
     record = head_record(fitted["mlp"], meta, cache_path="feats.h5", metrics={"n_val": 3}, val_source="val",
                          fit_seconds=1.5)
-    assert record.cache == {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": "feats.h5"}
+    # the path absolute: a report or fine-tune run from another folder finds the same file
+    assert record.cache == {**meta.to_dict(), "fingerprint": meta.fingerprint, "path": str(Path("feats.h5").absolute())}
     assert record.fields["metrics"] == {"n_val": 3} and record.fields["fit_seconds"] == 1.5
     assert record.head_type == "mlp" and record.fields["schema_version"] == 1
 

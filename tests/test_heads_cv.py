@@ -58,7 +58,7 @@ def test_cv_needs_enough_rows_of_every_class(tmp_path):
     X = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
     y = np.array([0] * 9 + [1] * 3)
     path = write_cache(tmp_path / "few.h5", X, y, ["train"] * 8 + ["val"] * 4, ["a", "b"])
-    with pytest.raises(HeadError, match="--cv 5 needs at least 5 train\\+val rows of every class") as error:
+    with pytest.raises(HeadError, match="--cv 5 needs at least 5 distinct train\\+val images of every class") as error:
         fit_head(path, cv=5, output=tmp_path / "h", plots=False)
     assert "class 'b' has 3;" in str(error.value)  # the class as the user wrote it, not np.str_('b')
 
@@ -92,3 +92,56 @@ def test_cli_fit_head_cv(tmp_path):
     human = runner.invoke(cli, ["fit-head", "--cache", str(path), "--cv", "3", "-o", str(tmp_path / "h2")])
     assert human.exit_code == 0 and "cv: 3 folds over 240 train+val rows chose l2=" in human.stdout
     assert runner.invoke(cli, ["fit-head", "--cache", str(path), "--cv", "1"]).exit_code == 2
+
+
+def _cache_of_copies(path, n: int = 60, *, splits=None, seed: int = 0):
+    """Every image twice (the same bytes under two names: one key), labels of pure noise."""
+    import hashlib
+
+    from embedx.cache import CacheMeta, CacheWriter
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 16)).astype(np.float32)
+    y = [int(v) for v in rng.integers(0, 2, n)]
+    keys = [hashlib.sha256(f"img-{i}".encode()).hexdigest() for i in range(n)]
+    meta = CacheMeta(backbone="fakenet", weights_tag="none", weights_arg="none", onnx_path="/nowhere/f.onnx",
+                     onnx_sha256="0" * 64, feature_layer="pool", feature_dim=16, preprocess={"input_size": 32},
+                     dtype="float32", precision="fp32")
+    paths = [f"c{y[i]}/{i}.png" for i in range(n)] + [f"c{y[i]}/copy_{i}.png" for i in range(n)]
+    with CacheWriter(path, meta, overwrite=True) as writer:
+        writer.append(keys, X, paths=paths[:n])
+        writer.finalize(keys=keys + keys, paths=paths, labels=y + y, splits=splits or ["train"] * (2 * n),
+                        classes=["c0", "c1"], errors=[])
+    return path
+
+
+@pytest.mark.parametrize("head", ["knn", "logreg"])
+def test_copies_of_one_image_stay_in_one_fold(tmp_path, head):
+    # Noise labels: an honest out-of-fold accuracy is about 0.5. With the copies split across
+    # folds, each row was scored by a head trained on its own copy (knn: 0.90 before the fix).
+    path = _cache_of_copies(tmp_path / "copies.h5")
+    result = fit_head(path, head=head, cv=5, output=tmp_path / "h", plots=False)
+    assert result.metrics["val"]["n"] == 120
+    assert result.metrics["val"]["accuracy"] < 0.7
+
+
+def test_the_holdout_of_a_tiny_train_split_keeps_copies_together(tmp_path):
+    from embedx.cache import read_cache
+    from embedx.heads.fit import _split_rows
+
+    data = read_cache(_cache_of_copies(tmp_path / "copies.h5", n=3), load_features=False)
+    keys = np.asarray(data.keys).astype(str)
+    for seed in range(5):
+        train, val, _, source = _split_rows(data, seed)
+        assert source.startswith("seeded stratified holdout")  # 3 images: the hash split leaves a class out
+        assert len(val) and not set(keys[train]) & set(keys[val])
+
+
+def test_cv_pools_a_train_only_cache_too_small_for_a_holdout(tmp_path):
+    y = np.repeat([0, 1, 2], 2)
+    X = (np.random.default_rng(0).normal(size=(6, 6)) + y[:, None] * 3).astype(np.float32)
+    path = write_cache(tmp_path / "tiny_cv.h5", X, y, ["train"] * 6, ["a", "b", "c"])  # keys from the name
+    with pytest.raises(HeadError, match="too few to hold any out"):  # without --cv a holdout is needed
+        fit_head(path, head="logreg", output=tmp_path / "plain", plots=False)
+    result = fit_head(path, head="logreg", cv=2, output=tmp_path / "h", plots=False)
+    assert result.metrics["cv"]["rows"] == 6 and len(result.metrics["cv"]["fold_accuracy"]) == 2

@@ -98,3 +98,32 @@ def test_fit_head_on_a_small_cache_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_head_whose_classes_are_not_sorted_is_evaluated_like_the_same_head_sorted(tmp_path):
+    # head.json may list classes in any order (weights columns to match); evaluate and report
+    # mapped the true labels with searchsorted, which assumes sorted classes.
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    from sklearn.datasets import make_classification
+
+    from embedx.heads import evaluate, fit_head
+    from tests.test_heads import write_cache
+
+    X, y = make_classification(n_samples=90, n_features=8, n_informative=5, n_classes=3, n_clusters_per_class=1,
+                               random_state=0)
+    cache = write_cache(tmp_path / "f.h5", X.astype(np.float32), y, ["train"] * 60 + ["val"] * 30, ["a", "b", "c"])
+    fit_head(cache, output=tmp_path / "sorted", plots=False)
+    shutil.copytree(tmp_path / "sorted", tmp_path / "reversed")
+    record = json.loads((tmp_path / "reversed" / "head.json").read_text())
+    record["classes"] = record["classes"][::-1]
+    (tmp_path / "reversed" / "head.json").write_text(json.dumps(record))
+    arrays = load_file(str(tmp_path / "reversed" / "weights.safetensors"))
+    arrays["weight"], arrays["bias"] = arrays["weight"][:, ::-1].copy(), arrays["bias"][::-1].copy()
+    save_file(arrays, str(tmp_path / "reversed" / "weights.safetensors"))
+    want = evaluate(tmp_path / "sorted", cache, splits=["val"])["val"]
+    got = evaluate(tmp_path / "reversed", cache, splits=["val"])["val"]
+    assert got["accuracy"] == want["accuracy"] and got["n"] == want["n"] == 30
+    assert np.asarray(got["confusion_matrix"]).trace() == np.asarray(want["confusion_matrix"]).trace()

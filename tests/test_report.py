@@ -287,3 +287,19 @@ def test_thumbnails_refuse_a_swapped_symlink_and_a_fifo(tmp_path):
     for name in ("link.png", "fifo.png"):
         with pytest.raises(ImageDecodeError):
             thumbnail_jpeg(tmp_path / name)
+
+
+def test_a_head_fitted_from_a_relative_path_is_reported_from_another_folder(tmp_path, features, monkeypatch):
+    X, y = features
+    write_cache(tmp_path / "feats.h5", X, y, SPLITS, CLASSES)
+    write_cache(tmp_path / "target.h5", (X * 1.5 + 2.0).astype(np.float32), y, SPLITS, CLASSES)
+    monkeypatch.chdir(tmp_path)
+    fit_head("feats.h5", output="head", plots=False, adapt_to="target.h5", adapt="standardize")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    own = build_report(tmp_path / "head", None, output=tmp_path / "own.html").output.read_text(encoding="utf-8")
+    assert "chose the regularization and the temperature" in own and "not seen at fit" not in own
+    assert "not its source accuracy" in own  # the head's own cache, found from another folder
+    on_target = build_report(tmp_path / "head", tmp_path / "target.h5", output=tmp_path / "target.html")
+    assert "seen at fit without labels" in on_target.output.read_text(encoding="utf-8")

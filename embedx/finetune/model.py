@@ -126,6 +126,15 @@ def _load_start(head_dir: Path, *, reinit_head: bool, seed: int) -> _Start:
 
     head = load_head(head_dir)
     head_json = head.info_  # head.json as load_head read it
+    adaptation = head_json.get("adaptation") if isinstance(head_json.get("adaptation"), dict) else {}
+    if getattr(head, "adaptation_", None) is not None and not reinit_head:
+        # The head reads target-domain rows through the target's statistics; fine-tuning trains it on
+        # source images, and a changed backbone would no longer match those statistics either.
+        raise HeadError(
+            f"the head in {head_dir} is adapted to a target domain ({adaptation.get('method', '?')} to "
+            f"{adaptation.get('target_cache', '?')}), whose statistics belong to the frozen backbone; fine-tune a "
+            "head fitted without --adapt-to"
+        )
     cache = head_json.get("cache") or {}
     backbone_name = cache.get("backbone")
     if not backbone_name or str(backbone_name).startswith("onnx:") or is_onnx_path(backbone_name):

@@ -221,7 +221,7 @@ def read_target(path: str | Path, source_meta: Any) -> tuple[np.ndarray, dict[st
         )
     if len(target) == 0:
         raise HeadError(f"target cache {path} has no rows; extract the target domain's images into it")
-    return target.features, {"target_cache": str(path), "target_fingerprint": target.meta.fingerprint}
+    return target.features, {"target_cache": str(Path(path).absolute()), "target_fingerprint": target.meta.fingerprint}
 
 
 def fit_adapter_on_cache(data: Any, source_train: np.ndarray, adapt_to: str | Path | None,

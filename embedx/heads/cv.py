@@ -70,18 +70,28 @@ def cross_validate(
     folds: int,
     seed: int,
     make_head: Callable[..., Head],
+    groups: np.ndarray | None = None,
 ) -> CVResult:
-    """Choose ``head``'s regularization by stratified ``folds``-fold CV on (X, y), then train on all rows."""
-    from sklearn.model_selection import StratifiedKFold
+    """Choose ``head``'s regularization by stratified ``folds``-fold CV on (X, y), then train on all rows.
+
+    ``groups`` (the rows' content keys): rows of one group are always in the same fold, so a
+    copy of an image is never scored by a head that trained on the other copy."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if head not in SETTING:
         raise HeadError(f"cross-validation knows the heads {sorted(SETTING)}, not {head!r}")
-    classes, counts = np.unique(y, return_counts=True)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    classes = np.unique(y)
+    # distinct images (groups) per class: each fold needs one of every class
+    counts = np.asarray([len(np.unique(groups[y == c])) for c in classes])
     if folds < 2 or counts.min() < folds:
-        raise HeadError(f"--cv {folds} needs at least {max(folds, 2)} train+val rows of every class and folds >= 2; "
-                        f"class {str(classes[counts.argmin()])!r} has {counts.min()}; use fewer folds")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = list(splitter.split(np.zeros(len(y)), y))
+        raise HeadError(f"--cv {folds} needs at least {max(folds, 2)} distinct train+val images of every class and "
+                        f"folds >= 2; class {str(classes[counts.argmin()])!r} has {counts.min()}; use fewer folds")
+    if len(np.unique(groups)) == len(y):  # no copies: plain stratified folds
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    else:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        splits = list(splitter.split(np.zeros(len(y)), y, groups))
     name = SETTING[head]
     sweep_params = {**params, "k": "auto"} if head == "knn" else params  # knn sweeps k only when asked to
     scores: dict[float, dict[str, list[float]]] = {}

@@ -121,8 +121,11 @@ def _with_views(data, rows: np.ndarray, y_names: np.ndarray) -> tuple[np.ndarray
     return np.concatenate([X, X_views]), np.concatenate([y_names[rows], y_names[source]]), len(source)
 
 
-def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(train, val, test) row indices, each ascending, and where val came from."""
+def _split_rows(data, seed: int, *, hold_out: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(train, val, test) row indices, each ascending, and where val came from.
+
+    A cache without val rows gives part of train as val (by content key, so copies of one image
+    stay on one side), unless ``hold_out`` is False (cross-validation pools train and val anyway)."""
     splits = np.asarray(data.splits).astype(str)
     train = np.flatnonzero(splits == "train")
     val = np.flatnonzero(splits == "val")
@@ -134,6 +137,8 @@ def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, st
         )
     if len(val):
         return train, val, test, "val split of the cache"
+    if not hold_out:
+        return train, val, test, "no val split in the cache"
     from embedx.data import split_for_key
 
     keys = np.asarray(data.keys).astype(str)
@@ -141,11 +146,14 @@ def _split_rows(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, st
     labels = np.asarray(data.labels)
     if in_val.any() and len(np.unique(labels[train[~in_val]])) == len(np.unique(labels[train])):
         return train[~in_val], train[in_val], test, f"hash split of train ({VAL_FRACTION:.0%} by content key)"
-    # Too few rows for the hash split to leave every class in train: seeded stratified holdout.
-    keep, held = holdout_split(len(train), labels[train], seed, VAL_FRACTION)
+    # Too few rows for the hash split to leave every class in train: seeded stratified holdout of
+    # the distinct images (a key and its copies are held out together).
+    unique, first, inverse = np.unique(keys[train], return_index=True, return_inverse=True)
+    _, held = holdout_split(len(unique), labels[train][first], seed, VAL_FRACTION)
     if len(held) == 0:
         raise HeadError(f"only {len(train)} training rows: too few to hold any out for validation; add images")
-    return train[keep], train[held], test, f"seeded stratified holdout of train ({VAL_FRACTION:.0%})"
+    in_val = np.isin(inverse.ravel(), held)
+    return train[~in_val], train[in_val], test, f"seeded stratified holdout of train ({VAL_FRACTION:.0%})"
 
 
 def _head_params(head: str, *, class_weight, seed, label_smoothing, params) -> dict[str, Any]:
@@ -162,8 +170,10 @@ def head_metrics(head: Head, X: np.ndarray, y_names: np.ndarray) -> tuple[dict[s
     """Metrics of ``head`` on rows whose class it knows, plus (labels, logits) used."""
     from embedx.metrics import classification_metrics
 
-    known = np.isin(y_names, head.classes_)
-    y_index = np.searchsorted(head.classes_, y_names[known])
+    classes = np.asarray(head.classes_)
+    known = np.isin(y_names, classes)
+    order = np.argsort(classes, kind="stable")  # a loaded head's classes need not be sorted
+    y_index = order[np.searchsorted(classes[order], y_names[known])]
     logits = head.logits(X[known])
     metrics = classification_metrics(y_index, logits, class_names=[str(c) for c in head.classes_],
                                      temperature=head.temperature_)
@@ -232,7 +242,8 @@ def fit_head(
         raise HeadError(f"cache labels must index its {len(names)} classes; "
                         f"found labels {labels.min()}..{labels.max()}")
     y_names = names[labels]
-    train, val, test, val_source = _split_rows(data, seed)  # ascending rows, as read_feature_rows needs
+    # ascending rows, as read_feature_rows needs; --cv pools train and val, so holds nothing out
+    train, val, test, val_source = _split_rows(data, seed, hold_out=not cv)
     values = _head_params(head, class_weight=class_weight, seed=seed, label_smoothing=label_smoothing, params=params)
     if cv and (adapt_to is not None or adapt is not None):
         raise ConfigError("--cv cannot be combined with --adapt-to yet (the adaptation would have to be fitted "
@@ -266,8 +277,10 @@ def fit_head(
     else:
         X_val = rows_of(val)
         X_train, y_train, n_views = train_set(train)
-        model.fit(X_train, y_train, X_val=X_val, y_val=y_names[val], copy=False)
-        if adapter is not None and adapter.target_rows is not None:
+        self_training = adapter is not None and adapter.target_rows is not None
+        # fit(copy=False) standardizes X_train in place: self-training fits again on the same rows
+        model.fit(X_train, y_train, X_val=X_val, y_val=y_names[val], copy=self_training)
+        if self_training:
             from embedx.heads.adapt import self_train
 
             model, adapter.info["self_training"], pseudo_rows = self_train(
@@ -340,7 +353,7 @@ def _fit_cv(data, train: np.ndarray, val: np.ndarray, y_names: np.ndarray, *, he
 
     rows = np.sort(np.concatenate([train, val]))
     result = cross_validate(_feature_rows(data, rows), y_names[rows], head=head, params=values, folds=folds,
-                            seed=seed, make_head=make_head)
+                            seed=seed, make_head=make_head, groups=np.asarray(data.keys).astype(str)[rows])
     model = result.head
     y_index = np.searchsorted(model.classes_, y_names[rows])
     model.temperature_ = fit_temperature(result.oof_logits, y_index)

@@ -264,7 +264,9 @@ def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metr
     ``metrics`` and ``val_source``: as ``fit_head`` reports them; ``fields``: any other
     head.json fields (``fit_seconds``, ``finetune``).
     """
-    cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint, "path": str(cache_path)}
+    # absolute, so that a report or fine-tune run from another folder finds the same file
+    cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint,
+             "path": str(Path(cache_path).absolute()) if str(cache_path) else ""}
     return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
 
 
