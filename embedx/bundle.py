@@ -31,7 +31,14 @@ from typing import Any
 
 from embedx import __version__, onnxmeta
 from embedx.errors import ConfigError, ExportError, HeadError, OnnxModelError
-from embedx.fsio import atomic_path, fsync_path, make_parent, remove_stale_temporaries, writer_lock
+from embedx.fsio import (
+    atomic_path,
+    fsync_path,
+    make_parent,
+    remove_stale_temporaries,
+    reporting_write_errors,
+    writer_lock,
+)
 from embedx.pixel_input import FLOAT_INPUT, PIXEL_INPUT, prepend_normalization
 from embedx.preprocess import PreprocessSpec
 
@@ -347,7 +354,7 @@ def _save(model: Any, output: Path, *, force: bool) -> Path:
     if model.ByteSize() >= _PROTO_LIMIT:
         data = output.with_name(f"{output.name}.data-{secrets.token_hex(8)}")
     try:
-        with atomic_path(output) as tmp:
+        with reporting_write_errors(output), atomic_path(output) as tmp:
             if data is None:
                 onnx.save(model, str(tmp))
             else:  # a new data file beside the old pair: a kill before the rename leaves that pair whole

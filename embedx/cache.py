@@ -25,7 +25,6 @@ import errno as errno_codes
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import zipfile
@@ -45,6 +44,7 @@ from embedx.fsio import (
     atomic_write,
     lock_path,  # noqa: F401 - part of the cache API (where the writer lock lives)
     make_parent,
+    os_error_text,
     remove_stale_temporaries,
     sha256_bytes,
     sha256_file,
@@ -255,16 +255,8 @@ def row_ranges(rows: Sequence[int], limit: int = 8) -> str:
 
 def write_error(path: Path, error: BaseException) -> CacheWriteError:
     """One line for an OSError (or h5py's RuntimeError) while writing ``path``: the file and the errno."""
-    number = getattr(error, "errno", None)
-    if number is None:  # h5py puts the errno in its message: "..., errno = 28, error message = ..."
-        found = re.search(r"errno = (\d+)", str(error))
-        number = int(found.group(1)) if found else None
-    if number is not None:
-        why = f"{errno_codes.errorcode.get(number, 'errno')} ({number}): {os.strerror(number)}"
-    else:
-        why = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return CacheWriteError(f"cannot write {path}: {why}; free space (or fix the folder), then rerun the same "
-                           "command: it resumes from the journal")
+    return CacheWriteError(f"cannot write {path}: {os_error_text(error)}; free space (or fix the folder), then "
+                           "rerun the same command: it resumes from the journal")
 
 
 # --------------------------------------------------------------------------- reading

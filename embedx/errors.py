@@ -78,3 +78,8 @@ class QuantizationError(BackendError):
 
 class ServeError(EmbedxError):
     """The HTTP server cannot start with the given model or options."""
+
+
+class WriteError(EmbedxError):
+    """An OSError while writing an artifact (a full disk, a read-only folder...): one line naming
+    the file and the errno; the previous artifact, if any, is untouched."""

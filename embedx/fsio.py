@@ -263,3 +263,40 @@ def writer_lock(target: str | Path, *, what: str, error: type[Exception], wait: 
         with contextlib.suppress(OSError), open(path, "r+b") as handle:
             handle.truncate(0)
         lock.release()
+
+
+# --------------------------------------------------------------------------- write failures
+
+
+def os_error_text(error: BaseException) -> str:
+    """``"ENOSPC (28): No space left on device"`` for an OSError, or for the wrappers that put the
+    errno in their message (h5py: ``errno = 28``; safetensors: ``(os error 28)``); else its first line."""
+    import errno as errno_codes
+    import re
+
+    number = getattr(error, "errno", None)
+    if number is None:
+        found = re.search(r"errno = (\d+)|os error (\d+)", str(error))
+        number = int(found.group(1) or found.group(2)) if found else None
+    if number is not None:
+        return f"{errno_codes.errorcode.get(number, 'errno')} ({number}): {os.strerror(number)}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | Path, *,
+                           then: str = "free space (or fix the folder), then rerun") -> Iterator[None]:
+    """Turn an OSError (or safetensors' error, which wraps one) raised while writing ``path`` into
+    one ``WriteError`` line naming the file and the errno. Errors of embedx's own pass through."""
+    from embedx.errors import EmbedxError, WriteError
+
+    try:
+        yield
+    except EmbedxError:
+        raise
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {os_error_text(e)}; {then}") from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise WriteError(f"cannot write {path}: {os_error_text(e)}; {then}") from e

@@ -37,7 +37,7 @@ import numpy as np
 
 from embedx import __version__, untrusted
 from embedx.errors import CacheError, HeadError, ImageDecodeError
-from embedx.fsio import atomic_write, make_parent
+from embedx.fsio import atomic_write, make_parent, reporting_write_errors
 from embedx.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,8 @@ def _plot_png(plot, *args, **kwargs) -> bytes:
     """Run one of ``embedx.metrics``' path-writing plots and return its PNG bytes."""
     with tempfile.TemporaryDirectory(prefix="embedx-report-") as folder:
         path = Path(folder) / "plot.png"
-        plot(*args, path, **kwargs)
+        with reporting_write_errors(path, then="free space in the temporary folder (TMPDIR), then rerun"):
+            plot(*args, path, **kwargs)
         return path.read_bytes()
 
 
@@ -668,7 +669,8 @@ def build_report(
     )
     output = Path(output)
     make_parent(output, what="report")
-    atomic_write(output, page)
+    with reporting_write_errors(output):
+        atomic_write(output, page)
     stage(stages, "done")
     logger.info("wrote %s (%d bytes, %d thumbnails, %d placeholders)", output, len(page), thumbnails,
                 len(placeholders))

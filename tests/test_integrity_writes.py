@@ -300,3 +300,57 @@ def onnx_external_location(path: Path) -> str:
                  if entry.key == "location"}
     (location,) = locations
     return location
+
+
+# -- a full disk while writing a head, a report or a bundle: one line, the old artifact whole ------
+
+#: Run the embedx CLI (argv[2:]) in a child where no file may grow past argv[1] bytes (EFBIG: a full disk).
+CLI_WITH_FILE_LIMIT = """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = int(sys.argv[1])
+    from embedx.cli.main import cli
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    cli(sys.argv[2:], prog_name="embedx")
+"""
+
+
+def _full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(CLI_WITH_FILE_LIMIT), str(limit), *args],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("limit", [64, 3000])  # the weights (safetensors' own error), head.json or a plot
+def test_fit_head_on_a_full_disk_is_one_line_and_keeps_the_old_head(cache_file, tmp_path, limit):
+    head = tmp_path / "head"
+    assert _full_disk(1 << 30, "fit-head", "--cache", str(cache_file), "-o", str(head)).returncode == 0
+    before = _snapshot(head)
+    failed = _full_disk(limit, "fit-head", "--cache", str(cache_file), "-o", str(head), "--head", "linear")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {head}: EFBIG (27): File too large"), last
+    assert _snapshot(head) == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_report_and_bundle_on_a_full_disk_are_one_line(tmp_path):
+    import onnx
+
+    from tests.bundle_fixtures import tiny_backbone, write_images
+    from tests.test_bundle import build_head_dirs
+
+    for i, name in enumerate(("ants", "bees")):
+        write_images(tmp_path / "data" / name, 8, seed=10 + i)
+    onnx.save(tiny_backbone(), tmp_path / "tiny.onnx")
+    head = build_head_dirs(tmp_path, tmp_path / "tiny.onnx", tmp_path / "data", ["logreg"])["logreg"]
+    for command, output in (("report", tmp_path / "r.html"), ("bundle", tmp_path / "b.onnx")):
+        failed = _full_disk(2000, command, "--head", str(head), "-o", str(output))
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+        last = failed.stderr.strip().splitlines()[-1]
+        # the report fails at its first plot (a temporary PNG), the bundle at the bundle itself
+        assert last.startswith("error: cannot write ") and ": EFBIG (27): File too large" in last, last
+        assert not output.exists() and (command == "report" or str(output) in last)

@@ -81,7 +81,7 @@ def output_writer(output_dir: Path) -> Iterator[Path]:
     where the file system has none)."""
     from embedx.finetune.checkpoint import TRAIN_SUBDIR
 
-    with fsio.atomic_dir(output_dir) as work:
+    with fsio.reporting_write_errors(output_dir), fsio.atomic_dir(output_dir) as work:
         train = output_dir / TRAIN_SUBDIR
         if train.is_dir():
             (work / TRAIN_SUBDIR).mkdir()

@@ -24,7 +24,7 @@ import numpy as np
 
 from embedx import __version__
 from embedx.errors import FeatureMismatchError, HeadError, NotFittedError
-from embedx.fsio import atomic_dir, make_parent, remove_stale_temporaries, writer_lock
+from embedx.fsio import atomic_dir, make_parent, remove_stale_temporaries, reporting_write_errors, writer_lock
 from embedx.heads.adapt import load_transform, write_transform
 from embedx.heads.record import HEAD_JSON, SCHEMA_VERSION, WEIGHTS_FILE, HeadRecord
 
@@ -376,7 +376,8 @@ def head_dir_writer(directory: str | Path) -> Iterator[Path]:
     """
     directory = Path(directory)
     make_parent(directory, what="head directory")
-    with writer_lock(directory, what="head directory", error=HeadError):
+    # a full disk or a read-only folder: one line naming the folder (the old head stays whole)
+    with reporting_write_errors(directory), writer_lock(directory, what="head directory", error=HeadError):
         remove_stale_temporaries(directory.parent, directory.name)
         check_head_output(directory)
         with atomic_dir(directory) as work:
