@@ -196,8 +196,10 @@ class _Walker:
                 if is_image_name(entry.name):
                     # Not an image, but almost surely meant to be one: say so.
                     self.skip(entry.path, "a folder named like an image; its contents are not used")
-                    continue
-                found.extend(self.images(entry.path, ancestors))
+                elif not _utf8_ok(entry.name):  # every image's relpath is stored as text
+                    self.skip(entry.path, "folder name is not valid UTF-8; its contents are not used")
+                else:
+                    found.extend(self.images(entry.path, ancestors))
             elif kind == "file":
                 if not is_image_name(entry.name):
                     self.skip(entry.path, "not an image file extension Pillow can open")
@@ -362,6 +364,9 @@ def _from_manifest(manifest: Path, *, root: Path, allow_outside: bool = False) -
         split = row[2].strip().lower() if len(row) == 3 and row[2].strip() else "train"
         if not path or not label:
             raise DataError(f"manifest {manifest} line {line}: empty path or label")
+        for column, value in (("path", path), ("label", label)):
+            if "\0" in value:  # no file name holds one, and a class name holding one cannot be stored
+                raise DataError(f"manifest {manifest} line {line}: the {column} holds a NUL byte; fix that line")
         if split not in SPLITS:
             raise DataError(
                 f"manifest {manifest} line {line}: split must be one of {', '.join(SPLITS)}, "

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ HASH_CHUNK = 1 << 20
 TEMP_MARK = ".tmp-"
 #: The name under which :func:`atomic_dir` keeps the previous folder while it swaps.
 ASIDE_NAME = "previous"
+#: What follows ``.tmp-`` in the name of the folder that holds it (``.<name>.tmp-aside-<random>``).
+ASIDE_MARK = "aside-"
 
 
 def make_parent(path: str | Path, *, what: str) -> None:
@@ -59,6 +62,57 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# -- reading the files an untrusted artifact names ------------------------------------------
+
+#: The reason :func:`file_under_root` gives for a path that leads nowhere.
+MISSING = "missing"
+
+
+def file_under_root(root: Path, relpath: str) -> tuple[Path | None, str]:
+    """``(resolved file, "")`` when ``relpath`` (a path a cache or manifest recorded: untrusted)
+    leads, symlinks followed, to a regular file inside ``root``; else ``(None, why not)``, where
+    why is :data:`MISSING` for a path that leads nowhere. Nothing is opened."""
+    if not relpath:
+        return None, "no path recorded"
+    try:
+        base = root.resolve()
+        resolved = base.joinpath(relpath).resolve()
+        inside = resolved == base or base in resolved.parents
+        exists, regular = resolved.exists(), resolved.is_file()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte, a name too long
+        return None, f"cannot resolve the path ({type(e).__name__})"
+    if not inside:
+        return None, "outside the data root: refused"
+    if not exists:
+        return None, MISSING
+    return (resolved, "") if regular else (None, "not a regular file")
+
+
+def read_regular_file(path: Path, *, max_bytes: int, error: type[Exception]) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` of them.
+
+    Opened without following a last-component symlink and without blocking (a FIFO would wait
+    for a writer forever), then checked on the open descriptor, so a file swapped after
+    :func:`file_under_root` looked at it is refused too. ``error`` (one line naming ``path``)
+    for anything else: a device such as ``/dev/zero``, a FIFO, a folder, a larger file.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise error(f"{path}: cannot open ({e.strerror or type(e).__name__})") from e
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):  # checked before fdopen, which refuses a folder with its own error
+        os.close(descriptor)
+        raise error(f"{path}: not a regular file")
+    with os.fdopen(descriptor, "rb") as handle:
+        if status.st_size > max_bytes:
+            raise error(f"{path}: {status.st_size:,} bytes, more than the {max_bytes:,} read")
+        content = handle.read(max_bytes + 1)
+    if len(content) > max_bytes:  # grew since fstat
+        raise error(f"{path}: more than the {max_bytes:,} bytes read")
+    return content
 
 
 @functools.cache
@@ -168,7 +222,23 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
 
 
 def _aside_prefix(target: Path) -> str:
-    return f".{target.name}.old{TEMP_MARK}"
+    """Where :func:`atomic_dir` moves the previous ``target`` aside: one of ``target``'s own
+    temporary names (``.<name>.tmp-aside-<random>``), never another target's. The old
+    ``.<name>.old.tmp-<random>`` was also the temporary name of a target ``<name>.old``, so
+    the writer of one cleaned away the other's file in flight."""
+    return f".{target.name}{TEMP_MARK}{ASIDE_MARK}"
+
+
+def is_temporary_of(entry_name: str, name: str) -> bool:
+    """True if ``entry_name`` is one of the temporary names of the target ``name``
+    (``.<name>.tmp-<random>``, moved-aside folders included) and of no other target.
+
+    The random part of a temporary name holds no ``.``, so the last ``.tmp-`` of a name
+    says whose it is: ``.feats.h5.tmp-x.tmp-ab12`` belongs to ``feats.h5.tmp-x``, not to
+    ``feats.h5``.
+    """
+    prefix = f".{name}{TEMP_MARK}"
+    return entry_name.startswith(prefix) and len(entry_name) > len(prefix) and "." not in entry_name[len(prefix):]
 
 
 def moved_aside(target: str | Path) -> Path | None:
@@ -177,7 +247,10 @@ def moved_aside(target: str | Path) -> Path | None:
     target = Path(target)
     if target.exists() or target.is_symlink() or not target.parent.is_dir():
         return None
-    for aside in sorted(target.parent.glob(f"{_aside_prefix(target)}*")):
+    prefix = _aside_prefix(target)
+    candidates = (entry for entry in target.parent.iterdir()
+                  if entry.name.startswith(prefix) and is_temporary_of(entry.name, target.name))
+    for aside in sorted(candidates):
         if (aside / ASIDE_NAME).is_dir():
             return aside / ASIDE_NAME
     return None
@@ -198,13 +271,18 @@ def restore_moved_aside(target: str | Path) -> bool:
 
 def remove_stale_temporaries(folder: str | Path, name: str) -> int:
     """Clean what killed writers of ``folder/name`` left: a previous folder moved aside and not
-    replaced is put back first (:func:`restore_moved_aside`), then every temporary is deleted;
-    returns how many were deleted. Call it holding the target's :func:`writer_lock`."""
+    replaced is put back first (:func:`restore_moved_aside`), then every temporary of ``name``
+    (:func:`is_temporary_of`, no other target's) is deleted; returns how many were deleted.
+    Call it holding the target's :func:`writer_lock`.
+
+    A ``.<name>.old.tmp-*`` folder left by an embedx that moved folders aside under that name
+    is neither put back nor deleted: it is also the temporary name of a target ``<name>.old``,
+    which may be writing it now."""
     restore_moved_aside(Path(folder) / name)
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in Path(folder).iterdir():
-            if entry.name.startswith(f".{name}{TEMP_MARK}") or entry.name.startswith(_aside_prefix(Path(name))):
+            if is_temporary_of(entry.name, name):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -150,7 +150,9 @@ class OnnxClassifier(_Classifier):
                 f"{self.path}: embedx.input_format is {self.input_format!r:.80}, expected one of {INPUT_FORMATS}"
             )
         dim = self.meta.get("feature_dim", "1")
-        if not (dim.isascii() and dim.isdigit() and 1 <= int(dim) <= untrusted.MAX_SIZE):
+        # the length first: int() refuses more than 4,300 digits with a ValueError of its own
+        if not (dim.isascii() and dim.isdigit() and len(dim) <= len(str(untrusted.MAX_SIZE))
+                and 1 <= int(dim) <= untrusted.MAX_SIZE):
             raise OnnxModelError(f"{where}: metadata embedx.feature_dim must be a positive integer of at most "
                                  f"{untrusted.MAX_SIZE:,}, found {dim!r:.80}; {fix}")
         temperature = self.meta.get("temperature", "1")

@@ -24,8 +24,6 @@ import base64
 import html
 import io
 import logging
-import os
-import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,7 +35,7 @@ import numpy as np
 
 from embedx import __version__, untrusted
 from embedx.errors import CacheError, HeadError, ImageDecodeError
-from embedx.fsio import atomic_write, make_parent, reporting_write_errors
+from embedx.fsio import atomic_write, file_under_root, make_parent, read_regular_file, reporting_write_errors
 from embedx.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -116,48 +114,17 @@ def data_root_of(attrs: dict[str, Any], where: str) -> Path | None:
 
 def image_under_root(root: Path | None, relpath: str) -> tuple[Path | None, str]:
     """``(resolved file, "")`` for a recorded path that leads to a regular file inside ``root``
-    (symlinks followed), else ``(None, why not)``: cache paths are untrusted."""
+    (symlinks followed), else ``(None, why not)``: cache paths are untrusted (``fsio.file_under_root``)."""
     if root is None:
         return None, "the cache records no data root (pass data_root / --data)"
-    if not relpath:
-        return None, "no path recorded"
-    try:
-        inside = root.resolve()
-        resolved = (inside / relpath).resolve()
-    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
-        return None, f"cannot resolve the path ({type(e).__name__})"
-    if resolved != inside and inside not in resolved.parents:
-        return None, "outside the data root: refused"
-    if not resolved.exists():
-        return None, "missing"
-    if not resolved.is_file():
-        return None, "not a regular file"
-    return resolved, ""
-
-
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of ``path``, opened without following a last-component symlink and without
-    blocking on a FIFO, refused unless it is a regular file of at most MAX_IMAGE_BYTES: the
-    file checked by ``image_under_root`` may have been swapped since (ImageDecodeError)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        descriptor = os.open(path, flags)
-    except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot open ({e.strerror or type(e).__name__})") from e
-    with os.fdopen(descriptor, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise ImageDecodeError(f"{path}: not a regular file")
-        if status.st_size > MAX_IMAGE_BYTES:
-            raise ImageDecodeError(f"{path}: {status.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} read")
-        return handle.read(MAX_IMAGE_BYTES + 1)
+    return file_under_root(root, relpath)
 
 
 def thumbnail_jpeg(path: Path, size: int = THUMB_SIZE) -> bytes:
     """A JPEG of ``path`` whose longest side is at most ``size`` (ImageDecodeError if it does not decode)."""
     from embedx.preprocess import decode
 
-    image = decode(_read_regular_file(path), min_size=size)
+    image = decode(read_regular_file(path, max_bytes=MAX_IMAGE_BYTES, error=ImageDecodeError), min_size=size)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)

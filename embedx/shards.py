@@ -31,9 +31,10 @@ def check_shard(shard: Sequence[int] | None) -> tuple[int, int] | None:
 
 def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> ``(I, N)``; ``ConfigError`` (one line) for anything else."""
-    parts = str(text).strip().split("/")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        raise ConfigError(f"shard must be I/N (e.g. 0/4: the first of 4 shards), got {text!r}")
+    parts = [part.strip() for part in str(text).strip().split("/")]
+    # ASCII digits only ('²'.isdigit() is true, int() refuses it) and few of them (int() refuses 4,300)
+    if len(parts) != 2 or not all(part.isascii() and part.isdigit() and len(part) <= 9 for part in parts):
+        raise ConfigError(f"shard must be I/N (e.g. 0/4: the first of 4 shards), got {text!r:.80}")
     return check_shard((int(parts[0]), int(parts[1])))
 
 

@@ -4,7 +4,9 @@ Three checks, each naming the rows that fail it:
 
 1. every row's features against its checksum (``row_crc32``), and for NaN/inf;
 2. a sample of rows: the image at the row's path (relative to the data root the cache
-   recorded) still hashes to the row's key (a missing file is reported, not a failure);
+   recorded) still hashes to the row's key (a missing file is reported, not a failure). The
+   paths come from the cache: one leading outside the data root, or to anything but a regular
+   file (a FIFO, a device), is listed as unreadable with the reason, and never read;
 3. the same sample re-embedded with the cache's own backbone ONNX (``onnx_path``, checked
    against ``onnx_sha256``) and preprocessing: cosine to the stored row at least
    ``tolerance``.
@@ -39,7 +41,6 @@ Library code: returns a ``VerifyReport``; the CLI prints it and exits 1 when it 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from embedx import untrusted
 from embedx.errors import CacheError
+from embedx.fsio import MISSING, file_under_root, read_regular_file, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ MIN_COSINE = MIN_COSINES["fp32"]
 MIN_COSINE_GPU_DECODE = 0.98
 #: Rows sampled by default for the image checks.
 SAMPLE = 32
+#: Largest image file read (a larger one is listed as unreadable): a path comes from the cache.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -118,27 +123,53 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
         return report
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))
     report.sampled = chosen.tolist()
-    extra = json.loads(data.attrs.get("extra") or "{}")
-    root = Path(data_root) if data_root is not None else Path(str(extra.get("data", "")))
+    root = Path(data_root) if data_root is not None else _recorded_root(data.attrs.get("extra"), path)
     images: dict[int, bytes] = {}
     for row in report.sampled:
         relpath = str(data.paths[row])
-        try:
-            content = (root / relpath).read_bytes()
-        except FileNotFoundError:
-            report.missing.append({"row": row, "path": relpath})
+        content = _read_image(report, row, root, relpath)
+        if content is None:
             continue
-        except OSError as e:
-            report.unreadable.append({"row": row, "path": relpath, "reason": f"cannot read: {e.strerror or e}"})
-            continue
-        from embedx.fsio import sha256_bytes
-
         if sha256_bytes(content) != data.keys[row]:
             report.changed.append({"row": row, "path": relpath})
         else:
             images[row] = content
     _reembed(report, data, images, device=device)
     return report
+
+
+def _recorded_root(extra_text: Any, path: Path) -> Path | None:
+    """The data root the cache recorded (``extra.data``), or None."""
+    try:
+        extra = untrusted.loads(extra_text or "{}", what=f"{path} attribute 'extra'", error=CacheError)
+    except CacheError as e:
+        logger.warning("%s; its images cannot be found", e)
+        return None
+    root = extra.get("data") if isinstance(extra, dict) else None
+    return Path(root) if isinstance(root, str) and root else None
+
+
+def _read_image(report: VerifyReport, row: int, root: Path | None, relpath: str) -> bytes | None:
+    """The bytes of ``row``'s image, or None with the row listed as missing or unreadable.
+
+    The path comes from the cache (untrusted): one that leads outside ``root``, to a FIFO or
+    a device, or to a file larger than ``MAX_IMAGE_BYTES`` is listed as unreadable, never read.
+    """
+    if root is None:
+        why = "the cache records no data root; pass data_root (--data)"
+        report.missing.append({"row": row, "path": relpath, "reason": why})
+        return None
+    file, why = file_under_root(root, relpath)
+    if why == MISSING:
+        report.missing.append({"row": row, "path": relpath})
+    elif file is None:
+        report.unreadable.append({"row": row, "path": relpath, "reason": f"not read: {why}"})
+    else:
+        try:
+            return read_regular_file(file, max_bytes=MAX_IMAGE_BYTES, error=CacheError)
+        except CacheError as e:
+            report.unreadable.append({"row": row, "path": relpath, "reason": f"not read: {e}"})
+    return None
 
 
 def _reembed(report: VerifyReport, data: Any, images: dict[int, bytes], *, device: str) -> None:
@@ -202,4 +233,5 @@ def _embed(onnx: Path, sha256: str, spec: Any, pixels: np.ndarray, *, device: st
     return np.concatenate(out).astype(np.float64)
 
 
-__all__ = ["MIN_COSINE", "MIN_COSINES", "MIN_COSINE_GPU_DECODE", "SAMPLE", "VerifyReport", "tolerance_for", "verify"]
+__all__ = ["MAX_IMAGE_BYTES", "MIN_COSINE", "MIN_COSINES", "MIN_COSINE_GPU_DECODE", "SAMPLE", "VerifyReport",
+           "tolerance_for", "verify"]

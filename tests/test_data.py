@@ -218,6 +218,18 @@ def test_bad_manifests(tmp_path, text, message):
         data.discover(manifest)
 
 
+@pytest.mark.parametrize("allow_outside", [False, True])
+@pytest.mark.parametrize(("text", "message"), [("a.jpg,cat\nx\0y.jpg,cat\n", "line 2: the path holds a NUL byte"),
+                                               ("a.jpg,c\0t\n", "line 1: the label holds a NUL byte")])
+def test_a_manifest_line_with_a_nul_byte_is_named(tmp_path, text, message, allow_outside):
+    """Was a ValueError traceback (embedded null byte) with allow_outside, else 'resolves outside'."""
+    touch(tmp_path / "a.jpg")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(DataError, match=message):
+        data.discover(tmp_path, manifest=manifest, allow_outside=allow_outside)
+
+
 # -- invalid DATA --------------------------------------------------------------------
 
 
@@ -347,7 +359,9 @@ def test_names_that_are_not_utf8_are_skipped(tmp_path):
     root = os.fsencode(tmp_path)
     os.makedirs(os.path.join(root, b"good"))
     os.makedirs(os.path.join(root, b"bad\xff"))
-    for folder, name in [(b"good", b"ok.jpg"), (b"good", b"x\xfe.jpg"), (b"bad\xff", b"a.jpg")]:
+    os.makedirs(os.path.join(root, b"good", b"sub\xfe"))  # its images' relpaths could not be stored either
+    for folder, name in [(b"good", b"ok.jpg"), (b"good", b"x\xfe.jpg"), (b"bad\xff", b"a.jpg"),
+                         (b"good/sub\xfe", b"b.jpg")]:
         with open(os.path.join(root, folder, name), "wb") as handle:
             handle.write(b"x")
     try:
@@ -359,7 +373,10 @@ def test_names_that_are_not_utf8_are_skipped(tmp_path):
     assert dict(dataset.skipped) == {
         "bad\\xff": "folder name is not valid UTF-8",
         "good/x\\xfe.jpg": "file name is not valid UTF-8",
+        "good/sub\\xfe": "folder name is not valid UTF-8; its contents are not used",
     }
+    found, skipped = data.list_images(tmp_path / "good")  # predict's walker: the same
+    assert found == [tmp_path / "good" / "ok.jpg"] and len(skipped) == 2
 
 
 # --------------------------------------------------------------------------- links to ancestors, manifests outside DATA

@@ -782,3 +782,17 @@ def test_a_full_disk_while_writing_the_cache_is_one_line_and_the_rerun_resumes(t
     done = subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["new"] == 0 and len(read_cache(out)) == 12
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs a file system that stores raw bytes")
+def test_a_sub_folder_whose_name_is_not_utf8_is_skipped_and_extract_finishes(tmp_path, backbone):
+    """Its images' relpaths cannot be stored as text: extract crashed at finalize
+    (UnicodeEncodeError), on every rerun."""
+    data = class_folders(tmp_path / "data", per_class=2)
+    sub = os.path.join(os.fsencode(data / "alpha"), b"\xff\xfe")
+    os.makedirs(sub)
+    write_image(Path(os.fsdecode(os.path.join(sub, b"x.jpg"))), "alpha", 9)
+    summary = run(data, backbone, tmp_path / "f.h5")
+    cache = read_cache(tmp_path / "f.h5")
+    assert summary.new == 4 and len(cache) == 4
+    assert dict(cache.errors) == {"alpha/\\xff\\xfe": "folder name is not valid UTF-8; its contents are not used"}

@@ -281,7 +281,7 @@ def test_predict_and_bundle_put_back_an_output_a_killed_swap_moved_aside(finetun
 
     data, _, result = finetuned
     out = tmp_path / "out"
-    aside = tmp_path / ".out.old.tmp-killed"
+    aside = tmp_path / ".out.tmp-aside-killed"
     aside.mkdir()
     shutil.copytree(result.output_dir, aside / "previous")  # what a kill between the two renames leaves
     image = str(sorted((data / "val" / "red").glob("*.png"))[0])

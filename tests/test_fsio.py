@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,68 @@ def test_atomic_artifacts_get_the_mode_a_plain_open_would_give(tmp_path):
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "weights.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "head").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.timeout(30)  # opening a FIFO for reading waits for a writer unless told not to
+def test_read_regular_file_reads_only_a_regular_file_of_bounded_size(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"12345")
+    assert fsio.read_regular_file(tmp_path / "ok.png", max_bytes=5, error=ValueError) == b"12345"
+    (tmp_path / "link.png").symlink_to(tmp_path / "ok.png")  # swapped in after file_under_root resolved it
+    os.mkfifo(tmp_path / "fifo.png")
+    for path, why in ((tmp_path / "ok.png", "more than the 4 read"), (tmp_path / "link.png", "cannot open"),
+                      (tmp_path / "fifo.png", "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (tmp_path, "not a regular file"), (tmp_path / "gone.png", "cannot open")):
+        with pytest.raises(ValueError, match=why):
+            fsio.read_regular_file(path, max_bytes=4, error=ValueError)
+
+
+def test_file_under_root_refuses_every_way_out(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    inside = root / "a" / "b.png"
+    inside.write_bytes(b"x")
+    (tmp_path / "secret").write_bytes(b"s")
+    (root / "out.png").symlink_to(tmp_path / "secret")
+    (root / "in.png").symlink_to(inside)
+    assert fsio.file_under_root(root, "a/../a/b.png") == (inside, "")
+    assert fsio.file_under_root(root, "../root/in.png") == (inside, "")  # back inside: fine
+    for relpath in ("../secret", str(tmp_path / "secret"), "out.png", "/dev/zero"):
+        assert fsio.file_under_root(root, relpath) == (None, "outside the data root: refused"), relpath
+    assert fsio.file_under_root(root, "a") == (None, "not a regular file")
+    assert fsio.file_under_root(root, "a/gone.png") == (None, fsio.MISSING)
+    assert fsio.file_under_root(root, "bad\0name.png")[1].startswith("cannot resolve the path")
+    assert fsio.file_under_root(root, "") == (None, "no path recorded")
+
+
+def test_cleaning_one_target_never_deletes_another_targets_temporary(tmp_path):
+    """The folder atomic_dir moved feats.h5 aside into was named `.feats.h5.old.tmp-*`: the
+    temporary name of a target feats.h5.old, whose writer lost its file to feats.h5's cleaning."""
+    others = [fsio.temporary_name(tmp_path / name) for name in ("feats.h5.old", "feats.h5.tmp-x", "feats.h5x")]
+    legacy_aside = tmp_path / ".feats.h5.old.tmp-killed"  # a pre-fix aside: also feats.h5.old's temporary
+    (legacy_aside / fsio.ASIDE_NAME).mkdir(parents=True)
+    own = [fsio.temporary_name(tmp_path / "feats.h5"), tmp_path / ".feats.h5.tmp-aside-killed"]
+    own[1].mkdir()
+    assert fsio.remove_stale_temporaries(tmp_path, "feats.h5") == 2
+    assert not any(path.exists() for path in own)
+    assert all(path.exists() for path in others) and (legacy_aside / fsio.ASIDE_NAME).is_dir()
+    assert fsio.moved_aside(tmp_path / "feats.h5") is None  # the legacy name is feats.h5.old's: not taken
+
+
+def test_the_aside_folder_is_a_temporary_of_its_own_target_only(tmp_path):
+    target = tmp_path / "h"
+    (target / "old").mkdir(parents=True)
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):  # look at the aside folder between the two renames
+        if Path(dst).name == fsio.ASIDE_NAME:
+            seen.append(Path(dst).parent.name)
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fsio.os, "replace", spy)
+        with fsio.atomic_dir(target) as work:
+            (work / "new").mkdir()
+    assert len(seen) == 1 and fsio.is_temporary_of(seen[0], "h")
+    assert not fsio.is_temporary_of(seen[0], "h.old") and not fsio.is_temporary_of(seen[0], "h.tmp-aside")
+    assert (target / "new").is_dir() and _leftovers(tmp_path) == []

@@ -663,7 +663,7 @@ def test_stale_temporaries_of_a_killed_save_are_cleaned_and_a_moved_head_restore
     fitted["knn"].save(out)
     assert not stale.exists() and load_head(out).head_type == "knn"
     # killed after moving the old head aside, before the new one was renamed in
-    aside = tmp_path / ".h.old.tmp-killed"
+    aside = tmp_path / ".h.tmp-aside-killed"
     aside.mkdir()
     out.rename(aside / "previous")
     assert restore_moved_aside(out)

@@ -75,12 +75,12 @@ def test_a_head_moved_aside_by_a_killed_swap_is_restored_by_load_head(heads, tmp
     """, str(out), "2", str(tmp_path / "knn"))
     child.communicate(timeout=120)
     assert child.returncode == -9
-    assert not out.exists() and list(tmp_path.glob(".h.old.tmp-*/previous"))  # the state the kill left
+    assert not out.exists() and list(tmp_path.glob(".h.tmp-aside-*/previous"))  # the state the kill left
     with caplog.at_level("WARNING"):
         head = load_head(out)
     assert head.head_type == "logreg"  # the old head, whole
     assert "restored" in caplog.text and str(out) in caplog.text
-    assert out.is_dir() and not list(tmp_path.glob(".h.old.tmp-*/previous"))
+    assert out.is_dir() and not list(tmp_path.glob(".h.tmp-aside-*/previous"))
     heads["knn"].save(out)  # the next writer cleans the empty aside folder and the killed run's temporary
     assert load_head(out).head_type == "knn"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -91,7 +91,7 @@ def test_a_reader_of_a_read_only_folder_reads_the_moved_aside_head_where_it_lies
 
     out = tmp_path / "h"
     heads["logreg"].save(out)
-    aside = tmp_path / ".h.old.tmp-killed"
+    aside = tmp_path / ".h.tmp-aside-killed"
     aside.mkdir()
     out.rename(aside / "previous")
 

@@ -171,7 +171,7 @@ def test_shard_is_part_of_the_identity(made, tmp_path, backbone):  # noqa: F811
     assert read_cache(part).meta.shard == (0, 3)
 
 
-@pytest.mark.parametrize("value", ["3/3", "-1/2", "1/0", "a/b", "1", "0/2/3", ""])
+@pytest.mark.parametrize("value", ["3/3", "-1/2", "1/0", "a/b", "1", "0/2/3", "", "\u00b2/4", "1/" + "1" * 5000])
 def test_bad_shard_values_are_one_line_errors(value, tmp_path, backbone):  # noqa: F811
     result = cli_run("extract", "--backbone", backbone, tmp_path, "--shard", value, "-o", tmp_path / "x.h5")
     assert result.exit_code == 2

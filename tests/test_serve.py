@@ -427,6 +427,30 @@ def test_not_ready_before_warm_up_then_ready(bundles):
     in_process(create_app(bundles["float"], device="cpu"), scenario)
 
 
+def test_more_images_than_the_queue_holds_is_413_for_multipart_as_for_json(bundles):
+    """Multipart got 503 'queue full, retry shortly' with Retry-After: a retry that can never succeed."""
+    from embedx.serve import create_app
+
+    async def scenario(client, start):
+        await start()
+        await _wait_ready(client)
+        encoded = base64.b64encode(image_bytes(1)).decode()
+        for request in ({"json": {"images": [encoded] * 3}},
+                        {"files": [("file", (f"{i}.png", image_bytes(1), "image/png")) for i in range(3)]}):
+            refused = await client.post("/v1/predict", **request)
+            assert refused.status_code == 413 and "retry-after" not in refused.headers, refused.text
+            assert refused.json()["error"] == "too many images" and "at most 2" in refused.json()["detail"]
+        files = [("file", (f"{i}.png", image_bytes(1), "image/png")) for i in range(2)]
+        assert (await client.post("/v1/predict", files=files)).status_code == 200
+        for declared, status in ((b"1" * 5000, 413), (b"\xb2", 200)):  # int() refuses both; isdigit() did not
+            response = await client.post("/v1/predict", content=image_bytes(1),
+                                         headers={**PNG, "content-length": declared})
+            assert response.status_code == status, (declared[:9], response.text)
+        return True
+
+    assert in_process(create_app(bundles["float"], device="cpu", max_queue=2, max_batch=2, batch_cap=2), scenario)
+
+
 class FlakyModel:
     """The real model, but inference raises while ``fail`` is set."""
 

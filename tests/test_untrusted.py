@@ -198,6 +198,7 @@ BUNDLE_VARIANTS = {
     "preprocess nested deep": ({"preprocess": DEEP}, "nested 100000 levels deep"),
     "input_format unknown": ({"input_format": "float_nhwc"}, "embedx.input_format is 'float_nhwc'"),
     "feature_dim 'abc'": ({"feature_dim": "abc"}, "embedx.feature_dim must be a positive integer"),
+    "feature_dim 5,000 digits": ({"feature_dim": "1" * 5000}, "embedx.feature_dim must be a positive integer"),
     "temperature nan": ({"temperature": "nan"}, "embedx.temperature must be a finite positive number"),
     "head nested deep": ({"head": DEEP}, "embedx.head is nested 100000 levels deep"),
 }

@@ -129,3 +129,36 @@ def test_an_int8_cache_is_re_embedded_at_its_measured_tolerance(made):
     assert report.checksum_rows == [] and report.low_cosine_rows == [5] and report.bad_rows == [5]
     assert tolerance_for("fp16") == 0.999 and tolerance_for("int8", "gpu") == 0.95
     assert tolerance_for("fp32", "gpu") == 0.98
+
+
+@pytest.mark.timeout(30)  # a FIFO used to block verify forever
+def test_paths_a_crafted_cache_records_outside_its_data_root_or_to_no_regular_file_are_never_read(tmp_path):
+    """Cache paths are untrusted: a path leading out of the data root (``..``, absolute, a symlink)
+    was read and hashed (a matching key made the report say ok), a FIFO blocked verify forever."""
+    import hashlib
+    import os
+
+    from tests.test_heads import write_cache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"outside the data root")
+    (data / "link.png").symlink_to(secret)
+    os.mkfifo(data / "pipe.png")
+    (data / "dir.png").mkdir()
+    paths = ["../secret.txt", str(secret), "link.png", "pipe.png", "/dev/zero", "dir.png", "gone.png"]
+    out = write_cache(tmp_path / "c.h5", np.ones((len(paths), 4), np.float32), np.zeros(len(paths), int),
+                      ["train"] * len(paths), ["a"], paths=paths, attrs={"data": str(data)})
+    with h5py.File(out, "r+") as handle:  # keys that match the secret: reading it would "confirm" the rows
+        handle["keys"][...] = np.array([hashlib.sha256(secret.read_bytes()).hexdigest()] * len(paths), dtype="S64")
+    report = verify(out, sample=len(paths))
+    reasons = {entry["path"]: entry["reason"] for entry in report.unreadable}
+    assert report.missing == [{"row": 6, "path": "gone.png"}] and report.changed == []
+    for path in (*paths[:3], "/dev/zero"):
+        assert "outside the data root" in reasons[path], (path, reasons)
+    assert "not a regular file" in reasons["pipe.png"] and "not a regular file" in reasons["dir.png"]
+    assert report.bad_rows == list(range(6)) and not report.ok
+
+    result = cli_run("verify", out, "--sample", 7, "--data", data)  # FIFO inside the root, named by --data
+    assert result.exit_code == 1 and "unreadable: row 3 pipe.png (not read: not a regular file)" in result.stdout

@@ -343,8 +343,11 @@ class _Server:
             413, "body too large", f"the request body exceeds the limit of {limit} bytes "
             f"({self.config.max_body_mb:g} MB); send a smaller image", reason="too_large",
         )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        declared = request.headers.get("content-length", "").strip()
+        # ASCII digits only ('\xb2' is a digit to isdigit(), not to int()); a number longer than the
+        # limit is larger than it, and int() refuses more than 4,300 digits
+        digits = declared.lstrip("0") if declared.isascii() and declared.isdigit() else ""
+        if len(digits) > len(str(limit)) or (digits and int(digits) > limit):
             raise too_large
         chunks, size = [], 0
         try:
@@ -397,6 +400,7 @@ class _Server:
                     400, "no image", "the multipart body has no file; upload the image as field 'file'",
                     reason="bad_request",
                 )
+            self._check_count(len(uploads))
             return [await upload.read() for upload in uploads]
         finally:
             await form.close()
@@ -415,12 +419,7 @@ class _Server:
             raise HttpError(400, "bad json", f"no 'image' or 'images' key; {usage}", reason="bad_request")
         if not encoded:
             raise HttpError(400, "no image", f"'images' is empty; {usage}", reason="bad_request")
-        if len(encoded) > self.config.max_queue:
-            raise HttpError(
-                413, "too many images",
-                f"{len(encoded)} images in one request; the server queues at most {self.config.max_queue}",
-                reason="too_large",
-            )
+        self._check_count(len(encoded))
         images = []
         for index, text in enumerate(encoded):
             where = f"images[{index}]" if batched else "image"
@@ -433,6 +432,14 @@ class _Server:
             except (binascii.Error, ValueError) as e:
                 raise HttpError(400, "bad base64", f"{where} is not valid base64: {e}", reason="bad_image") from e
         return images, batched
+
+    def _check_count(self, count: int) -> None:
+        """More images than the queue holds can never be accepted: 413, not a 503 to retry forever."""
+        if count > self.config.max_queue:
+            raise HttpError(
+                413, "too many images", f"{count} images in one request; the server queues at most "
+                f"{self.config.max_queue}: send at most that many per request", reason="too_large",
+            )
 
     async def _decode(self, images: list[bytes], batched: bool, deadline: float) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
