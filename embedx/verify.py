@@ -39,7 +39,6 @@ Library code: returns a ``VerifyReport``; the CLI prints it and exits 1 when it 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,8 +117,7 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
         return report
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))
     report.sampled = chosen.tolist()
-    extra = json.loads(data.attrs.get("extra") or "{}")
-    root = Path(data_root) if data_root is not None else Path(str(extra.get("data", "")))
+    root = Path(data_root) if data_root is not None else Path(str(data.extra.get("data", "")))
     images: dict[int, bytes] = {}
     for row in report.sampled:
         relpath = str(data.paths[row])
