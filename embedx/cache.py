@@ -24,6 +24,7 @@ import contextlib
 import errno as errno_codes
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from embedx import __version__
+from embedx import __version__, untrusted
 from embedx.errors import CacheError, CacheLockedError, CacheMismatchError
 from embedx.fsio import (
     atomic_path,
@@ -85,6 +86,10 @@ def _vlen_str():
     if _STR is None:
         _STR = _h5py().string_dtype("utf-8")
     return _STR
+
+
+#: The fields of ``CacheMeta`` that are text (a file saying otherwise is refused when read).
+_TEXT_FIELDS = ("backbone", "weights_tag", "weights_arg", "onnx_path", "onnx_sha256", "feature_layer")
 
 
 @dataclass(frozen=True)
@@ -171,10 +176,16 @@ class CacheMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheMeta:
+        if not isinstance(data, dict):
+            raise CacheError(f"cache metadata must be a JSON object, got {type(data).__name__}; "
+                             "rebuild it with `embedx extract --overwrite`")
         names = {f.name for f in fields(cls)}
         missing = names - set(data) - {"dtype", "precision", "decode", "shard"}
         if missing:
             raise CacheError(f"cache metadata lacks {sorted(missing)}; rebuild it with `embedx extract --overwrite`")
+        wrong = [name for name in _TEXT_FIELDS if not isinstance(data[name], str)]
+        if wrong:
+            raise CacheError(f"cache metadata {wrong} must be text; rebuild it with `embedx extract --overwrite`")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def differences(self, other: CacheMeta) -> list[str]:
@@ -202,6 +213,7 @@ class CacheData:
     attrs: dict[str, Any] = field(default_factory=dict)
     error_keys: list[str] = field(default_factory=list)  # the key of each error row ("" for a file never read)
     stats: np.ndarray | None = None  # int64, N x 2: (size, mtime_ns) per row; None in caches without them
+    extra: dict[str, Any] = field(default_factory=dict)  # the ``extra`` attribute, parsed (what finalize got)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -264,7 +276,7 @@ def write_error(path: Path, error: BaseException) -> CacheWriteError:
 
 def _attr(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode("utf-8", "replace")
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -273,13 +285,18 @@ def _attr(value: Any) -> Any:
 def _strings(dataset) -> np.ndarray:
     if len(dataset) == 0:
         return np.array([], dtype=str)
-    if dataset.dtype.kind == "S":
-        return dataset[()].astype(str)
-    return np.asarray(dataset.asstr()[()], dtype=str)
+    try:
+        if dataset.dtype.kind == "S":
+            return dataset[()].astype(str)
+        return np.asarray(dataset.asstr()[()], dtype=str)
+    except UnicodeError as e:
+        raise _layout_error(Path(dataset.file.filename), f"dataset '{dataset.name.lstrip('/')}' holds text that "
+                            f"is not {'ASCII' if dataset.dtype.kind == 'S' else 'UTF-8'}") from e
 
 
 def _open_checked(path: Path, *, allow_incomplete: bool = False):
-    """Open a cache for reading and check it is an embedx cache of this schema."""
+    """Open a cache for reading and check it is an embedx cache of this schema, laid out as
+    ``extract`` writes it (``_check_layout``): anything else is one ``CacheError``."""
     h5py = _h5py()
     if not path.exists():
         hint = ""
@@ -293,11 +310,16 @@ def _open_checked(path: Path, *, allow_incomplete: bool = False):
         raise CacheError(f"{path} is not a readable HDF5 file ({e}); "
                          "rebuild it with `embedx extract --overwrite`") from e
     try:
-        attrs = {k: _attr(v) for k, v in handle.attrs.items()}
+        try:
+            attrs = {k: _attr(v) for k, v in handle.attrs.items()}
+        except (OSError, TypeError, ValueError) as e:  # an attribute of a type h5py cannot read
+            raise _layout_error(path, f"its attributes cannot be read ({' '.join(str(e).split())[:200]})") from e
         if "schema_version" not in attrs or attrs.get("format") != "embedx-features":
             raise CacheError(f"{path} is an HDF5 file but not an embedx feature cache; "
                              "point to a file made by `embedx extract`")
-        version = int(attrs["schema_version"])
+        version = attrs["schema_version"]
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _layout_error(path, f"its schema_version {version!r} is not an integer")
         if version > SCHEMA_VERSION:
             raise CacheError(
                 f"{path} has cache schema {version}, newer than this embedx ({__version__}) reads "
@@ -308,20 +330,176 @@ def _open_checked(path: Path, *, allow_incomplete: bool = False):
                 f"{path} has the old cache schema {version} (this embedx reads {SCHEMA_VERSION}); "
                 "rebuild it with `embedx extract --overwrite`"
             )
+        if not isinstance(attrs.get("complete", False), (bool, int)):
+            raise _layout_error(path, f"its complete attribute {attrs['complete']!r} is not true or false")
         if not attrs.get("complete") and not allow_incomplete:
             raise CacheError(f"{path} is incomplete; rerun the `embedx extract` command that made it to finish it")
+        _check_layout(path, handle, attrs)
     except BaseException:
         handle.close()
         raise
     return handle, attrs
 
 
+def _layout_error(path: Path, problem: str) -> CacheError:
+    return CacheError(f"{path} is damaged or was not written by embedx: {problem}; "
+                      "rebuild it with `embedx extract --overwrite`")
+
+
+def _check_layout(path: Path, handle, attrs: dict[str, Any]) -> None:
+    """Refuse a file whose layout ``extract`` would not have written, before anything is read:
+    metadata and ``extra`` JSON objects; every dataset present, of its kind (text, integer, float)
+    and rank; one entry per row in every per-row dataset; error and view columns of one length;
+    no dataset declaring more than the file stores (``_check_stored``).  Shapes, types and storage
+    sizes only: no data is read, so every reader can afford it on every open.  Datasets that
+    newer versions added (``row_crc32``, ``sizes``/``mtimes``, ``errors/keys``, ``views``) may
+    be absent, as in the caches written before them."""
+    meta = _meta_from_attrs(path, attrs)
+    _extra_of(path, attrs)
+    features = _dataset(path, handle, "features", "float", 2)
+    rows, dim = features.shape
+    if dim != meta.feature_dim:
+        raise _layout_error(path, f"its features are {dim}-d but its metadata says {meta.feature_dim}-d")
+    _dataset(path, handle, "classes", "text", 1)
+    columns = [_dataset(path, handle, name, "text", 1) for name in ("keys", "paths", "splits")]
+    columns.append(_dataset(path, handle, "labels", "integer", 1))
+    columns += [_dataset(path, handle, name, "integer", 1, required=False) for name in (CHECKSUMS, "sizes", "mtimes")]
+    _same_length(path, [("features", rows)] + [(c.name, len(c)) for c in columns if c is not None])
+    errors = _group(path, handle, "errors")
+    if errors is not None:
+        columns = [_dataset(path, errors, "paths", "text", 1), _dataset(path, errors, "reasons", "text", 1),
+                   _dataset(path, errors, "keys", "text", 1, required=False)]
+        _same_length(path, [(c.name, len(c)) for c in columns if c is not None])
+    views = _group(path, handle, VIEWS)
+    if views is not None:
+        view_features = _dataset(path, views, "features", "float", 2)
+        if view_features.shape[1] != dim:
+            raise _layout_error(path, f"its view features are {view_features.shape[1]}-d, its features {dim}-d")
+        columns = [_dataset(path, views, "source", "integer", 1), _dataset(path, views, "names", "text", 1),
+                   _dataset(path, views, "keys", "text", 1),
+                   _dataset(path, views, CHECKSUMS, "integer", 1, required=False)]
+        _same_length(path, [(view_features.name, len(view_features))]
+                     + [(c.name, len(c)) for c in columns if c is not None])
+        _json_object(path, _attr(views.attrs.get("plan")), f"the attribute 'plan' of '{VIEWS}'")
+
+
+def _same_length(path: Path, columns: list[tuple[str, int]]) -> None:
+    first, rows = columns[0]
+    for name, length in columns[1:]:
+        if length != rows:
+            raise _layout_error(path, f"dataset '{name.lstrip('/')}' has {length} rows, "
+                                      f"'{first.lstrip('/')}' {rows}")
+
+
+def _member(path: Path, group, name: str):
+    """``group[name]`` when it is there as a plain member (a hard link), None when it is absent;
+    links to other places or files are refused (a cache is one self-contained file)."""
+    where = f"{group.name.rstrip('/')}/{name}".lstrip("/")
+    link = group.get(name, getlink=True)
+    if link is None:
+        return None, where
+    if not isinstance(link, _h5py().HardLink):
+        raise _layout_error(path, f"'{where}' is a {type(link).__name__} to elsewhere, not a member of the file")
+    return group[name], where
+
+
+def _group(path: Path, group, name: str):
+    member, where = _member(path, group, name)
+    if member is not None and not isinstance(member, _h5py().Group):
+        raise _layout_error(path, f"'{where}' is a dataset, not a group")
+    return member
+
+
+_KINDS = {"i": "integer", "u": "integer", "f": "float"}
+
+
+def _dataset(path: Path, group, name: str, kind: str, ndim: int, *, required: bool = True):
+    """``group[name]``, checked to be a dataset of ``kind`` ("text", "integer" or "float") and of
+    rank ``ndim`` that the file stores whole; None when it is absent and not ``required``."""
+    h5py = _h5py()
+    dataset, where = _member(path, group, name)
+    if dataset is None:
+        if required:
+            raise _layout_error(path, f"it has no dataset '{where}'")
+        return None
+    if not isinstance(dataset, h5py.Dataset):
+        raise _layout_error(path, f"'{where}' is a group, not a dataset")
+    found = "text" if h5py.check_string_dtype(dataset.dtype) is not None else _KINDS.get(dataset.dtype.kind)
+    if found != kind:
+        raise _layout_error(path, f"dataset '{where}' holds {found or dataset.dtype}, not {kind}")
+    if dataset.ndim != ndim:
+        raise _layout_error(path, f"dataset '{where}' has shape {dataset.shape}, not {ndim}-D")
+    _check_stored(path, dataset, where)
+    return dataset
+
+
+def _check_stored(path: Path, dataset, where: str) -> None:
+    """Refuse a dataset that declares more elements than the file holds: HDF5 reads unwritten
+    elements as a fill value, so a file of a few KB can declare 10^10 labels, and reading them
+    would ask for 75 GiB.  Without a filter (what embedx writes) the allocated storage must cover
+    every declared element; with one (compression) every chunk must be stored, which bounds the
+    data by the file size times the filter's ratio.  External raw-data files and virtual
+    datasets (data in other files) are refused."""
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == _h5py().h5d.VIRTUAL or plist.get_external_count():
+        raise _layout_error(path, f"dataset '{where}' keeps its data in other files")
+    if not dataset.size:
+        return
+    declared = dataset.size * dataset.id.get_type().get_size()
+    if not plist.get_nfilters():
+        stored = dataset.id.get_storage_size()
+        if stored < declared:
+            raise _layout_error(path, f"dataset '{where}' declares shape {dataset.shape} ({declared:,} bytes) "
+                                      f"but the file stores {stored:,} bytes of it")
+        return
+    needed = math.prod(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks, strict=True))
+    stored_chunks = dataset.id.get_num_chunks()
+    if stored_chunks < needed:
+        raise _layout_error(path, f"dataset '{where}' declares shape {dataset.shape} but the file stores "
+                                  f"{stored_chunks:,} of its {needed:,} chunks")
+
+
+def _json_object(path: Path, text: Any, what: str) -> dict[str, Any]:
+    """The JSON object in attribute text ``text`` (embedx.untrusted's limits), else a ``CacheError``."""
+    if not isinstance(text, str):
+        raise _layout_error(path, f"{what} is {type(text).__name__}, not JSON text")
+    value = untrusted.loads(text, what=f"{path}: {what}", error=CacheError,
+                            hint="rebuild it with `embedx extract --overwrite`")
+    if not isinstance(value, dict):
+        raise _layout_error(path, f"{what} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _meta_from_attrs(path: Path, attrs: dict[str, Any]) -> CacheMeta:
+    if "meta" not in attrs:
+        raise _layout_error(path, "it has no attribute 'meta'")
+    data = _json_object(path, attrs["meta"], "the attribute 'meta'")
     try:
-        return CacheMeta.from_dict(json.loads(attrs["meta"]))
-    except (KeyError, ValueError) as e:
-        raise CacheError(f"{path}: cache metadata is missing or unreadable ({e}); "
-                         "rebuild it with `embedx extract --overwrite`") from e
+        return CacheMeta.from_dict(data)
+    except CacheError as e:
+        raise CacheError(f"{path}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:  # a field of the wrong type ("feature_dim": "abc")
+        raise _layout_error(path, f"its metadata is unreadable ({' '.join(str(e).split())[:200]})") from e
+
+
+def _extra_of(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """What the writer stored in the ``extra`` attribute (a JSON object; {} when there is none)."""
+    text = attrs.get("extra")
+    return _json_object(path, text, "the attribute 'extra'") if text is not None else {}
+
+
+def _labels_and_classes(path: Path, handle) -> tuple[np.ndarray, list[str]]:
+    """The labels (int64) and class names of an open cache, each label an index into the classes."""
+    classes = [str(c) for c in _strings(handle["classes"])]
+    if len(set(classes)) != len(classes):
+        raise _layout_error(path, "its class names are not unique")
+    labels = handle["labels"][()]
+    outside = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(outside):
+        raise _layout_error(path, f"{len(outside)} rows have labels outside its {len(classes)} classes "
+                                  f"(rows {row_ranges(outside)}; label {labels[outside[0]]})")
+    return labels.astype(np.int64), classes
 
 
 def _read_errors(handle) -> list[tuple[str, str, str]]:
@@ -353,8 +531,8 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
         else:
             wanted = (splits,) if isinstance(splits, str) else tuple(splits)
             selected = np.flatnonzero(np.isin(row_splits, wanted))
+        labels, classes = _labels_and_classes(path, handle)
         features = _read_features(handle, selected, path) if load_features else None
-        labels = handle["labels"][()].astype(np.int64)
         paths, keys = _strings(handle["paths"]), _strings(handle["keys"])
         stats = None
         if "sizes" in handle and "mtimes" in handle:
@@ -366,7 +544,7 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
         return CacheData(
             features=features,
             labels=labels,
-            classes=[str(c) for c in _strings(handle["classes"])],
+            classes=classes,
             splits=row_splits,
             paths=paths,
             keys=keys,
@@ -377,6 +555,7 @@ def read_cache(path: str | Path, *, splits: Sequence[str] | str | None = None,
             attrs=attrs,
             error_keys=[k for _, _, k in errors],
             stats=stats,
+            extra=_extra_of(path, attrs),
         )
 
 
@@ -424,6 +603,10 @@ def read_views(path: str | Path, *, sources: np.ndarray | None = None, kind: str
                             np.array([], dtype=np.int64), empty, empty, {})
         group = handle[VIEWS]
         source = group["source"][()].astype(np.int64)
+        outside = np.flatnonzero((source < 0) | (source >= handle["features"].shape[0]))
+        if len(outside):
+            raise _layout_error(path, f"{len(outside)} views point at rows it does not have "
+                                      f"(view rows {row_ranges(outside)})")
         names = _strings(group["names"])
         keep = np.ones(len(source), dtype=bool)
         if sources is not None:
@@ -434,6 +617,10 @@ def read_views(path: str | Path, *, sources: np.ndarray | None = None, kind: str
         features = _read_features(group, selected, path) if load_features else None
         return ViewData(features=features, source=source[selected], names=names[selected],
                         keys=_strings(group["keys"])[selected], plan=json.loads(_attr(group.attrs["plan"])))
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _views_info(group) -> dict[str, Any]:
@@ -555,8 +742,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     handle, attrs = _open_checked(path, allow_incomplete=True)
     with handle:
         meta = _meta_from_attrs(path, attrs)
-        classes = [str(c) for c in _strings(handle["classes"])]
-        labels = handle["labels"][()]
+        labels, classes = _labels_and_classes(path, handle)
         row_splits = _strings(handle["splits"])
         per_split: dict[str, dict[str, int]] = {}
         for split in sorted(set(row_splits.tolist())):
@@ -582,17 +768,17 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "onnx_sha256": meta.onnx_sha256,
             "preprocess": meta.preprocess,
             "schema_version": attrs.get("schema_version"),
-            "embedx_version": attrs.get("embedx_version"),
-            "created": attrs.get("created"),
+            "embedx_version": _text_or_none(attrs.get("embedx_version")),
+            "created": _text_or_none(attrs.get("created")),
             "errors": len(errors),
             "error_list": errors,
             "file_size": path.stat().st_size,
         }
         if VIEWS in handle:
             info["views"] = _views_info(handle[VIEWS])
-        extra = attrs.get("extra")
+        extra = _extra_of(path, attrs)
         if extra:
-            info["extra"] = json.loads(extra)
+            info["extra"] = extra
     if journal_dir(path).is_dir():
         info["journal"] = {"path": str(journal_dir(path)),
                            **{k: v for k, v in _scan_journal(journal_dir(path)).items() if k != "meta"}}
@@ -642,14 +828,36 @@ def _load_shard(path: Path, feature_dim: int | None, *, with_features: bool = Fa
     return data
 
 
-def _final_size(rows: int, row_bytes: int, chunk_rows: int, paths, splits, classes, errors) -> int:
-    """A bound on the size of a finished cache, in bytes: features in whole chunks, 4 + 8 + 64 + 16
-    bytes of checksum, label, key, size and mtime per row, 48 bytes plus the text per string (a
-    vlen string's reference and heap object take 32-40), then 10% and 4 MiB more."""
-    strings = [*paths, *splits, *classes, *(text for error in errors for text in error[:2])]
-    features = -(-rows // chunk_rows) * chunk_rows * row_bytes
-    fixed = features + rows * (4 + 8 + 64 + 16) + len(errors) * 64
-    return int(1.1 * (fixed + sum(48 + len(str(text).encode("utf-8")) for text in strings))) + (4 << 20)
+def _data_size(rows: int, row_bytes: int, chunk_rows: int, paths, splits, classes, errors, *,
+               view_rows: int = 0, view_names: Sequence[str] = ()) -> int:
+    """A bound on what a finished cache stores, in bytes: features in whole chunks (rows and views
+    chunked apart) with 64 bytes of chunk index each (47-52 measured), 4 + 8 + 64 + 16 bytes of
+    checksum, label, key, size and mtime per row (view rows: checksum, source and key), 64 per
+    error key, 48 bytes plus the text per string (a vlen string's reference and heap object take
+    32-40).  HDF5's fixed structures (superblock, object headers, heap collections) are not in
+    it: ``_final_size`` adds room for them."""
+    strings = [*paths, *splits, *classes, *(text for error in errors for text in error[:2]), *view_names]
+    chunks = -(-rows // chunk_rows) + -(-view_rows // chunk_rows)
+    fixed = (chunks * (chunk_rows * row_bytes + 64) + rows * (4 + 8 + 64 + 16) + view_rows * (4 + 8 + 64)
+             + len(errors) * 64)
+    return fixed + sum(48 + len(str(text).encode("utf-8")) for text in strings)
+
+
+#: Room for HDF5's own structures on top of ``_data_size``: 10% + 64 KiB, at most 4 MiB.  What they
+#: take does not grow with the rows (the per-row overheads are in ``_data_size``): a cache of no
+#: rows is 13.5 KB, and no cache measured took more than its data size + 17 KB
+#: (``tests/test_cache.py``).  A flat 4 MiB refused an 18 KB cache on a disk with 3 MiB free.
+SLACK_FIXED = 64 << 10
+SLACK_MAX = 4 << 20
+
+
+def _final_size(rows: int, row_bytes: int, chunk_rows: int, paths, splits, classes, errors, *,
+                view_rows: int = 0, view_names: Sequence[str] = ()) -> int:
+    """A bound on the size of a finished cache, in bytes (what ``_reserve`` allocates): its data
+    (``_data_size``) and room for HDF5's structures, 10% + 64 KiB of it, at most 4 MiB."""
+    data = _data_size(rows, row_bytes, chunk_rows, paths, splits, classes, errors, view_rows=view_rows,
+                      view_names=view_names)
+    return data + min(SLACK_MAX, data // 10 + SLACK_FIXED)
 
 
 def _reserve(path: Path, size: int) -> None:
@@ -772,10 +980,7 @@ class CacheWriter:
                     for path, size, mtime, key in zip(_strings(handle["paths"]).tolist(), sizes, mtimes,
                                                       keys.tolist(), strict=True)
                 }
-            try:
-                self.base_extra = json.loads(attrs.get("extra") or "{}")
-            except ValueError:
-                self.base_extra = {}
+            self.base_extra = _extra_of(self.path, attrs)
             for _path, reason, key in _read_errors(handle):
                 if key:
                     self._known_errors[key] = reason
@@ -1015,8 +1220,9 @@ class CacheWriter:
         try:
             # no chunk cache: a failed write of features fails at once and leaves nothing to flush
             out = h5py.File(temp, "w", rdcc_nbytes=0)
-            _reserve(temp, _final_size(rows + view_rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes,
-                                       errors) + view_rows * 96)
+            view_names = [str(n) for n in views["names"]] if views else []
+            _reserve(temp, _final_size(rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes, errors,
+                                       view_rows=view_rows, view_names=view_names))
             out.attrs["format"] = "embedx-features"
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["complete"] = False

@@ -71,12 +71,8 @@ class _Part:
 def _read_part(path: Path) -> _Part:
     from embedx.cache import read_cache
 
-    cache = read_cache(path, load_features=False)
-    try:
-        extra = json.loads(cache.attrs.get("extra") or "{}")
-    except ValueError:
-        extra = {}
-    return _Part(path=path, cache=cache, shard=cache.meta.shard or (0, 1), extra=extra)
+    cache = read_cache(path, load_features=False)  # its extra is a JSON object (checked when read)
+    return _Part(path=path, cache=cache, shard=cache.meta.shard or (0, 1), extra=cache.extra)
 
 
 def _check_same_extraction(parts: Sequence[_Part]) -> None:
@@ -168,12 +164,21 @@ def _merged_rows(parts: Sequence[_Part]) -> tuple[list[tuple[int, int]], int, li
 def _merged_errors(parts: Sequence[_Part]) -> list[tuple[str, str, str]]:
     """Every error row of the parts once, in a single run's order when every part recorded it."""
     entries: dict[tuple[str, str, str], int] = {}
-    ordered = all(len(part.extra.get("error_order") or []) == len(part.cache.errors) for part in parts)
+    ordered = all(len(_error_order(part)) == len(part.cache.errors) for part in parts)
     for part in parts:
-        order = part.extra.get("error_order") or []
+        order = _error_order(part)
         for position, ((path, reason), key) in enumerate(zip(part.cache.errors, part.cache.error_keys, strict=True)):
             entries.setdefault((path, reason, key), order[position] if ordered else len(entries))
     return sorted(entries, key=entries.__getitem__)
+
+
+def _error_order(part: _Part) -> list[int]:
+    """Where a part's errors stand in a single run's order (``extra["error_order"]``); [] when it
+    recorded none, or something other than a list of integers."""
+    order = part.extra.get("error_order")
+    if not isinstance(order, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in order):
+        return []
+    return order
 
 
 def _check_same_views(parts: Sequence[_Part]) -> list[Any]:

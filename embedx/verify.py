@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 
-from embedx import untrusted
 from embedx.errors import CacheError
 from embedx.fsio import MISSING, file_under_root, read_regular_file, sha256_bytes
 
@@ -123,7 +122,7 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
         return report
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))
     report.sampled = chosen.tolist()
-    root = Path(data_root) if data_root is not None else _recorded_root(data.attrs.get("extra"), path)
+    root = Path(data_root) if data_root is not None else _recorded_root(data.extra)
     images: dict[int, bytes] = {}
     for row in report.sampled:
         relpath = str(data.paths[row])
@@ -138,14 +137,9 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
     return report
 
 
-def _recorded_root(extra_text: Any, path: Path) -> Path | None:
-    """The data root the cache recorded (``extra.data``), or None."""
-    try:
-        extra = untrusted.loads(extra_text or "{}", what=f"{path} attribute 'extra'", error=CacheError)
-    except CacheError as e:
-        logger.warning("%s; its images cannot be found", e)
-        return None
-    root = extra.get("data") if isinstance(extra, dict) else None
+def _recorded_root(extra: dict[str, Any]) -> Path | None:
+    """The data root the cache recorded (``extra.data``; the reader checked ``extra`` is an object), or None."""
+    root = extra.get("data")
     return Path(root) if isinstance(root, str) and root else None
 
 

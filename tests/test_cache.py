@@ -595,20 +595,57 @@ def test_a_real_write_failure_in_hdf5_is_an_error_not_a_segfault(tmp_path, limit
     assert len(read_cache(path)) == 4000
 
 
-@pytest.mark.parametrize(("rows", "dim", "name_length", "dtype"),
-                         [(20000, 2, 300, "float16"), (20000, 1, 1, "float16"), (3000, 700, 40, "float32")])
-def test_the_disk_reserved_for_a_cache_is_at_least_its_size(tmp_path, rows, dim, name_length, dtype):
-    path = tmp_path / "feats.h5"
-    meta = make_meta(feature_dim=dim, dtype=dtype)
+def write_sized(path, *, rows: int, dim: int, name_length: int, dtype: str, views: int = 0, errors: int = 0,
+                classes: int = 1) -> None:
+    """A cache of ``rows`` rows whose paths are ``name_length`` long, with ``views`` views per row."""
     keys = [key(i) for i in range(rows)]
+    view_keys = [key(10**9 + i) for i in range(rows * views)]
     names = [f"c/{i:07d}".ljust(name_length, "x") for i in range(rows)]
-    errors = [(name, "cannot decode " * 3, "") for name in names[:500]]
-    with CacheWriter(path, meta) as writer:
-        writer.append(keys, np.ones((rows, dim), np.float32))
-        writer.finalize(keys=keys, paths=names, labels=[0] * rows, splits=["train"] * rows, classes=["c"],
-                        errors=errors)
-    with cache._h5py().File(path, "r") as handle:
-        chunk_rows = handle["features"].chunks[0]
-    bound = cache._final_size(rows, dim * np.dtype(dtype).itemsize, chunk_rows, names, ["train"] * rows, ["c"],
-                              errors)
-    assert path.stat().st_size <= (bound - (4 << 20)) / 1.1  # even without the margins
+    with CacheWriter(path, make_meta(feature_dim=dim, dtype=dtype)) as writer:
+        writer.append(keys + view_keys, np.ones((rows + len(view_keys), dim), np.float32))
+        writer.finalize(keys=keys, paths=names, labels=[i % classes for i in range(rows)], splits=["train"] * rows,
+                        classes=[f"class {i}" for i in range(classes)], stats=[(1, 2)] * rows,
+                        errors=[(name, "cannot decode " * 3, "") for name in names[:errors]],
+                        views={"keys": view_keys, "source": [i % rows for i in range(len(view_keys))],
+                               "names": [f"augment/{i}" for i in range(len(view_keys))], "plan": {"views": views}}
+                        if views else None)
+
+
+@pytest.mark.parametrize(("rows", "dim", "name_length", "dtype", "views", "errors", "classes"), [
+    (0, 8, 10, "float32", 0, 0, 1), (1, 8, 10, "float32", 0, 0, 1), (40, 8, 10, "float32", 0, 3, 2),
+    (10, 8, 10, "float32", 3, 5, 2), (200, 512, 20, "float16", 0, 0, 2), (200, 64, 40, "float32", 2, 50, 100),
+    (1000, 1, 1, "float16", 0, 0, 1000), (20000, 2, 300, "float16", 0, 500, 1), (20000, 1, 1, "float16", 0, 500, 1),
+    (3000, 700, 40, "float32", 0, 500, 1), (4000, 512, 30, "float16", 1, 100, 10),
+])
+def test_the_disk_reserved_for_a_cache_is_at_least_its_size(tmp_path, monkeypatch, rows, dim, name_length, dtype,
+                                                            views, errors, classes):
+    reserved = []
+    real = cache._reserve
+    monkeypatch.setattr(cache, "_reserve", lambda path, size: (reserved.append(size), real(path, size)))
+    path = tmp_path / "feats.h5"
+    write_sized(path, rows=rows, dim=dim, name_length=name_length, dtype=dtype, views=views, errors=errors,
+                classes=classes)
+    # with room to spare: HDF5's own structures took at most 17 KB beyond the data (at no rows)
+    assert path.stat().st_size + (32 << 10) <= reserved[0]
+
+
+def test_a_small_cache_fits_a_disk_with_a_little_more_room_than_it(tmp_path, monkeypatch):
+    """The reservation was the cache + 10% + 4 MiB: an 18 KB cache could not be written to a disk
+    with 3 MiB free.  A disk of 3 MiB (posix_fallocate past it says ENOSPC) takes it, and still
+    refuses, at the reservation, a cache larger than it."""
+    import errno
+    import os
+
+    real = os.posix_fallocate
+
+    def three_mib_free(fd, offset, length):
+        if offset + length > 3 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", three_mib_free)
+    write_sized(tmp_path / "small.h5", rows=40, dim=64, name_length=20, dtype="float16", errors=2)
+    assert len(read_cache(tmp_path / "small.h5")) == 40
+    with pytest.raises(cache.CacheWriteError, match=r"cannot write .*large.h5: ENOSPC \(28\)"):
+        write_sized(tmp_path / "large.h5", rows=3000, dim=512, name_length=20, dtype="float16")
+    assert not (tmp_path / "large.h5").exists()
