@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import hashlib
 import json
 import logging
 import math
@@ -244,6 +245,15 @@ class NonFiniteFeaturesError(CacheError):
 
 class CacheWriteError(CacheError):
     """An OSError while writing the journal or the cache (a full disk, a read-only folder...)."""
+
+
+def rows_digest(keys: Sequence[str], splits: Sequence[str]) -> str:
+    """sha256 of a cache's rows (content keys and splits, in order): the same rows wherever the
+    file lies or is copied (head.json's ``cache.rows_sha256``, the report's "is this the head's cache")."""
+    digest = hashlib.sha256()
+    for key, split in zip(keys, splits, strict=True):
+        digest.update(f"{key}\t{split}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def row_checksums(features: np.ndarray) -> np.ndarray:
@@ -852,11 +862,13 @@ SLACK_MAX = 4 << 20
 
 
 def _final_size(rows: int, row_bytes: int, chunk_rows: int, paths, splits, classes, errors, *,
-                view_rows: int = 0, view_names: Sequence[str] = ()) -> int:
+                view_rows: int = 0, view_names: Sequence[str] = (), attribute_bytes: int = 0) -> int:
     """A bound on the size of a finished cache, in bytes (what ``_reserve`` allocates): its data
-    (``_data_size``) and room for HDF5's structures, 10% + 64 KiB of it, at most 4 MiB."""
+    (``_data_size``), its JSON attributes (``attribute_bytes``: meta, extra, the views' plan; a
+    merge of many shards has a large ``extra``) and room for HDF5's structures, 10% + 64 KiB of
+    it, at most 4 MiB."""
     data = _data_size(rows, row_bytes, chunk_rows, paths, splits, classes, errors, view_rows=view_rows,
-                      view_names=view_names)
+                      view_names=view_names) + 2 * attribute_bytes  # an attribute over 64 KiB is stored densely
     return data + min(SLACK_MAX, data // 10 + SLACK_FIXED)
 
 
@@ -1221,8 +1233,11 @@ class CacheWriter:
             # no chunk cache: a failed write of features fails at once and leaves nothing to flush
             out = h5py.File(temp, "w", rdcc_nbytes=0)
             view_names = [str(n) for n in views["names"]] if views else []
+            attribute_bytes = sum(len(text.encode("utf-8")) for text in (
+                json.dumps(self.meta.to_dict(), sort_keys=True), json.dumps(attrs or {}, sort_keys=True, default=str),
+                json.dumps(views["plan"], sort_keys=True) if views else ""))
             _reserve(temp, _final_size(rows, dim * dtype.itemsize, chunk_rows, paths, splits, classes, errors,
-                                       view_rows=view_rows, view_names=view_names))
+                                       view_rows=view_rows, view_names=view_names, attribute_bytes=attribute_bytes))
             out.attrs["format"] = "embedx-features"
             out.attrs["schema_version"] = SCHEMA_VERSION
             out.attrs["complete"] = False

@@ -18,6 +18,7 @@ torch-free and numpy-free: imported by every stage.
 from __future__ import annotations
 
 import contextlib
+import errno as errno_codes
 import functools
 import hashlib
 import logging
@@ -70,16 +71,21 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
 MISSING = "missing"
 
 
-def file_under_root(root: Path, relpath: str) -> tuple[Path | None, str]:
+def file_under_root(root: Path, relpath: str, *, links_out: bool = False) -> tuple[Path | None, str]:
     """``(resolved file, "")`` when ``relpath`` (a path a cache or manifest recorded: untrusted)
     leads, symlinks followed, to a regular file inside ``root``; else ``(None, why not)``, where
-    why is :data:`MISSING` for a path that leads nowhere. Nothing is opened."""
+    why is :data:`MISSING` for a path that leads nowhere. Nothing is opened.
+
+    ``links_out``: the path itself must stay inside ``root`` (no absolute path, no ``..`` out of
+    it), but a symlink under ``root`` may lead anywhere, as the data walk of ``extract`` follows
+    it (a data set of linked class folders)."""
     if not relpath:
         return None, "no path recorded"
     try:
         base = root.resolve()
         resolved = base.joinpath(relpath).resolve()
-        inside = resolved == base or base in resolved.parents
+        written = Path(os.path.normpath(base.joinpath(relpath))) if links_out else resolved
+        inside = written == base or base in written.parents
         exists, regular = resolved.exists(), resolved.is_file()
     except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte, a name too long
         return None, f"cannot resolve the path ({type(e).__name__})"
@@ -349,7 +355,6 @@ def writer_lock(target: str | Path, *, what: str, error: type[Exception], wait: 
 def os_error_text(error: BaseException) -> str:
     """``"ENOSPC (28): No space left on device"`` for an OSError, or for the wrappers that put the
     errno in their message (h5py: ``errno = 28``; safetensors: ``(os error 28)``); else its first line."""
-    import errno as errno_codes
     import re
 
     number = getattr(error, "errno", None)
@@ -373,8 +378,30 @@ def reporting_write_errors(path: str | Path, *,
     except EmbedxError:
         raise
     except OSError as e:
+        if not _a_write_failure(e, Path(path)):
+            raise  # reading an input, a network error...: not this write's
         raise WriteError(f"cannot write {path}: {os_error_text(e)}; {then}") from e
     except Exception as e:
-        if type(e).__name__ != "SafetensorError":
+        if type(e).__name__ != "SafetensorError" or "os error" not in str(e):
             raise
         raise WriteError(f"cannot write {path}: {os_error_text(e)}; {then}") from e
+
+
+#: errnos that only a write gives: the disk, the quota, the file size limit, a read-only or failing disk
+_WRITE_ERRNOS = frozenset(getattr(errno_codes, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO")
+                          if hasattr(errno_codes, name))
+
+
+def _a_write_failure(error: OSError, path: Path) -> bool:
+    """Whether ``error``, raised while ``path`` was being written, is that write's: an errno only
+    writes give, or any error on a file beside ``path`` (its temporaries live there)."""
+    if error.errno in _WRITE_ERRNOS:
+        return True
+    if error.filename is None:
+        return False
+    try:
+        folder = path.absolute().parent
+        failed = Path(os.fsdecode(error.filename)).absolute()
+    except (TypeError, ValueError):
+        return False
+    return failed == path.absolute() or folder in failed.parents

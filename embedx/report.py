@@ -117,7 +117,7 @@ def image_under_root(root: Path | None, relpath: str) -> tuple[Path | None, str]
     (symlinks followed), else ``(None, why not)``: cache paths are untrusted (``fsio.file_under_root``)."""
     if root is None:
         return None, "the cache records no data root (pass data_root / --data)"
-    return file_under_root(root, relpath)
+    return file_under_root(root, relpath)  # strict: the page may travel; no picture from outside the root
 
 
 def thumbnail_jpeg(path: Path, size: int = THUMB_SIZE) -> bytes:
@@ -312,12 +312,20 @@ def _same_file(a: str | Path | None, b: Path) -> bool:
         return False
 
 
-def _foreign_roles(record, cache: Path, present: list[str]) -> dict[str, str]:
+def _same_rows(recorded_digest: Any, digest: str, recorded_path: Any, cache: Path) -> bool:
+    """Whether ``cache`` holds the rows a head recorded: by their digest (``cache.rows_digest``)
+    when the head has one, wherever the file moved; by the path for heads written before it."""
+    if isinstance(recorded_digest, str) and recorded_digest:
+        return recorded_digest == digest
+    return isinstance(recorded_path, str) and _same_file(recorded_path, cache)
+
+
+def _foreign_roles(record, cache: Path, digest: str, present: list[str]) -> dict[str, str]:
     """Roles of the splits of a cache the head was not fitted on: its adaptation target (rows seen
     without labels), or any other cache (rows the head never saw)."""
     adaptation = record.fields.get("adaptation")
-    target = adaptation.get("target_cache") if isinstance(adaptation, dict) else None
-    if isinstance(target, str) and _same_file(target, cache):
+    adaptation = adaptation if isinstance(adaptation, dict) else {}
+    if _same_rows(adaptation.get("target_rows_sha256"), digest, adaptation.get("target_cache"), cache):
         role = "the adaptation's target: seen at fit without labels (statistics, pseudo-labels)"
     else:
         role = "another cache than the head's: not seen at fit"
@@ -556,7 +564,7 @@ def build_report(
     images are (default: the root the cache recorded). ``progress(done, total, info)`` counts
     stages; ``info`` names the stage (and the thumbnails done, while they are made).
     """
-    from embedx.cache import read_cache
+    from embedx.cache import read_cache, rows_digest
     from embedx.heads.base import load_head
     from embedx.heads.fit import check_compatible
 
@@ -568,6 +576,9 @@ def build_report(
     if cache is None:
         if not recorded_cache:
             raise HeadError(f"the head in {head_dir} records no cache path; pass the cache with --cache")
+        if not Path(recorded_cache).exists():
+            raise HeadError(f"the head in {head_dir} was fitted on {recorded_cache}, which is not there (moved?); "
+                            "pass the cache with --cache")
         cache = recorded_cache
     cache = Path(cache)
     stages = 7
@@ -594,10 +605,11 @@ def build_report(
     root = Path(data_root) if data_root is not None else data_root_of(data.attrs, str(cache))
 
     stage(2, "plots")
-    same_cache = _same_file(recorded_cache, cache)
+    digest = rows_digest(np.asarray(data.keys).astype(str), np.asarray(data.splits).astype(str))
+    same_cache = _same_rows(record.cache.get("rows_sha256"), digest, recorded_cache, cache)
     roles, notes = _fit_notes(record)
     if not same_cache:
-        roles = _foreign_roles(record, cache, list(results))
+        roles = _foreign_roles(record, cache, digest, list(results))
     sections = [
         _metrics_section(results, "Accuracy intervals are 95% Wilson score intervals on the rows of each split: "
                          "how far another sample of the same size could move the figure.", roles, notes),

@@ -153,7 +153,7 @@ def _read_image(report: VerifyReport, row: int, root: Path | None, relpath: str)
         why = "the cache records no data root; pass data_root (--data)"
         report.missing.append({"row": row, "path": relpath, "reason": why})
         return None
-    file, why = file_under_root(root, relpath)
+    file, why = file_under_root(root, relpath, links_out=True)  # extract followed such links too
     if why == MISSING:
         report.missing.append({"row": row, "path": relpath})
     elif file is None:

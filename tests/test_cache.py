@@ -649,3 +649,19 @@ def test_a_small_cache_fits_a_disk_with_a_little_more_room_than_it(tmp_path, mon
     with pytest.raises(cache.CacheWriteError, match=r"cannot write .*large.h5: ENOSPC \(28\)"):
         write_sized(tmp_path / "large.h5", rows=3000, dim=512, name_length=20, dtype="float16")
     assert not (tmp_path / "large.h5").exists()
+
+
+@pytest.mark.parametrize(("rows", "extra_bytes"), [(1, 70_000), (2000, 350_000)])
+def test_the_reservation_counts_a_large_extra_attribute(tmp_path, monkeypatch, rows, extra_bytes):
+    # a merge of many shards records each of them in `extra` (about 100 bytes a shard)
+    reserved = []
+    real = cache._reserve
+    monkeypatch.setattr(cache, "_reserve", lambda path, size: (reserved.append(size), real(path, size)))
+    path = tmp_path / "merged.h5"
+    keys = [key(i) for i in range(rows)]
+    merged_from = [{"path": f"/shared/feats/part-{i:05d}.h5", "rows": 1} for i in range(extra_bytes // 50)]
+    with CacheWriter(path, make_meta(feature_dim=8, dtype="float16")) as writer:
+        writer.append(keys, np.ones((rows, 8), np.float32))
+        writer.finalize(keys=keys, paths=[f"c/{i}.jpg" for i in range(rows)], labels=[0] * rows,
+                        splits=["train"] * rows, classes=["c"], errors=[], attrs={"merged_from": merged_from})
+    assert path.stat().st_size <= reserved[0]

@@ -192,3 +192,43 @@ def test_the_aside_folder_is_a_temporary_of_its_own_target_only(tmp_path):
     assert len(seen) == 1 and fsio.is_temporary_of(seen[0], "h")
     assert not fsio.is_temporary_of(seen[0], "h.old") and not fsio.is_temporary_of(seen[0], "h.tmp-aside")
     assert (target / "new").is_dir() and _leftovers(tmp_path) == []
+
+
+def test_reporting_write_errors_names_write_failures_and_passes_other_errors_on(tmp_path):
+    import errno
+
+    from embedx.errors import WriteError
+    from embedx.fsio import reporting_write_errors
+
+    out = tmp_path / "out" / "head"
+    with pytest.raises(WriteError, match=r"cannot write .*head: ENOSPC \(28\): No space left on device"):
+        with reporting_write_errors(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(WriteError, match=r"EACCES \(13\)"):  # on a temporary beside the output
+        with reporting_write_errors(out):
+            raise PermissionError(errno.EACCES, "Permission denied", str(out.parent / ".head.tmp-x"))
+    with pytest.raises(FileNotFoundError):  # reading an input elsewhere is not the write's error
+        with reporting_write_errors(out):
+            (tmp_path / "input.json").read_text()
+    with pytest.raises(ConnectionResetError):
+        with reporting_write_errors(out):
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    with pytest.raises(KeyboardInterrupt):
+        with reporting_write_errors(out):
+            raise KeyboardInterrupt
+
+
+def test_with_links_out_a_link_under_the_root_may_lead_anywhere_but_the_path_may_not(tmp_path):
+    # extract follows linked class folders; verify and report must read what it read
+    root = tmp_path / "root"
+    (tmp_path / "store" / "ants").mkdir(parents=True)
+    image = tmp_path / "store" / "ants" / "a.png"
+    image.write_bytes(b"x")
+    root.mkdir()
+    (root / "ants").symlink_to(tmp_path / "store" / "ants")
+    assert fsio.file_under_root(root, "ants/a.png") == (None, "outside the data root: refused")
+    assert fsio.file_under_root(root, "ants/a.png", links_out=True) == (image, "")
+    (tmp_path / "secret").write_bytes(b"s")
+    for relpath in ("../secret", str(tmp_path / "secret"), "/dev/zero", "ants/../../secret"):
+        assert fsio.file_under_root(root, relpath, links_out=True) == (None, "outside the data root: refused")
+    assert fsio.file_under_root(root, "ants", links_out=True) == (None, "not a regular file")

@@ -303,3 +303,25 @@ def test_a_head_fitted_from_a_relative_path_is_reported_from_another_folder(tmp_
     assert "not its source accuracy" in own  # the head's own cache, found from another folder
     on_target = build_report(tmp_path / "head", tmp_path / "target.h5", output=tmp_path / "target.html")
     assert "seen at fit without labels" in on_target.output.read_text(encoding="utf-8")
+
+
+def test_a_moved_head_and_cache_are_still_recognised_by_their_rows(tmp_path, features):
+    import shutil
+
+    X, y = features
+    project = tmp_path / "projA"
+    write_cache(project / "feats.h5", X, y, SPLITS, CLASSES)
+    write_cache(project / "target.h5", (X * 1.5 + 2.0).astype(np.float32), y, SPLITS, CLASSES)
+    fit_head(project / "feats.h5", output=project / "head", plots=False, adapt_to=project / "target.h5",
+             adapt="standardize")
+    moved = tmp_path / "projB"
+    shutil.move(project, moved)
+    with pytest.raises(HeadError, match=r"projA/feats.h5, which is not there \(moved\?\); pass the cache with --cache"):
+        build_report(moved / "head", None, output=tmp_path / "r.html")
+    own = build_report(moved / "head", moved / "feats.h5", output=tmp_path / "own.html").output.read_text("utf-8")
+    assert "chose the regularization and the temperature" in own and "not seen at fit" not in own
+    target = build_report(moved / "head", moved / "target.h5", output=tmp_path / "t.html").output.read_text("utf-8")
+    assert "seen at fit without labels" in target
+    shutil.copy(moved / "feats.h5", tmp_path / "other.h5")  # a copy holds the same rows
+    copy = build_report(moved / "head", tmp_path / "other.h5", output=tmp_path / "c.html").output.read_text("utf-8")
+    assert "chose the regularization and the temperature" in copy

@@ -221,7 +221,11 @@ def read_target(path: str | Path, source_meta: Any) -> tuple[np.ndarray, dict[st
         )
     if len(target) == 0:
         raise HeadError(f"target cache {path} has no rows; extract the target domain's images into it")
-    return target.features, {"target_cache": str(Path(path).absolute()), "target_fingerprint": target.meta.fingerprint}
+    from embedx.cache import rows_digest
+
+    rows = rows_digest(np.asarray(target.keys).astype(str), np.asarray(target.splits).astype(str))
+    return target.features, {"target_cache": str(Path(path).absolute()), "target_fingerprint": target.meta.fingerprint,
+                             "target_rows_sha256": rows}
 
 
 def fit_adapter_on_cache(data: Any, source_train: np.ndarray, adapt_to: str | Path | None,

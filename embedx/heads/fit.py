@@ -327,7 +327,11 @@ def fit_head(
     final.fit_seconds_ = fit_seconds
     output_dir = Path(output) if output is not None else default_output(data, head)
     report(steps_total - 2, "save")
-    record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics,
+    from embedx.cache import rows_digest
+
+    keys = getattr(data, "keys", None)
+    digest = rows_digest(np.asarray(keys).astype(str), np.asarray(data.splits).astype(str)) if keys is not None else ""
+    record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics, rows_sha256=digest,
                          val_source=val_source, fit_seconds=fit_seconds, **extra)
     # head.json, weights and plots go to one new folder that replaces output_dir as a whole.
     with head_dir_writer(output_dir) as work:

@@ -257,16 +257,19 @@ class HeadRecord:
 
 
 def head_record(head: Any, cache_meta: Any, *, cache_path: str | Path = "", metrics: dict[str, Any],
-                val_source: str, **fields: Any) -> HeadRecord:
+                val_source: str, rows_sha256: str = "", **fields: Any) -> HeadRecord:
     """The record of ``head`` fitted on features described by ``cache_meta`` (a ``CacheMeta``).
 
     ``cache_path``: the cache file ("" when the features did not come from one);
+    ``rows_sha256``: ``cache.rows_digest`` of its rows (the cache recognised wherever it moved);
     ``metrics`` and ``val_source``: as ``fit_head`` reports them; ``fields``: any other
     head.json fields (``fit_seconds``, ``finetune``).
     """
     # absolute, so that a report or fine-tune run from another folder finds the same file
     cache = {**cache_meta.to_dict(), "fingerprint": cache_meta.fingerprint,
              "path": str(Path(cache_path).absolute()) if str(cache_path) else ""}
+    if rows_sha256:
+        cache["rows_sha256"] = rows_sha256
     return HeadRecord.of(head, cache=cache, metrics=metrics, val_source=val_source, **fields)
 
 
