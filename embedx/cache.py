@@ -219,6 +219,12 @@ class CacheData:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def data_root(self) -> Path | None:
+        """The data folder the extraction recorded (``extra.data``), or None: row paths are relative to it."""
+        root = self.extra.get("data")
+        return Path(root) if isinstance(root, str) and root else None
+
 
 def journal_dir(path: str | Path) -> Path:
     """Where the resume journal of cache ``path`` lives."""

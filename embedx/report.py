@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from embedx import __version__, untrusted
-from embedx.errors import CacheError, HeadError, ImageDecodeError
+from embedx.errors import HeadError, ImageDecodeError
 from embedx.fsio import atomic_write, file_under_root, make_parent, read_regular_file, reporting_write_errors
 from embedx.progress import ProgressCallback
 
@@ -96,20 +96,6 @@ class ReportResult:
 
 
 # --------------------------------------------------------------------------- paths and images
-
-
-def data_root_of(attrs: dict[str, Any], where: str) -> Path | None:
-    """The data root a cache recorded (``extra.data``), or None when it recorded none."""
-    text = attrs.get("extra")
-    if not text:
-        return None
-    try:
-        extra = untrusted.loads(text, what=f"{where} attribute 'extra'", error=CacheError)
-    except CacheError as e:
-        logger.warning("%s; images will be shown as placeholders", e)
-        return None
-    root = extra.get("data") if isinstance(extra, dict) else None
-    return Path(root) if isinstance(root, str) and root else None
 
 
 def image_under_root(root: Path | None, relpath: str) -> tuple[Path | None, str]:
@@ -602,7 +588,7 @@ def build_report(
     focus = split or next(s for s in ("test", "val", "train", *results) if s in results)
     chosen = results[focus]
     temperature = float(model.temperature_)
-    root = Path(data_root) if data_root is not None else data_root_of(data.attrs, str(cache))
+    root = Path(data_root) if data_root is not None else data.data_root
 
     stage(2, "plots")
     digest = rows_digest(np.asarray(data.keys).astype(str), np.asarray(data.splits).astype(str))

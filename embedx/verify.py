@@ -122,7 +122,7 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
         return report
     chosen = np.sort(np.random.default_rng(seed).choice(len(data), size=min(sample, len(data)), replace=False))
     report.sampled = chosen.tolist()
-    root = Path(data_root) if data_root is not None else _recorded_root(data.extra)
+    root = Path(data_root) if data_root is not None else data.data_root
     images: dict[int, bytes] = {}
     for row in report.sampled:
         relpath = str(data.paths[row])
@@ -135,12 +135,6 @@ def verify(path: str | Path, *, sample: int = SAMPLE, seed: int = 0, device: str
             images[row] = content
     _reembed(report, data, images, device=device)
     return report
-
-
-def _recorded_root(extra: dict[str, Any]) -> Path | None:
-    """The data root the cache recorded (``extra.data``; the reader checked ``extra`` is an object), or None."""
-    root = extra.get("data")
-    return Path(root) if isinstance(root, str) and root else None
 
 
 def _read_image(report: VerifyReport, row: int, root: Path | None, relpath: str) -> bytes | None:
