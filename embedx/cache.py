@@ -253,11 +253,11 @@ class CacheWriteError(CacheError):
     """An OSError while writing the journal or the cache (a full disk, a read-only folder...)."""
 
 
-def rows_digest(keys: Sequence[str], splits: Sequence[str]) -> str:
-    """sha256 of a cache's rows (content keys and splits, in order): the same rows wherever the
-    file lies or is copied (head.json's ``cache.rows_sha256``, the report's "is this the head's cache")."""
+def rows_digest(data: Any) -> str:
+    """sha256 of a cache's rows (``data.keys`` and ``data.splits``, in order): the same rows wherever
+    the file lies or is copied (head.json's ``cache.rows_sha256``, the report's "is this the head's cache")."""
     digest = hashlib.sha256()
-    for key, split in zip(keys, splits, strict=True):
+    for key, split in zip(np.asarray(data.keys).astype(str), np.asarray(data.splits).astype(str), strict=True):
         digest.update(f"{key}\t{split}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 

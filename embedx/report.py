@@ -591,7 +591,7 @@ def build_report(
     root = Path(data_root) if data_root is not None else data.data_root
 
     stage(2, "plots")
-    digest = rows_digest(np.asarray(data.keys).astype(str), np.asarray(data.splits).astype(str))
+    digest = rows_digest(data)
     same_cache = _same_rows(record.cache.get("rows_sha256"), digest, recorded_cache, cache)
     roles, notes = _fit_notes(record)
     if not same_cache:

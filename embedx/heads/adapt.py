@@ -223,9 +223,8 @@ def read_target(path: str | Path, source_meta: Any) -> tuple[np.ndarray, dict[st
         raise HeadError(f"target cache {path} has no rows; extract the target domain's images into it")
     from embedx.cache import rows_digest
 
-    rows = rows_digest(np.asarray(target.keys).astype(str), np.asarray(target.splits).astype(str))
     return target.features, {"target_cache": str(Path(path).absolute()), "target_fingerprint": target.meta.fingerprint,
-                             "target_rows_sha256": rows}
+                             "target_rows_sha256": rows_digest(target)}
 
 
 def fit_adapter_on_cache(data: Any, source_train: np.ndarray, adapt_to: str | Path | None,

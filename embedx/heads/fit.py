@@ -329,9 +329,8 @@ def fit_head(
     report(steps_total - 2, "save")
     from embedx.cache import rows_digest
 
-    keys = getattr(data, "keys", None)
-    digest = rows_digest(np.asarray(keys).astype(str), np.asarray(data.splits).astype(str)) if keys is not None else ""
-    record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics, rows_sha256=digest,
+    record = head_record(final, data.meta, cache_path=getattr(data, "path", ""), metrics=metrics,
+                         rows_sha256=rows_digest(data),
                          val_source=val_source, fit_seconds=fit_seconds, **extra)
     # head.json, weights and plots go to one new folder that replaces output_dir as a whole.
     with head_dir_writer(output_dir) as work:
